@@ -1,0 +1,42 @@
+"""tpx_ext: TPX (Total Propagation X) policy-gradient estimators with fused kernels.
+
+The compiled extension `tpx_ext._C` registers the ops `torch.ops.tpx_ext.*`;
+`tpx_ext.ops` wraps them, `tpx_ext.reference` is their float64 specification.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+try:
+    from . import _C
+except ImportError as exc:  # no silent fallback: the ops are the product
+    raise ImportError(
+        "tpx_ext: the compiled extension tpx_ext._C is missing or does not load "
+        f"({exc}).\nBuild it from the source checkout with:\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(torch must be installed first; see README.md). If tpx_ext was installed "
+        "without -e, run Python from outside the source tree: the checkout's "
+        "tpx_ext/ folder, which holds no compiled module, shadows the installed one."
+    ) from exc
+
+from .ops import (  # noqa: E402
+    GaussianTpxResult,
+    IvwResult,
+    gaussian_tpx_backward,
+    ivw_combine,
+    new_running_stats,
+)
+
+
+def cuda_compiled() -> bool:
+    """True when the CUDA kernels were compiled into the extension."""
+    return bool(_C.WITH_CUDA)
+
+
+__all__ = [
+    "GaussianTpxResult",
+    "IvwResult",
+    "cuda_compiled",
+    "gaussian_tpx_backward",
+    "ivw_combine",
+    "new_running_stats",
+]

@@ -1,0 +1,110 @@
+"""Python entry points of the fused ops, and their fake kernels.
+
+`torch.ops.tpx_ext.ivw_combine` and `torch.ops.tpx_ext.gaussian_tpx_backward`
+are registered by the C++ extension (CPU and CUDA). The fake kernels below
+give their output shapes to `torch.compile` without running them.
+
+Coordinates: `ivw_combine` has C of them (the columns); a Gaussian node over
+D dimensions has 2D (mu coordinates first, then sigma coordinates).
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class IvwResult(NamedTuple):
+    g: Tensor  # [B, C] combined per-sample gradients, input dtype
+    k: Tensor  # [C] float64 weight on LR (NaN: both estimators non-finite, g = 0)
+    var_lr: Tensor  # [C] float64 batch variance of the LR samples (+inf if non-finite)
+    var_rp: Tensor  # [C] float64 batch variance of the RP samples
+    nonfinite: Tensor  # [] int64, coordinates where both estimators were non-finite
+
+
+class GaussianTpxResult(NamedTuple):
+    grad_mu: Tensor  # [B, D] combined gradient with respect to mu
+    grad_sigma: Tensor  # [B, D] combined gradient with respect to sigma
+    k: Tensor  # [2D] float64 weight on LR: mu coordinates, then sigma coordinates
+    var_lr: Tensor  # [2D] float64
+    var_rp: Tensor  # [2D] float64
+    nonfinite: Tensor  # [] int64
+
+
+def new_running_stats(coords: int, device=None) -> Tuple[Tensor, Tensor]:
+    """Empty running-variance buffers (LR, RP) for `coords` coordinates.
+
+    NaN marks "no batch seen yet": the first finite batch variance replaces it.
+    """
+    empty = torch.full((coords,), float("nan"), dtype=torch.float64, device=device)
+    return empty, empty.clone()
+
+
+def ivw_combine(
+    g_lr: Tensor,
+    g_rp: Tensor,
+    running_var_lr: Optional[Tensor] = None,
+    running_var_rp: Optional[Tensor] = None,
+    momentum: float = 0.0,
+    fixed_weight: Optional[float] = None,
+) -> IvwResult:
+    """Coordinate-wise inverse-variance weighting of per-sample LR and RP gradients.
+
+    g_lr, g_rp: [B, C], same dtype (float32/64, float16, bfloat16) and device.
+    running_var_lr/rp: optional [C] float buffers updated in place with an
+        exponential moving average of momentum `momentum` (0: batch statistics).
+    fixed_weight: use this weight on LR instead of the inverse-variance one.
+    Statistics are accumulated in float64 for every input dtype.
+    """
+    out = torch.ops.tpx_ext.ivw_combine.default(
+        g_lr, g_rp, running_var_lr, running_var_rp, float(momentum), fixed_weight
+    )
+    return IvwResult(*out)
+
+
+def gaussian_tpx_backward(
+    d: Tensor,
+    eps: Tensor,
+    sigma: Tensor,
+    adv: Tensor,
+    running_var_lr: Optional[Tensor] = None,
+    running_var_rp: Optional[Tensor] = None,
+    momentum: float = 0.0,
+    fixed_weight: Optional[float] = None,
+    check_sigma: bool = True,
+) -> GaussianTpxResult:
+    """The whole backward of one Gaussian TPX node x = mu + sigma * eps.
+
+    d: [B, D] dJ/dx from downstream; eps, sigma: [B, D]; adv: [B] advantages
+    A_i (any float dtype). Returns the combined gradients for (mu, sigma).
+    check_sigma: raise if sigma has an entry <= 0, inf or NaN (on CUDA this
+    reads one flag back from the device, i.e. synchronises the stream).
+    """
+    out = torch.ops.tpx_ext.gaussian_tpx_backward.default(
+        d, eps, sigma, adv, running_var_lr, running_var_rp, float(momentum), fixed_weight,
+        bool(check_sigma),
+    )
+    return GaussianTpxResult(*out)
+
+
+def _coordinate_outputs(like: Tensor, coords: int):
+    f64 = like.new_empty((coords,), dtype=torch.float64)
+    return f64, torch.empty_like(f64), torch.empty_like(f64), like.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("tpx_ext::ivw_combine")
+def _ivw_combine_fake(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight):
+    torch._check(g_lr.dim() == 2, lambda: "ivw_combine: g_lr must be 2-D [B, C]")
+    torch._check(g_rp.shape == g_lr.shape, lambda: "ivw_combine: g_rp must match g_lr")
+    return (torch.empty_like(g_lr, memory_format=torch.contiguous_format),
+            *_coordinate_outputs(g_lr, g_lr.shape[1]))
+
+
+@torch.library.register_fake("tpx_ext::gaussian_tpx_backward")
+def _gaussian_tpx_backward_fake(d, eps, sigma, adv, running_var_lr, running_var_rp, momentum,
+                                fixed_weight, check_sigma):
+    torch._check(d.dim() == 2, lambda: "gaussian_tpx_backward: d must be 2-D [B, D]")
+    torch._check(eps.shape == d.shape and sigma.shape == d.shape,
+                 lambda: "gaussian_tpx_backward: eps and sigma must match d")
+    grad = torch.empty_like(d, memory_format=torch.contiguous_format)
+    return (grad, torch.empty_like(grad), *_coordinate_outputs(d, 2 * d.shape[1]))

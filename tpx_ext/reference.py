@@ -1,0 +1,101 @@
+"""Pure-PyTorch float64 reference of the fused ops: the specification in code.
+
+Readable, not fast. Every input is converted to float64 first; the tests
+compare the fused kernels against these functions. Spec: shared/TPX.md sec. 1-2.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ops import GaussianTpxResult, IvwResult
+
+
+def batch_variance(x: Tensor) -> Tensor:
+    """Unbiased variance over dim 0 of x [B, C]; +inf in a column with a non-finite entry.
+
+    The data are shifted by their first row before the two-pass formula, so a
+    constant column has exactly zero variance. One row: variance 0.
+    """
+    finite = torch.isfinite(x)
+    y = torch.where(finite, x, 0.0)
+    y = y - y[:1]
+    B = x.shape[0]
+    var = ((y - y.mean(0)) ** 2).sum(0) / (B - 1) if B > 1 else torch.zeros_like(y[0])
+    return torch.where(finite.all(0), var, torch.inf)
+
+
+def smoothed_variance(batch_var: Tensor, running: Tensor, momentum: float) -> Tensor:
+    """EMA of the variance, updated in place where the batch variance is finite.
+
+    NaN in `running` means "no data yet". Returns the variance used for the weight.
+    """
+    finite = torch.isfinite(batch_var)
+    ema = torch.where(torch.isnan(running), batch_var, momentum * running + (1 - momentum) * batch_var)
+    running.copy_(torch.where(finite, ema, running))
+    return torch.where(finite, running, batch_var)
+
+
+def lr_weight(v_lr: Tensor, v_rp: Tensor) -> Tensor:
+    """k = v_rp / (v_lr + v_rp); 0.5 when equal (both 0 or both inf); inf -> the other wins."""
+    k = v_rp / (v_lr + v_rp)
+    k = torch.where(torch.isinf(v_rp) & ~torch.isinf(v_lr), 1.0, k)
+    k = torch.where(torch.isinf(v_lr) & ~torch.isinf(v_rp), 0.0, k)
+    k = torch.where(v_lr == v_rp, 0.5, k)
+    return k.clamp(0.0, 1.0)
+
+
+def ivw_combine(
+    g_lr: Tensor,
+    g_rp: Tensor,
+    running_var_lr: Optional[Tensor] = None,
+    running_var_rp: Optional[Tensor] = None,
+    momentum: float = 0.0,
+    fixed_weight: Optional[float] = None,
+) -> IvwResult:
+    """Reference of tpx_ext.ivw_combine. Running buffers must be float64 (updated in place)."""
+    g_lr, g_rp = g_lr.double(), g_rp.double()
+    var_lr, var_rp = batch_variance(g_lr), batch_variance(g_rp)
+    v_lr, v_rp = var_lr, var_rp
+    if running_var_lr is not None:
+        v_lr = smoothed_variance(var_lr, running_var_lr, momentum)
+        v_rp = smoothed_variance(var_rp, running_var_rp, momentum)
+    both_bad = ~torch.isfinite(g_lr).all(0) & ~torch.isfinite(g_rp).all(0)
+    if fixed_weight is not None:
+        k = torch.full_like(var_lr, fixed_weight)
+    else:
+        k = torch.where(both_bad, torch.nan, lr_weight(v_lr, v_rp))
+    mixed = k * g_lr + (1 - k) * g_rp
+    g = torch.where(k == 0, g_rp, torch.where(k == 1, g_lr, mixed))
+    g = torch.where(torch.isnan(k), 0.0, g)
+    return IvwResult(g, k, var_lr, var_rp, both_bad.sum())
+
+
+def gaussian_per_sample(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor):
+    """Per-sample (LR, RP) gradients [B, 2D] of a Gaussian node (TPX.md sec. 1 table)."""
+    a = adv[:, None]
+    g_lr = torch.cat([a * eps / sigma, a * (eps**2 - 1) / sigma], dim=1)
+    g_rp = torch.cat([d, d * eps], dim=1)
+    return g_lr, g_rp
+
+
+def gaussian_tpx_backward(
+    d: Tensor,
+    eps: Tensor,
+    sigma: Tensor,
+    adv: Tensor,
+    running_var_lr: Optional[Tensor] = None,
+    running_var_rp: Optional[Tensor] = None,
+    momentum: float = 0.0,
+    fixed_weight: Optional[float] = None,
+    check_sigma: bool = True,
+) -> GaussianTpxResult:
+    """Reference of tpx_ext.gaussian_tpx_backward."""
+    d, eps, sigma, adv = d.double(), eps.double(), sigma.double(), adv.double()
+    if check_sigma and not bool(((sigma > 0) & torch.isfinite(sigma)).all()):
+        raise ValueError("gaussian_tpx_backward: sigma must be finite and > 0 everywhere")
+    D = d.shape[1]
+    g_lr, g_rp = gaussian_per_sample(d, eps, sigma, adv)
+    r = ivw_combine(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight)
+    return GaussianTpxResult(r.g[:, :D], r.g[:, D:], r.k, r.var_lr, r.var_rp, r.nonfinite)
