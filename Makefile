@@ -1,0 +1,40 @@
+# Two commands on a fresh machine (see README.md):
+#   make run    set up .venv, build the extension, run the default job
+#   make test   set up .venv, build, run the C++ tests (ctest) and the pytest suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CUDA build of torch, so the CUDA kernels compile wherever nvcc exists.
+# Use TORCH=2.13.0 for the CPU-only build (smaller download).
+TORCH ?= 2.14.1
+export MAX_JOBS ?= 2
+
+.PHONY: setup run test pytest ctest bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(PY)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==$(TORCH) ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -c "import tpx_ext, torch; print('tpx_ext built: torch', torch.__version__, '| CUDA kernels compiled:', tpx_ext.cuda_compiled())"
+
+run: setup
+	$(PY) -m tpx_ext
+
+ctest: setup
+	PYTHON=$(PY) scripts/cmake_test.sh
+
+pytest: setup
+	$(PY) -m pytest python_tests -q
+
+test: setup
+	PYTHON=$(PY) scripts/cmake_test.sh
+	$(PY) -m pytest python_tests -q
+
+bench: setup
+	$(PY) bench/ops.py
+
+clean:
+	rm -rf build build-cmake tpx_ext/_C*.so *.egg-info

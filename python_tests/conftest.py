@@ -1,0 +1,77 @@
+"""Shared fixtures and tolerances for the tests.
+
+Tolerances: the fused ops accumulate in float64 and round once to the input
+dtype on output, so the combined gradient must match the float64 reference
+within one unit in the last place of the output dtype, relative to the size
+of the two terms being mixed (|k g_lr| + |(1-k) g_rp|), plus the float64
+rounding of the weight itself (K_ATOL) times |g_lr - g_rp|. Weights and
+variances are float64 from inputs that are exact in float64, so they match
+to 1e-9 relative (only the summation order differs).
+"""
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+# CPU always; CUDA only where a GPU is present (the only allowed skip).
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
+]
+
+GRAD_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: torch.finfo(torch.float32).eps,
+    torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+    torch.float16: torch.finfo(torch.float16).eps,
+}
+STAT_RTOL = 1e-9
+K_ATOL = 1e-12
+
+
+def assert_combined_close(got, ref, k, g_lr, g_rp, dtype):
+    """|got - ref| <= rtol(dtype) (|k g_lr| + |(1-k) g_rp|) + K_ATOL |g_lr - g_rp| + tiny(dtype)."""
+    got = got.double().cpu()
+    ref, k = ref.cpu(), k.cpu()
+    g_lr, g_rp = g_lr.double().cpu(), g_rp.double().cpu()
+    zeroed = torch.isnan(k).expand_as(ref)
+    kk = torch.nan_to_num(k, nan=0.5)
+    scale = (kk * g_lr).abs() + ((1 - kk) * g_rp).abs()
+    scale = torch.where(kk == 0, g_rp.abs(), torch.where(kk == 1, g_lr.abs(), scale))
+    bound = GRAD_RTOL[dtype] * scale + K_ATOL * (g_lr - g_rp).abs() + torch.finfo(dtype).tiny
+    bound = torch.nan_to_num(bound, nan=torch.inf)  # discarded non-finite terms (checked above)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(ref)), "non-finite pattern differs"
+    assert bool((got[zeroed] == 0).all()), "zeroed coordinates must be exactly 0"
+    fin = torch.isfinite(ref)
+    err = (got[fin] - ref[fin]).abs()
+    worst = (err / bound[fin]).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"combined gradient off by {worst:.3g}x the {dtype} tolerance"
+
+
+def assert_stats_close(got, ref, name):
+    torch.testing.assert_close(
+        got.cpu(), ref.cpu(), rtol=STAT_RTOL, atol=0.0, equal_nan=True, msg=lambda m: f"{name}: {m}"
+    )
+
+
+def random_pair(B, C, dtype=torch.float32, device="cpu", seed=0, spread=2.0):
+    """Per-sample LR and RP gradients whose per-column scales differ by up to 10^(2*spread),
+    so that the weights cover (0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale_lr = 10 ** ((torch.rand(C, generator=gen, dtype=torch.float64) * 2 - 1) * spread)
+    scale_rp = 10 ** ((torch.rand(C, generator=gen, dtype=torch.float64) * 2 - 1) * spread)
+    g_lr = torch.randn(B, C, generator=gen, dtype=torch.float64) * scale_lr
+    g_rp = (torch.randn(B, C, generator=gen, dtype=torch.float64) + 0.5) * scale_rp
+    return g_lr.to(dtype).to(device), g_rp.to(dtype).to(device)
+
+
+def random_gaussian_node(B, D, dtype=torch.float32, device="cpu", seed=0):
+    """(d, eps, sigma, adv) for one Gaussian node, with varied scales per column."""
+    gen = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    d = torch.randn(B, D, generator=gen, dtype=f64) * 10 ** (torch.rand(D, generator=gen, dtype=f64) * 4 - 2)
+    eps = torch.randn(B, D, generator=gen, dtype=f64)
+    sigma = torch.rand(B, D, generator=gen, dtype=f64) * 2 + 0.05
+    adv = torch.randn(B, generator=gen, dtype=f64) * 3
+    return tuple(t.to(dtype).to(device) for t in (d, eps, sigma)) + (adv.to(torch.float32).to(device),)
