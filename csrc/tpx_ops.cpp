@@ -5,7 +5,9 @@
 // across chunks), then per-coordinate weights; (2) the combined gradient.
 // The per-sample gradients are formed in registers in both passes and never
 // stored. All the math lives in tpx_math.h, shared with the CUDA kernels.
+#ifndef TPX_NO_PYTHON_MODULE
 #include <Python.h>
+#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,7 +21,9 @@
 #include "tpx_ops.h"
 
 // `import tpx_ext._C` loads this library (and registers the ops). WITH_CUDA
-// tells Python whether the CUDA kernels were compiled in.
+// tells Python whether the CUDA kernels were compiled in. The CMake build (a
+// plain C++ library, no Python) defines TPX_NO_PYTHON_MODULE to leave it out.
+#ifndef TPX_NO_PYTHON_MODULE
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
@@ -30,6 +34,7 @@ extern "C" PyObject* PyInit__C(void) {
 #endif
   return m;
 }
+#endif  // TPX_NO_PYTHON_MODULE
 
 namespace tpx {
 

@@ -1,0 +1,453 @@
+// Tests of the ops in libtpx_ops, called through the PyTorch dispatcher as a
+// C++ user would, against a naive float64 computation written here. CPU
+// always; CUDA too when a device is present and the CUDA kernels are built.
+// Run by ctest (test_ops).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "check.h"
+
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+using OptTensor = std::optional<at::Tensor>;
+using IvwOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using GaussOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+const c10::OperatorHandle& ivw_handle() {
+  static const c10::OperatorHandle h =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tpx_ext::ivw_combine", "");
+  return h;
+}
+
+const c10::OperatorHandle& gaussian_handle() {
+  static const c10::OperatorHandle h =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tpx_ext::gaussian_tpx_backward", "");
+  return h;
+}
+
+IvwOut ivw_combine(const at::Tensor& g_lr, const at::Tensor& g_rp, const OptTensor& run_lr,
+                   const OptTensor& run_rp, double momentum, std::optional<double> fixed_weight) {
+  static const auto op =
+      ivw_handle()
+          .typed<IvwOut(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                        double, std::optional<double>)>();
+  return op.call(g_lr, g_rp, run_lr, run_rp, momentum, fixed_weight);
+}
+
+GaussOut gaussian_tpx_backward(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
+                               const at::Tensor& adv, const OptTensor& run_lr,
+                               const OptTensor& run_rp, double momentum,
+                               std::optional<double> fixed_weight, bool check_sigma) {
+  static const auto op =
+      gaussian_handle()
+          .typed<GaussOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const OptTensor&, const OptTensor&, double,
+                          std::optional<double>, bool)>();
+  return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed_weight, check_sigma);
+}
+
+// ---- Naive float64 reference ------------------------------------------------
+// Written from the spec (TPX.md sec. 1-3), independent of tpx_math.h.
+
+struct Reference {
+  std::vector<double> g;  // [B, C] combined gradient
+  std::vector<double> k, var_lr, var_rp;
+  int64_t nonfinite = 0;
+};
+
+double column_variance(const std::vector<double>& x, int64_t B, int64_t C, int64_t j) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < B; ++i) {
+    if (!std::isfinite(x[i * C + j])) return kInf;
+    sum += x[i * C + j];
+  }
+  if (B < 2) return 0.0;
+  const double mean = sum / static_cast<double>(B);
+  double q = 0.0;
+  for (int64_t i = 0; i < B; ++i) q += (x[i * C + j] - mean) * (x[i * C + j] - mean);
+  return q / static_cast<double>(B - 1);
+}
+
+// lr, rp: [B, C] per-sample gradients. running: per-column EMA (NaN: no data
+// yet), updated in place, or null. fixed_k < 0: inverse-variance weighting.
+Reference reference(const std::vector<double>& lr, const std::vector<double>& rp, int64_t B,
+                    int64_t C, std::vector<double>* run_lr, std::vector<double>* run_rp,
+                    double momentum, double fixed_k) {
+  Reference r;
+  r.g.assign(B * C, 0.0);
+  for (int64_t j = 0; j < C; ++j) {
+    const double var_lr = column_variance(lr, B, C, j), var_rp = column_variance(rp, B, C, j);
+    double v_lr = var_lr, v_rp = var_rp;
+    auto smooth = [&](double var, double& run) {
+      if (!std::isfinite(var)) return var;
+      run = std::isnan(run) ? var : momentum * run + (1.0 - momentum) * var;
+      return run;
+    };
+    if (run_lr) {
+      v_lr = smooth(var_lr, (*run_lr)[j]);
+      v_rp = smooth(var_rp, (*run_rp)[j]);
+    }
+    const bool both_bad = std::isinf(var_lr) && std::isinf(var_rp);
+    double k;
+    if (fixed_k >= 0.0) {
+      k = fixed_k;
+    } else if (both_bad) {
+      k = kNaN;
+    } else if (v_lr == v_rp) {
+      k = 0.5;
+    } else if (std::isinf(v_lr)) {
+      k = 0.0;
+    } else if (std::isinf(v_rp)) {
+      k = 1.0;
+    } else {
+      k = static_cast<double>(static_cast<long double>(v_rp) /
+                              (static_cast<long double>(v_lr) + static_cast<long double>(v_rp)));
+    }
+    r.k.push_back(k);
+    r.var_lr.push_back(var_lr);
+    r.var_rp.push_back(var_rp);
+    r.nonfinite += both_bad;
+    for (int64_t i = 0; i < B; ++i) {
+      const double a = lr[i * C + j], b = rp[i * C + j];
+      r.g[i * C + j] = std::isnan(k) ? 0.0 : k == 0.0 ? b : k == 1.0 ? a : k * a + (1.0 - k) * b;
+    }
+  }
+  return r;
+}
+
+// ---- Tensor helpers -------------------------------------------------------------
+
+at::Tensor make(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dtype,
+                const at::Device& device) {
+  return at::from_blob(const_cast<double*>(v.data()), shape, at::kDouble)
+      .to(dtype)
+      .to(device)
+      .clone();
+}
+
+std::vector<double> values(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kCPU).to(at::kDouble).contiguous();
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+// Relative tolerance of the combined gradient, stored in the input dtype.
+double output_tol(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return 1e-12;
+    case at::kFloat: return 1e-6;
+    case at::kHalf: return 2e-3;
+    default: return 1e-2;  // bfloat16
+  }
+}
+
+// Compares one op result with the reference. The per-coordinate statistics
+// are float64 whatever the input dtype; k = 0/1/NaN must be exact, and then
+// so must the combined gradient (one estimator reproduced, or 0).
+void compare(const char* what, const at::Tensor& g, const at::Tensor& k, const at::Tensor& var_lr,
+             const at::Tensor& var_rp, const at::Tensor& nonfinite, const Reference& ref,
+             const std::vector<double>& lr, const std::vector<double>& rp, int64_t C,
+             at::ScalarType dtype) {
+  const std::vector<double> gv = values(g), kv = values(k), vl = values(var_lr),
+                            vr = values(var_rp);
+  TEST_CHECK(static_cast<int64_t>(kv.size()) == C && gv.size() == ref.g.size(), "%s", what);
+  for (int64_t j = 0; j < C; ++j) {
+    TEST_CHECK_NEAR(vl[j], ref.var_lr[j], 1e-10, "%s: var_lr column %lld", what, (long long)j);
+    TEST_CHECK_NEAR(vr[j], ref.var_rp[j], 1e-10, "%s: var_rp column %lld", what, (long long)j);
+    TEST_CHECK_NEAR(kv[j], ref.k[j], 1e-10, "%s: k column %lld", what, (long long)j);
+    const bool exact = std::isnan(ref.k[j]) || ref.k[j] == 0.0 || ref.k[j] == 1.0;
+    if (exact) TEST_CHECK_SAME(kv[j], ref.k[j], "%s: k column %lld", what, (long long)j);
+  }
+  const double tol = output_tol(dtype);
+  for (size_t q = 0; q < gv.size(); ++q) {
+    const double kj = ref.k[q % C];
+    if (std::isnan(kj)) {
+      TEST_CHECK_SAME(gv[q], 0.0, "%s: g[%zu] of a zeroed coordinate", what, q);
+    } else if (kj == 0.0) {
+      TEST_CHECK_SAME(gv[q], rp[q], "%s: g[%zu] must be g_rp exactly (k = 0)", what, q);
+    } else if (kj == 1.0) {
+      TEST_CHECK_SAME(gv[q], lr[q], "%s: g[%zu] must be g_lr exactly (k = 1)", what, q);
+    } else {
+      // Given the k the op returned (checked above against the reference),
+      // g is k * lr + (1 - k) * rp up to rounding to the output dtype.
+      const double kk = kv[q % C];
+      const double expect = kk * lr[q] + (1.0 - kk) * rp[q];
+      const double scale = std::fmax(1.0, std::fabs(kk * lr[q]) + std::fabs((1.0 - kk) * rp[q]));
+      if (!std::isfinite(expect)) {  // fixed_weight mode passes an inf through
+        TEST_CHECK_SAME(gv[q], expect, "%s: g[%zu]", what, q);
+        continue;
+      }
+      TEST_CHECK(std::fabs(gv[q] - expect) <= tol * scale, "%s: g[%zu] = %.17g, expected %.17g",
+                 what, q, gv[q], expect);
+      TEST_CHECK_NEAR(gv[q], ref.g[q], 1e3 * tol, "%s: g[%zu] vs reference", what, q);
+    }
+  }
+  TEST_CHECK(nonfinite.dim() == 0 && nonfinite.scalar_type() == at::kLong, "%s", what);
+  TEST_CHECK(nonfinite.item<int64_t>() == ref.nonfinite, "%s: nonfinite %lld vs %lld", what,
+        (long long)nonfinite.item<int64_t>(), (long long)ref.nonfinite);
+}
+
+// Random per-sample gradients with a different scale per column, so that k
+// varies across (0, 1).
+void fill(std::vector<double>& v, int64_t B, int64_t C, std::mt19937_64& rng, double scale) {
+  std::normal_distribution<double> normal;
+  v.resize(B * C);
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < C; ++j) v[i * C + j] = 0.3 * j + normal(rng) * scale * (1.0 + j % 3);
+}
+
+// ---- Cases ----------------------------------------------------------------------
+
+// One batch, no running statistics, with special columns:
+//   col 3: an inf in both estimators -> k NaN, g 0, nonfinite 1
+//   col 4: a NaN in LR only           -> k 0, g = g_rp exactly
+//   col 5: RP constant                -> var_rp 0, k 0
+//   col 6: both constant              -> k 0.5
+void case_special_columns(const at::Device& dev, at::ScalarType dtype) {
+  const int64_t B = 64, C = 7;
+  std::mt19937_64 rng(1);
+  std::vector<double> lr, rp;
+  fill(lr, B, C, rng, 2.0);
+  fill(rp, B, C, rng, 0.7);
+  lr[5 * C + 3] = kInf;
+  rp[9 * C + 3] = -kInf;
+  lr[11 * C + 4] = kNaN;
+  for (int64_t i = 0; i < B; ++i) rp[i * C + 5] = 1.25, lr[i * C + 6] = -0.5, rp[i * C + 6] = 3.0;
+
+  const at::Tensor t_lr = make(lr, {B, C}, dtype, dev), t_rp = make(rp, {B, C}, dtype, dev);
+  // The reference sees exactly what the kernel reads (inputs rounded to dtype).
+  const std::vector<double> lr_r = values(t_lr), rp_r = values(t_rp);
+  const Reference ref = reference(lr_r, rp_r, B, C, nullptr, nullptr, 0.0, -1.0);
+  TEST_CHECK(std::isnan(ref.k[3]) && ref.k[4] == 0.0 && ref.k[5] == 0.0 && ref.k[6] == 0.5);
+  TEST_CHECK(ref.nonfinite == 1);
+
+  const auto [g, k, var_lr, var_rp, nonfinite] =
+      ivw_combine(t_lr, t_rp, std::nullopt, std::nullopt, 0.9, std::nullopt);
+  TEST_CHECK(g.scalar_type() == dtype && g.device() == dev && k.scalar_type() == at::kDouble);
+  TEST_CHECK(g.sizes() == t_lr.sizes());
+  const std::string what = std::string("special columns ") + c10::toString(dtype) + " " + dev.str();
+  compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, dtype);
+}
+
+// Large enough (B * C >= 32768) for the CPU kernel to split the rows into
+// chunks merged with Chan's formula; 4 threads force several chunks.
+void case_chunked(const at::Device& dev) {
+  const int64_t B = 5003, C = 9;  // odd B: uneven chunks
+  std::mt19937_64 rng(2);
+  std::vector<double> lr, rp;
+  fill(lr, B, C, rng, 1.0);
+  fill(rp, B, C, rng, 1.5);
+  for (int64_t i = 0; i < B; ++i) lr[i * C + 8] += 1e6;  // large offset: Welford's case
+  const at::Tensor t_lr = make(lr, {B, C}, at::kDouble, dev);
+  const at::Tensor t_rp = make(rp, {B, C}, at::kDouble, dev);
+  const Reference ref = reference(lr, rp, B, C, nullptr, nullptr, 0.0, -1.0);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(4);
+  const auto [g, k, var_lr, var_rp, nonfinite] =
+      ivw_combine(t_lr, t_rp, std::nullopt, std::nullopt, 0.0, std::nullopt);
+  at::set_num_threads(threads);
+  compare(("chunked " + dev.str()).c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr, rp, C,
+          at::kDouble);
+}
+
+// Running statistics over 3 calls, momentum 0.5; in call 2, column 1 has an
+// inf in LR (its running LR value must stay) and column 2 in both.
+void case_running(const at::Device& dev, at::ScalarType run_dtype) {
+  const int64_t B = 40, C = 4;
+  const double momentum = 0.5;
+  std::mt19937_64 rng(3);
+  std::vector<double> ref_run_lr(C, kNaN), ref_run_rp(C, kNaN);
+  const at::Tensor run_lr = at::full({C}, kNaN, at::TensorOptions(run_dtype).device(dev));
+  const at::Tensor run_rp = at::full({C}, kNaN, at::TensorOptions(run_dtype).device(dev));
+  for (int call = 0; call < 3; ++call) {
+    std::vector<double> lr, rp;
+    fill(lr, B, C, rng, 1.0 + call);
+    fill(rp, B, C, rng, 2.0 - 0.5 * call);
+    if (call == 1) lr[3 * C + 1] = kInf, lr[4 * C + 2] = kNaN, rp[7 * C + 2] = kInf;
+    const at::Tensor t_lr = make(lr, {B, C}, at::kFloat, dev);
+    const at::Tensor t_rp = make(rp, {B, C}, at::kFloat, dev);
+    const std::vector<double> lr_r = values(t_lr), rp_r = values(t_rp);
+    const std::vector<double> before_lr = ref_run_lr;
+    const Reference ref = reference(lr_r, rp_r, B, C, &ref_run_lr, &ref_run_rp, momentum, -1.0);
+    if (call == 1) TEST_CHECK(ref_run_lr[1] == before_lr[1] && ref.nonfinite == 1);
+    if (run_dtype == at::kFloat) {
+      // The kernel starts the next call from the buffer's float values.
+      for (double& v : ref_run_lr) v = static_cast<float>(v);
+      for (double& v : ref_run_rp) v = static_cast<float>(v);
+    }
+
+    const auto [g, k, var_lr, var_rp, nonfinite] =
+        ivw_combine(t_lr, t_rp, run_lr, run_rp, momentum, std::nullopt);
+    const std::string what = "running call " + std::to_string(call) + " " +
+                             c10::toString(run_dtype) + " " + dev.str();
+    compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, at::kFloat);
+    // The caller's buffers are updated in place (rounded to their dtype).
+    const double tol = run_dtype == at::kDouble ? 1e-12 : 1e-6;
+    const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
+    for (int64_t j = 0; j < C; ++j) {
+      TEST_CHECK_NEAR(got_lr[j], ref_run_lr[j], tol, "%s: running_var_lr[%lld]", what.c_str(),
+                 (long long)j);
+      TEST_CHECK_NEAR(got_rp[j], ref_run_rp[j], tol, "%s: running_var_rp[%lld]", what.c_str(),
+                 (long long)j);
+    }
+  }
+}
+
+// fixed_weight: k is that value everywhere; 0 and 1 reproduce rp / lr exactly.
+void case_fixed(const at::Device& dev) {
+  const int64_t B = 16, C = 5;
+  std::mt19937_64 rng(4);
+  std::vector<double> lr, rp;
+  fill(lr, B, C, rng, 1.0);
+  fill(rp, B, C, rng, 1.0);
+  lr[2 * C + 1] = kInf;  // must not leak into the fixed_weight = 0 result
+  const at::Tensor t_lr = make(lr, {B, C}, at::kFloat, dev);
+  const at::Tensor t_rp = make(rp, {B, C}, at::kFloat, dev);
+  const std::vector<double> lr_r = values(t_lr), rp_r = values(t_rp);
+  for (double w : {0.0, 0.3, 1.0}) {
+    const Reference ref = reference(lr_r, rp_r, B, C, nullptr, nullptr, 0.0, w);
+    const auto [g, k, var_lr, var_rp, nonfinite] =
+        ivw_combine(t_lr, t_rp, std::nullopt, std::nullopt, 0.0, w);
+    const std::string what = "fixed_weight " + std::to_string(w) + " " + dev.str();
+    compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, at::kFloat);
+  }
+}
+
+// gaussian_tpx_backward against the per-sample gradients of x = mu + sigma * eps
+// (TPX.md sec. 1) fed to the same reference: coordinates [mu_0..mu_D, sigma_0..sigma_D].
+void case_gaussian(const at::Device& dev) {
+  const int64_t B = 48, D = 5;
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> normal;
+  std::uniform_real_distribution<double> uniform(0.2, 2.0);
+  std::vector<double> d(B * D), eps(B * D), sigma(B * D), adv(B);
+  for (auto& v : d) v = normal(rng);
+  for (auto& v : eps) v = normal(rng);
+  for (auto& v : sigma) v = uniform(rng);
+  for (auto& v : adv) v = 3.0 * normal(rng);
+  std::vector<double> lr(B * 2 * D), rp(B * 2 * D);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t j = 0; j < D; ++j) {
+      const double dv = d[i * D + j], e = eps[i * D + j], s = sigma[i * D + j];
+      lr[i * 2 * D + j] = adv[i] * e / s;
+      lr[i * 2 * D + D + j] = adv[i] * (e * e - 1.0) / s;
+      rp[i * 2 * D + j] = dv;
+      rp[i * 2 * D + D + j] = dv * e;
+    }
+  }
+  std::vector<double> run_lr(2 * D, kNaN), run_rp(2 * D, kNaN);
+  const Reference ref = reference(lr, rp, B, 2 * D, &run_lr, &run_rp, 0.5, -1.0);
+  const auto opt = at::TensorOptions(at::kDouble).device(dev);
+  const at::Tensor t_run_lr = at::full({2 * D}, kNaN, opt), t_run_rp = at::full({2 * D}, kNaN, opt);
+  const auto [gmu, gsig, k, var_lr, var_rp, nonfinite] = gaussian_tpx_backward(
+      make(d, {B, D}, at::kDouble, dev), make(eps, {B, D}, at::kDouble, dev),
+      make(sigma, {B, D}, at::kDouble, dev), make(adv, {B}, at::kDouble, dev), t_run_lr, t_run_rp,
+      0.5, std::nullopt, true);
+  // Reassemble [B, 2D] from grad_mu and grad_sigma, then compare as one op.
+  const at::Tensor g = at::cat({gmu, gsig}, 1);
+  compare(("gaussian " + dev.str()).c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr, rp, 2 * D,
+          at::kDouble);
+  const std::vector<double> got_run = values(t_run_lr);
+  for (int64_t q = 0; q < 2 * D; ++q) TEST_CHECK_NEAR(got_run[q], run_lr[q], 1e-12);
+
+  // An invalid sigma is an error naming sigma (with check_sigma).
+  sigma[7] = 0.0;
+  bool threw = false;
+  try {
+    gaussian_tpx_backward(make(d, {B, D}, at::kDouble, dev), make(eps, {B, D}, at::kDouble, dev),
+                          make(sigma, {B, D}, at::kDouble, dev), make(adv, {B}, at::kDouble, dev),
+                          std::nullopt, std::nullopt, 0.5, std::nullopt, true);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what_without_backtrace()).find("sigma") != std::string::npos;
+  }
+  TEST_CHECK(threw, "gaussian_tpx_backward with sigma = 0 must throw a c10::Error naming sigma");
+}
+
+// A bad argument throws c10::Error whose message names it.
+void expect_error(const char* name, const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    TEST_CHECK(msg.find(name) != std::string::npos, "message does not name %s: %s", name, msg.c_str());
+    return;
+  }
+  TEST_CHECK(false, "no c10::Error for a bad %s", name);
+}
+
+void case_errors(const at::Device& dev) {
+  const auto f = at::TensorOptions(at::kFloat).device(dev);
+  const at::Tensor a = at::randn({8, 3}, f), b = at::randn({8, 4}, f);
+  expect_error("g_rp", [&] { ivw_combine(a, b, std::nullopt, std::nullopt, 0.9, std::nullopt); });
+  expect_error("g_rp", [&] {
+    ivw_combine(a, at::randn({8, 3}, f.dtype(at::kDouble)), std::nullopt, std::nullopt, 0.9,
+                std::nullopt);
+  });
+  expect_error("g_lr", [&] {
+    ivw_combine(at::randn({8}, f), at::randn({8}, f), std::nullopt, std::nullopt, 0.9,
+                std::nullopt);
+  });
+  expect_error("running_var_lr", [&] {
+    ivw_combine(a, a, at::zeros({4}, f), at::zeros({3}, f), 0.9, std::nullopt);
+  });
+  expect_error("momentum", [&] { ivw_combine(a, a, std::nullopt, std::nullopt, 1.0, std::nullopt); });
+  expect_error("fixed_weight", [&] { ivw_combine(a, a, std::nullopt, std::nullopt, 0.9, 1.5); });
+  expect_error("adv", [&] {
+    gaussian_tpx_backward(a, a, a.abs() + 1, at::zeros({7}, f), std::nullopt, std::nullopt, 0.9,
+                          std::nullopt, false);
+  });
+}
+
+void run_all(const at::Device& dev) {
+  for (at::ScalarType dt : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16})
+    case_special_columns(dev, dt);
+  case_chunked(dev);
+  case_running(dev, at::kDouble);  // updated in place
+  case_running(dev, at::kFloat);   // updated through a float64 copy
+  case_fixed(dev);
+  case_gaussian(dev);
+  case_errors(dev);
+  std::printf("  %s: all cases passed\n", dev.str().c_str());
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IONBF, 0);
+  std::printf("test_ops\n");
+  // The library registered the ops when it was loaded.
+  TEST_CHECK(c10::Dispatcher::singleton().findSchema({"tpx_ext::ivw_combine", ""}).has_value(),
+        "tpx_ext::ivw_combine is not registered: is libtpx_ops loaded?");
+  run_all(at::Device(at::kCPU));
+
+  const bool cuda_kernels = ivw_handle().hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  if (!torch::cuda::is_available()) {
+    std::printf("  CUDA skipped: no CUDA device (kernels %s)\n",
+                cuda_kernels ? "registered" : "not built");
+  } else if (!cuda_kernels) {
+#ifdef TPX_TEST_EXPECT_CUDA
+    TEST_CHECK(false, "built with TPX_WITH_CUDA but no CUDA kernel is registered");
+#endif
+    std::printf("  CUDA skipped: library built without the CUDA kernels\n");
+  } else {
+    run_all(at::Device(at::kCUDA, 0));
+  }
+  std::printf("test_ops: all checks passed\n");
+  return 0;
+}
