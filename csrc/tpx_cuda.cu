@@ -52,14 +52,12 @@ Tiling make_tiling(int64_t B, int64_t C, int64_t blocks_per_sm) {
 template <typename Source>
 __global__ void __launch_bounds__(kThreads)
     moments_kernel(Source src, int64_t B, int64_t C, Tiling t, double* ws_mean_lr,
-                   double* ws_m2_lr, double* ws_mean_rp, double* ws_m2_rp, bool* ws_bad_lr,
-                   bool* ws_bad_rp, int* invalid) {
+                   double* ws_m2_lr, double* ws_mean_rp, double* ws_m2_rp, int* invalid) {
   constexpr int G = Source::G;
   constexpr int S = 2 * G;  // streams: LR then RP for each group
   __shared__ double sh_n[kThreads];
   __shared__ double sh_mean[S][kThreads];
   __shared__ double sh_m2[S][kThreads];
-  __shared__ bool sh_bad[S][kThreads];
 
   const int tid = threadIdx.x;
   const int lrow = tid / t.cols_per_block;
@@ -69,20 +67,21 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r1 = min(B, r0 + t.rows_per_chunk);
 
   double n = 0.0, mean[S], m2[S];
-  bool bad[S];
 #pragma unroll
-  for (int s = 0; s < S; ++s) mean[s] = m2[s] = 0.0, bad[s] = false;
+  for (int s = 0; s < S; ++s) mean[s] = m2[s] = 0.0;
   bool ok = true;
   if (active) {
     for (int64_t i = r0 + lrow; i < r1; i += t.rows_per_step) {
       n += 1.0;
       const double inv_n = 1.0 / n;
+      const int64_t e = i * C + col;
       double lr[G], rp[G];
-      ok &= src.read(i, col, lr, rp);
+      src.read(e, src.row_value(i), lr, rp);
+      if (invalid != nullptr) ok &= src.valid(e);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        welford_add(lr[g], inv_n, mean[g], m2[g], bad[g]);
-        welford_add(rp[g], inv_n, mean[G + g], m2[G + g], bad[G + g]);
+        welford_add(lr[g], inv_n, mean[g], m2[g]);
+        welford_add(rp[g], inv_n, mean[G + g], m2[G + g]);
       }
     }
   }
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
 
   sh_n[tid] = n;
 #pragma unroll
-  for (int s = 0; s < S; ++s) sh_mean[s][tid] = mean[s], sh_m2[s][tid] = m2[s], sh_bad[s][tid] = bad[s];
+  for (int s = 0; s < S; ++s) sh_mean[s][tid] = mean[s], sh_m2[s][tid] = m2[s];
   __syncthreads();
   // Tree merge over the rows_per_step threads that share a column.
   for (int stride = t.merge_span / 2; stride > 0; stride /= 2) {
@@ -98,12 +97,8 @@ __global__ void __launch_bounds__(kThreads)
       const int other = tid + stride * t.cols_per_block;
       const double n_a = sh_n[tid], n_b = sh_n[other];
 #pragma unroll
-      for (int s = 0; s < S; ++s) {
-        bool b = sh_bad[s][tid];
-        chan_merge(n_a, sh_mean[s][tid], sh_m2[s][tid], b, n_b, sh_mean[s][other],
-                   sh_m2[s][other], sh_bad[s][other]);
-        sh_bad[s][tid] = b;
-      }
+      for (int s = 0; s < S; ++s)
+        chan_merge(n_a, sh_mean[s][tid], sh_m2[s][tid], n_b, sh_mean[s][other], sh_m2[s][other]);
       sh_n[tid] = n_a + n_b;
     }
     __syncthreads();
@@ -115,18 +110,15 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t q = base + g * C;
       ws_mean_lr[q] = sh_mean[g][tid];
       ws_m2_lr[q] = sh_m2[g][tid];
-      ws_bad_lr[q] = sh_bad[g][tid];
       ws_mean_rp[q] = sh_mean[G + g][tid];
       ws_m2_rp[q] = sh_m2[G + g][tid];
-      ws_bad_rp[q] = sh_bad[G + g][tid];
     }
   }
 }
 
 __global__ void finalize_kernel(int64_t GC, int64_t B, Tiling t, const double* ws_mean_lr,
                                 const double* ws_m2_lr, const double* ws_mean_rp,
-                                const double* ws_m2_rp, const bool* ws_bad_lr,
-                                const bool* ws_bad_rp, const int* invalid, double* run_lr,
+                                const double* ws_m2_rp, const int* invalid, double* run_lr,
                                 double* run_rp, double momentum, double fixed_k, double* k,
                                 double* var_lr, double* var_rp,
                                 unsigned long long* nonfinite) {
@@ -134,19 +126,19 @@ __global__ void finalize_kernel(int64_t GC, int64_t B, Tiling t, const double* w
   if (q >= GC) return;
   double n = static_cast<double>(min(B, t.rows_per_chunk));
   double mean_l = ws_mean_lr[q], m2_l = ws_m2_lr[q], mean_r = ws_mean_rp[q], m2_r = ws_m2_rp[q];
-  bool bad_l = ws_bad_lr[q], bad_r = ws_bad_rp[q];
   for (int64_t c = 1; c < t.row_chunks; ++c) {
     const int64_t s = c * GC + q;
     const double n_b = static_cast<double>(min(B, (c + 1) * t.rows_per_chunk) - c * t.rows_per_chunk);
-    chan_merge(n, mean_l, m2_l, bad_l, n_b, ws_mean_lr[s], ws_m2_lr[s], ws_bad_lr[s]);
-    chan_merge(n, mean_r, m2_r, bad_r, n_b, ws_mean_rp[s], ws_m2_rp[s], ws_bad_rp[s]);
+    chan_merge(n, mean_l, m2_l, n_b, ws_mean_lr[s], ws_m2_lr[s]);
+    chan_merge(n, mean_r, m2_r, n_b, ws_mean_rp[s], ws_m2_rp[s]);
     n += n_b;
   }
   // An invalid input raises on the host; leave the running stats untouched.
   const bool has_running = run_lr != nullptr && (invalid == nullptr || *invalid == 0);
   double rl = has_running ? run_lr[q] : kNaN, rr = has_running ? run_rp[q] : kNaN;
   const CoordinateResult r =
-      coordinate_weight(n, m2_l, bad_l, m2_r, bad_r, has_running, rl, rr, momentum, fixed_k);
+      coordinate_weight(n, m2_l, moments_bad(mean_l, m2_l), m2_r, moments_bad(mean_r, m2_r),
+                        has_running, rl, rr, momentum, fixed_k);
   if (has_running) run_lr[q] = rl, run_rp[q] = rr;
   k[q] = r.k;
   var_lr[q] = r.var_lr;
@@ -168,11 +160,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * t.rows_per_chunk;
   const int64_t r1 = min(B, r0 + t.rows_per_chunk);
   for (int64_t i = r0 + lrow; i < r1; i += t.rows_per_step) {
+    const int64_t e = i * C + col;
     double lr[G], rp[G], out[G];
-    src.read(i, col, lr, rp);
+    src.read(e, src.row_value(i), lr, rp);
 #pragma unroll
     for (int g = 0; g < G; ++g) out[g] = combine(kg[g], lr[g], rp[g]);
-    src.write(i, col, out);
+    src.write(e, out);
   }
 }
 
@@ -188,20 +181,17 @@ struct CudaRunner {
     const Tiling t = make_tiling(B, C, /*blocks_per_sm=*/4);
     const auto f64 = buf.k.options();
     const at::Tensor ws = at::empty({4, t.row_chunks * GC}, f64);
-    const at::Tensor ws_bad = at::empty({2, t.row_chunks * GC}, f64.dtype(at::kBool));
     double* w = ws.data_ptr<double>();
-    bool* wb = ws_bad.data_ptr<bool>();
     const int64_t stride = t.row_chunks * GC;
     int* invalid = buf.invalid.data_ptr<int>();
 
     moments_kernel<<<dim3(t.col_tiles, t.row_chunks), kThreads, 0, stream>>>(
-        src, B, C, t, w, w + stride, w + 2 * stride, w + 3 * stride, wb, wb + stride, invalid);
+        src, B, C, t, w, w + stride, w + 2 * stride, w + 3 * stride, check_valid ? invalid : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     const bool has_running = buf.run_lr.defined();
     finalize_kernel<<<(GC + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        GC, B, t, w, w + stride, w + 2 * stride, w + 3 * stride, wb, wb + stride,
-        check_valid ? invalid : nullptr,
+        GC, B, t, w, w + stride, w + 2 * stride, w + 3 * stride, check_valid ? invalid : nullptr,
         has_running ? buf.run_lr.data_ptr<double>() : nullptr,
         has_running ? buf.run_rp.data_ptr<double>() : nullptr, momentum, buf.fixed_k,
         buf.k.data_ptr<double>(), buf.var_lr.data_ptr<double>(), buf.var_rp.data_ptr<double>(),

@@ -34,27 +34,29 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 TPX_HD bool is_finite(double x) { return (x - x) == 0.0; }
 
 // One Welford step for a value that is the n-th of its stream (inv_n = 1/n).
-// A non-finite value marks the stream bad and is folded in as 0 so that the
-// accumulator stays finite; a bad stream's variance is +inf regardless.
-TPX_HD void welford_add(double x, double inv_n, double& mean, double& m2, bool& bad) {
-  const bool ok = is_finite(x);
-  bad = bad || !ok;
-  x = ok ? x : 0.0;
+// Pure arithmetic so that loops over columns vectorise: a non-finite value
+// makes mean/m2 non-finite for good (inf - inf = NaN propagates), which is
+// how a bad stream is recognised afterwards (moments_bad).
+TPX_HD void welford_add(double x, double inv_n, double& mean, double& m2) {
   const double delta = x - mean;
   mean += delta * inv_n;
   m2 += delta * (x - mean);
 }
 
 // Chan et al. merge of stream b (n_b samples) into stream a (n_a samples).
-TPX_HD void chan_merge(double n_a, double& mean_a, double& m2_a, bool& bad_a,
-                       double n_b, double mean_b, double m2_b, bool bad_b) {
-  bad_a = bad_a || bad_b;
+TPX_HD void chan_merge(double n_a, double& mean_a, double& m2_a, double n_b, double mean_b,
+                       double m2_b) {
   if (n_b == 0.0) return;
   const double n = n_a + n_b;
   const double delta = mean_b - mean_a;
   mean_a += delta * (n_b / n);
   m2_a += m2_b + delta * delta * (n_a * n_b / n);
 }
+
+// A stream is bad when it saw a non-finite sample, or when its moments
+// overflowed double (finite float64 inputs near 1e154 and beyond): either
+// way its variance is not representable and it is treated as +inf.
+TPX_HD bool moments_bad(double mean, double m2) { return !(is_finite(mean) && is_finite(m2)); }
 
 // Unbiased batch variance; +inf for a stream with a non-finite sample.
 // One sample carries no information about spread: variance 0.
@@ -117,13 +119,15 @@ TPX_HD CoordinateResult coordinate_weight(double n, double m2_lr, bool bad_lr, d
 }
 
 // Combined per-sample gradient. k == 0 and k == 1 return one estimator
-// exactly (so rp/lr are reproduced bit for bit and the discarded estimator's
-// inf/NaN never leaks through 0 * inf); NaN k means "zero this coordinate".
+// exactly (so rp/lr are reproduced and the discarded estimator's inf/NaN
+// never leaks through 0 * inf); NaN k means "zero this coordinate". Written
+// as two masked terms, without branches, so the CPU loop vectorises.
 TPX_HD double combine(double k, double g_lr, double g_rp) {
-  if (k != k) return 0.0;
-  if (k == 0.0) return g_rp;
-  if (k == 1.0) return g_lr;
-  return k * g_lr + (1.0 - k) * g_rp;
+  const bool use_lr = (k != 0.0) & (k == k);
+  const bool use_rp = (k != 1.0) & (k == k);
+  const double t_lr = use_lr ? k * g_lr : 0.0;
+  const double t_rp = use_rp ? (1.0 - k) * g_rp : 0.0;
+  return t_lr + t_rp;
 }
 
 // ---------------------------------------------------------------------------
@@ -148,6 +152,11 @@ TPX_HD double store_cast<double>(double x) {
   return x;
 }
 
+// A source addresses elements by their flat index e = i * C + j into the
+// contiguous [B, C] inputs; `row` is row_value(i), the per-row input (the
+// advantage of a Gaussian node), hoisted so the CPU loop over a block of
+// rows stays a flat, vectorisable loop.
+
 // ivw_combine: the per-sample LR and RP gradients are given. G = 1.
 template <typename T>
 struct IvwSource {
@@ -155,16 +164,14 @@ struct IvwSource {
   const T* g_lr;
   const T* g_rp;
   T* out;
-  int64_t C;
 
-  // Returns false when an input is invalid (never, for this op).
-  TPX_HD bool read(int64_t i, int64_t j, double* lr, double* rp) const {
-    const int64_t idx = i * C + j;
-    lr[0] = load(g_lr, idx);
-    rp[0] = load(g_rp, idx);
-    return true;
+  TPX_HD double row_value(int64_t) const { return 0.0; }
+  TPX_HD void read(int64_t e, double, double* lr, double* rp) const {
+    lr[0] = load(g_lr, e);
+    rp[0] = load(g_rp, e);
   }
-  TPX_HD void write(int64_t i, int64_t j, const double* g) const { out[i * C + j] = store_cast<T>(g[0]); }
+  TPX_HD bool valid(int64_t) const { return true; }
+  TPX_HD void write(int64_t e, const double* g) const { out[e] = store_cast<T>(g[0]); }
 };
 
 // One Gaussian node x = mu + sigma * eps (TPX.md sec. 1). G = 2: group 0 is
@@ -180,21 +187,24 @@ struct GaussianSource {
   const double* adv;  // [B], converted to double by the host code
   T* grad_mu;
   T* grad_sigma;
-  int64_t C;
 
-  TPX_HD bool read(int64_t i, int64_t j, double* lr, double* rp) const {
-    const int64_t idx = i * C + j;
-    const double dv = load(d, idx), e = load(eps, idx), s = load(sigma, idx);
-    const double a_over_s = adv[i] / s;
-    lr[0] = a_over_s * e;
+  TPX_HD double row_value(int64_t i) const { return adv[i]; }
+  TPX_HD void read(int64_t e, double a, double* lr, double* rp) const {
+    const double dv = load(d, e), x = load(eps, e), s = load(sigma, e);
+    const double a_over_s = a / s;
+    lr[0] = a_over_s * x;
     rp[0] = dv;
-    lr[1] = a_over_s * (e * e - 1.0);
-    rp[1] = dv * e;
-    return s > 0.0 && s < kInf;
+    lr[1] = a_over_s * (x * x - 1.0);
+    rp[1] = dv * x;
   }
-  TPX_HD void write(int64_t i, int64_t j, const double* g) const {
-    grad_mu[i * C + j] = store_cast<T>(g[0]);
-    grad_sigma[i * C + j] = store_cast<T>(g[1]);
+  // sigma must be finite and > 0 (NaN fails both comparisons).
+  TPX_HD bool valid(int64_t e) const {
+    const double s = load(sigma, e);
+    return (s > 0.0) & (s < kInf);  // bitwise: no branch in the vectorised loop
+  }
+  TPX_HD void write(int64_t e, const double* g) const {
+    grad_mu[e] = store_cast<T>(g[0]);
+    grad_sigma[e] = store_cast<T>(g[1]);
   }
 };
 

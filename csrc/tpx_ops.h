@@ -67,7 +67,7 @@ IvwResult ivw_combine_impl(const Runner& run, const at::Tensor& g_lr, const at::
   CoordinateBuffers buf = make_buffers(lr, C, running_var_lr, running_var_rp, fixed_weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "ivw_combine", [&] {
     const IvwSource<scalar_t> src{lr.data_ptr<scalar_t>(), rp.data_ptr<scalar_t>(),
-                                  g.data_ptr<scalar_t>(), C};
+                                  g.data_ptr<scalar_t>()};
     run(src, B, C, buf, momentum, /*check_valid=*/false);
   });
   finish_running(buf, running_var_lr, running_var_rp);
@@ -94,8 +94,7 @@ GaussianResult gaussian_tpx_backward_impl(const Runner& run, const at::Tensor& d
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "gaussian_tpx_backward", [&] {
     const GaussianSource<scalar_t> src{dc.data_ptr<scalar_t>(),      ec.data_ptr<scalar_t>(),
                                        sc.data_ptr<scalar_t>(),      ac.data_ptr<double>(),
-                                       grad_mu.data_ptr<scalar_t>(), grad_sigma.data_ptr<scalar_t>(),
-                                       D};
+                                       grad_mu.data_ptr<scalar_t>(), grad_sigma.data_ptr<scalar_t>()};
     run(src, B, D, buf, momentum, check_sigma);
   });
   if (check_sigma) raise_if_invalid_sigma(buf);

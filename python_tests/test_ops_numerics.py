@@ -35,7 +35,7 @@ def check_ivw(g_lr, g_rp, **kw):
     assert_stats_close(got.var_lr, ref.var_lr, "var_lr")
     assert_stats_close(got.var_rp, ref.var_rp, "var_rp")
     assert got.nonfinite.item() == ref.nonfinite.item()
-    assert_combined_close(got.g, ref.g, ref.k, g_lr, g_rp, g_lr.dtype)
+    assert_combined_close(got.g, ref.g, ref.k, g_lr, g_rp, g_lr.dtype, got.k)
     return got, ref
 
 
@@ -48,8 +48,10 @@ def check_gaussian(d, eps, sigma, adv, **kw):
     assert_stats_close(got.var_lr, ref.var_lr, "var_lr")
     assert_stats_close(got.var_rp, ref.var_rp, "var_rp")
     assert got.nonfinite.item() == ref.nonfinite.item()
-    assert_combined_close(got.grad_mu, ref.grad_mu, ref.k[:D], g_lr[:, :D], g_rp[:, :D], d.dtype)
-    assert_combined_close(got.grad_sigma, ref.grad_sigma, ref.k[D:], g_lr[:, D:], g_rp[:, D:], d.dtype)
+    assert_combined_close(got.grad_mu, ref.grad_mu, ref.k[:D], g_lr[:, :D], g_rp[:, :D], d.dtype,
+                          got.k[:D])
+    assert_combined_close(got.grad_sigma, ref.grad_sigma, ref.k[D:], g_lr[:, D:], g_rp[:, D:],
+                          d.dtype, got.k[D:])
     return got, ref
 
 
@@ -84,7 +86,8 @@ def test_largest_grid_cell(device):
         ref = reference.ivw_combine(g_lr[:, cols], g_rp[:, cols])
         assert_stats_close(got.k[cols], ref.k, "k")
         assert_stats_close(got.var_lr[cols], ref.var_lr, "var_lr")
-        assert_combined_close(g[:, cols], ref.g, ref.k, g_lr[:, cols], g_rp[:, cols], torch.float32)
+        assert_combined_close(g[:, cols], ref.g, ref.k, g_lr[:, cols], g_rp[:, cols], torch.float32,
+                              got.k[cols])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,7 +13,8 @@ from .ops import GaussianTpxResult, IvwResult
 
 
 def batch_variance(x: Tensor) -> Tensor:
-    """Unbiased variance over dim 0 of x [B, C]; +inf in a column with a non-finite entry.
+    """Unbiased variance over dim 0 of x [B, C]; +inf in a column with a non-finite entry
+    (or whose variance overflows float64: "not representable" counts as non-finite).
 
     The data are shifted by their first row before the two-pass formula, so a
     constant column has exactly zero variance. One row: variance 0.
@@ -23,7 +24,7 @@ def batch_variance(x: Tensor) -> Tensor:
     y = y - y[:1]
     B = x.shape[0]
     var = ((y - y.mean(0)) ** 2).sum(0) / (B - 1) if B > 1 else torch.zeros_like(y[0])
-    return torch.where(finite.all(0), var, torch.inf)
+    return torch.where(finite.all(0) & torch.isfinite(var), var, torch.inf)
 
 
 def smoothed_variance(batch_var: Tensor, running: Tensor, momentum: float) -> Tensor:
@@ -61,7 +62,7 @@ def ivw_combine(
     if running_var_lr is not None:
         v_lr = smoothed_variance(var_lr, running_var_lr, momentum)
         v_rp = smoothed_variance(var_rp, running_var_rp, momentum)
-    both_bad = ~torch.isfinite(g_lr).all(0) & ~torch.isfinite(g_rp).all(0)
+    both_bad = torch.isinf(var_lr) & torch.isinf(var_rp)
     if fixed_weight is not None:
         k = torch.full_like(var_lr, fixed_weight)
     else:
