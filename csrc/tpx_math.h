@@ -1,7 +1,7 @@
 // The math of a TPX node's backward that the CPU and CUDA kernels share.
 //
 // Everything here is a plain function usable on host and device, so the CPU
-// tests exercise exactly the code the GPU runs. Spec: shared/TPX.md sec. 1-3.
+// tests exercise exactly the code the GPU runs. Spec: docs/TPX.md sec. 1-3.
 //
 // Vocabulary (see docs/tensor_shapes.md):
 //   B      batch size (independent samples at one node)

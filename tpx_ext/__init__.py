@@ -33,10 +33,18 @@ def cuda_compiled() -> bool:
 
 
 __all__ = [
+    "Estimator",
     "GaussianTpxResult",
     "IvwResult",
+    "MODES",
+    "NodeStats",
+    "StochasticGraph",
+    "baseline_coefficients",
     "cuda_compiled",
     "gaussian_tpx_backward",
     "ivw_combine",
+    "lambda_return_terms",
     "new_running_stats",
+    "returns_to_go",
 ]
+from .estimators import MODES, Estimator, NodeStats, StochasticGraph, baseline_coefficients, lambda_return_terms, returns_to_go  # noqa: E402,E501

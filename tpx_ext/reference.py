@@ -1,7 +1,7 @@
 """Pure-PyTorch float64 reference of the fused ops: the specification in code.
 
 Readable, not fast. Every input is converted to float64 first; the tests
-compare the fused kernels against these functions. Spec: shared/TPX.md sec. 1-2.
+compare the fused kernels against these functions. Spec: docs/TPX.md sec. 1-2.
 """
 
 from typing import Optional

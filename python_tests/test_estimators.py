@@ -1,0 +1,435 @@
+"""The estimator API (tpx_ext.estimators): exactness, unbiasedness, returns, chaos, errors."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICES
+from torch import nn
+
+import tpx_ext
+from tpx_ext.systems import ChaoticRotor, GaussianPolicy, LinearGaussian, policy_gradient
+
+K_ROTOR = 3.0
+LATENT_STD = 0.1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every tensor here is tiny: intra-op threads only add synchronisation, which on a
+    shared 2-core machine makes these tests up to 50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Toy(nn.Module):
+    """A policy and a learnable 'world model' gain: two nodes per step (action, latent)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.policy = GaussianPolicy(2, 8, dtype=dtype)
+        self.gain = nn.Parameter(torch.tensor([0.7], dtype=dtype))
+
+    def transition_mean(self, s, a):
+        return s + K_ROTOR * torch.sin(s) + self.gain * a
+
+
+def toy_noise(H, B, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    s0 = (torch.rand(B, 1, generator=gen, dtype=dtype) * 2 - 1) * math.pi
+    eps_a, eps_z = torch.randn(2, H, B, 1, generator=gen, dtype=dtype)
+    return s0.to(device), eps_a.to(device), eps_z.to(device)
+
+
+def toy_graph_rollout(graph, toy, s0, eps_a, eps_z):
+    """Rollout through the API: action u_t and latent s_{t+1} are both nodes of step t."""
+    s = s0
+    for t in range(eps_a.shape[0]):
+        x = graph.cut(torch.cat([torch.sin(s), torch.cos(s)], 1))
+        mu, sigma = toy.policy(x)
+        baseline = 0.3 * (eps_a.shape[0] - t) * torch.cos(s[:, 0])
+        a = graph.sample_tanh(mu, sigma, t, eps=eps_a[t], name="action", baseline=baseline)
+        m = toy.transition_mean(graph.cut(s), a)
+        s = graph.sample(m, torch.full_like(m, LATENT_STD), t, eps=eps_z[t], name="latent",
+                         baseline=baseline)
+        graph.add_objective(torch.cos(s[:, 0]), step=t)
+
+
+def param_grads(module, run):
+    module.zero_grad()
+    run()
+    return [p.grad.clone() for p in module.parameters()]
+
+
+def assert_all_equal(got, want):
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), (g - w).abs().max()
+
+
+# --------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("device", DEVICES)
+def test_rp_mode_is_plain_autograd_and_mix0_reproduces_it(device):
+    toy = Toy().to(device)
+    noise = toy_noise(6, 16, device)
+
+    def plain():
+        s0, eps_a, eps_z = noise
+        s, J = s0, 0.0
+        for t in range(eps_a.shape[0]):
+            mu, sigma = toy.policy(torch.cat([torch.sin(s), torch.cos(s)], 1))
+            a = torch.tanh(mu + sigma * eps_a[t])
+            m = toy.transition_mean(s, a)
+            s = m + torch.full_like(m, LATENT_STD) * eps_z[t]
+            J = J + torch.cos(s[:, 0])
+        J.mean().backward()
+
+    def api(mode, **kw):
+        graph = tpx_ext.Estimator(mode, **kw).graph()
+        toy_graph_rollout(graph, toy, *noise)
+        graph.backward()
+
+    want = param_grads(toy, plain)
+    assert_all_equal(param_grads(toy, lambda: api("rp")), want)
+    # the TPX node with its weight forced to 0 (total propagation of pure RP)
+    assert_all_equal(param_grads(toy, lambda: api("mix", rho=0.0)), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix1_reproduces_lr(device):
+    """Weight forced to 1 with total propagation: everything that flows back past a node
+    is discarded there, so the parameters get exactly REINFORCE's gradient."""
+    toy = Toy().to(device)
+    noise = toy_noise(6, 16, device)
+
+    def api(mode, **kw):
+        graph = tpx_ext.Estimator(mode, **kw).graph()
+        toy_graph_rollout(graph, toy, *noise)
+        graph.backward()
+
+    lr = param_grads(toy, lambda: api("lr"))
+    assert all(g.abs().sum() > 0 for g in lr)
+    assert_all_equal(param_grads(toy, lambda: api("mix", rho=1.0)), lr)
+
+
+def test_lr_mode_matches_the_reinforce_surrogate():
+    """lr = grad of mean_i sum_t A_t log N(u_t; mu_t, sigma_t) at fixed states, with the
+    pre-tanh u as the node (independent implementation, so close, not bit-equal)."""
+    toy = Toy(torch.float64)
+    s0, eps_a, eps_z = toy_noise(5, 32, "cpu", torch.float64)
+
+    def surrogate():
+        s, logps, rewards, baselines = s0, [], [], []
+        for t in range(eps_a.shape[0]):
+            mu, sigma = toy.policy(torch.cat([torch.sin(s), torch.cos(s)], 1))
+            u = (mu + sigma * eps_a[t]).detach()
+            m = toy.transition_mean(s, torch.tanh(u))
+            z = (m + LATENT_STD * eps_z[t]).detach()
+            normal = lambda x, mean, std: torch.distributions.Normal(mean, std).log_prob(x)[:, 0]  # noqa: E731
+            logps.append(normal(u, mu, sigma) + normal(z, m, torch.full_like(m, LATENT_STD)))
+            baselines.append(0.3 * (eps_a.shape[0] - t) * torch.cos(s[:, 0]))
+            rewards.append(torch.cos(z[:, 0]))
+            s = z
+        G = tpx_ext.returns_to_go(torch.stack(rewards))
+        adv = G - torch.stack(baselines)
+        (adv * torch.stack(logps)).sum(0).mean().backward()
+
+    def api():
+        graph = tpx_ext.Estimator("lr").graph()
+        toy_graph_rollout(graph, toy, s0, eps_a, eps_z)
+        graph.backward()
+
+    for got, want in zip(param_grads(toy, api), param_grads(toy, surrogate)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_event_shapes_and_dtypes(device, dtype):
+    """Nodes of shape [B, 2, 3]: 2D = 12 coordinates, gradients of mu's dtype and shape."""
+    mu = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    mu.requires_grad_(True)
+    log_std = torch.zeros(2, 3, device=device, dtype=dtype, requires_grad=True)
+    graph = tpx_ext.Estimator("tpx").graph(torch.Generator(device).manual_seed(1))
+    x = graph.sample(mu, log_std.exp().expand_as(mu), 0)
+    graph.add_objective((x**2).sum((1, 2)), 0)
+    (stats,) = graph.backward()
+    assert stats.k.shape == (12,) and stats.k.dtype == torch.float64
+    assert bool(((stats.k >= 0) & (stats.k <= 1)).all()) and int(stats.nonfinite) == 0
+    assert mu.grad.shape == mu.shape and mu.grad.dtype == dtype
+    assert log_std.grad.shape == (2, 3) and bool(torch.isfinite(log_std.grad).all())
+
+
+# --------------------------------------------------------------------------- unbiasedness
+LINEAR_H = 3
+
+
+def linear_policy():
+    torch.manual_seed(0)
+    policy = GaussianPolicy(1, hidden=0, log_std=-1.0, dtype=torch.float64)
+    with torch.no_grad():
+        policy.mu.weight.fill_(-0.3)
+        policy.mu.bias.fill_(0.2)
+    return policy
+
+
+@pytest.mark.parametrize(
+    "mode, kw, batch, batches",
+    [("rp", {}, 16, 400), ("lr", {}, 16, 400), ("mix", {"rho": 0.3}, 16, 400),
+     ("tpx", {"momentum": 0.99}, 16, 400), ("tpx", {}, 256, 100), ("tp", {}, 256, 40)],
+)
+def test_unbiased_on_linear_gaussian_system(mode, kw, batch, batches):
+    """Mean of the batch gradients vs the closed-form gradient of E[sum_t -s_{t+1}^2].
+
+    Tolerance: 5 standard errors of the mean, estimated from the batch gradients.
+    For an unbiased estimator the mean is ~normal (CLT), so each of the 3 parameters
+    fails with probability ~6e-7 (the seed is fixed, so the outcome is deterministic).
+
+    tpx and tp estimate k from the batch they weight, which biases them by O(1/B):
+    here 0.072 (10 standard errors of 1600 batches) on the first coordinate (-0.30) at
+    B = 16 and 0.019 at B = 64. So batch-statistics tpx is checked at B = 256, where the
+    bias is ~0.7 standard errors of 100 batches (false failures < 1e-5 per coordinate), and
+    at B = 16 with momentum 0.99, where the current batch has 1% of the weight's say.
+    """
+    system, policy = LinearGaussian(), linear_policy()
+    exact = torch.autograd.grad(system.expected_return(policy, LINEAR_H), list(policy.parameters()))
+    exact = torch.cat([g.reshape(-1) for g in exact])
+    est = tpx_ext.Estimator(mode, **kw)
+    gen = torch.Generator().manual_seed(1)
+    samples = []
+    for _ in range(batches):
+        policy.zero_grad()
+        policy_gradient(est, policy, system, LINEAR_H, batch, gen)
+        samples.append(torch.cat([p.grad.reshape(-1) for p in policy.parameters()]))
+    samples = torch.stack(samples)
+    stderr = samples.std(0) / math.sqrt(batches)
+    z = (samples.mean(0) - exact) / stderr
+    assert bool((z.abs() < 5).all()), f"{mode}: z-scores {z.tolist()} (exact {exact.tolist()})"
+
+
+# --------------------------------------------------------------------------- returns
+def test_returns_to_go_and_baselines_match_tpx_md_section_4():
+    """H = 3, gamma = lambda = 1/2, w = (1, 1, 1), r = (1, 2, 3), v(s_0..s_3) = (0.5, 1, 2, 4).
+
+    V_3 = 4, V_2 = 3 + 4/2 = 5, V_1 = 2 + (2 + 5)/4 = 3.75, V_0 = 1 + (1 + 3.75)/4 = 2.1875,
+    J = V_0 + V_1 + V_2 = 10.9375. c = (1, 1.25, 1.3125).
+    rho = (1 (1 + 1/4), 1.25 (2 + 2/4), 1.3125 (3 + 4/2)) = (1.25, 3.125, 6.5625): sum = J.
+    G = (10.9375, 9.6875, 6.5625).
+    kappa = (0.75 (1 + 1.25) + 1.3125, 0.75 * 1.25 + 1.3125, 1.3125) = (3, 2.25, 1.3125),
+    b = kappa * v(s_t) = (1.5, 2.25, 2.625), A = G - b = (9.4375, 7.4375, 3.9375).
+    """
+    f64 = torch.float64
+    rewards = torch.tensor([[1.0], [2.0], [3.0]], dtype=f64)
+    values = torch.tensor([[0.5], [1.0], [2.0], [4.0]], dtype=f64)
+    w = torch.ones(3, dtype=f64)
+    rho = tpx_ext.lambda_return_terms(rewards, values, 0.5, 0.5, w)
+    assert torch.equal(rho[:, 0], torch.tensor([1.25, 3.125, 6.5625], dtype=f64))
+    kappa = tpx_ext.baseline_coefficients(0.5, 0.5, w)
+    assert torch.equal(kappa, torch.tensor([3.0, 2.25, 1.3125], dtype=f64))
+    assert torch.equal(tpx_ext.returns_to_go(rho)[:, 0], torch.tensor([10.9375, 9.6875, 6.5625], dtype=f64))
+
+    # Through the graph: action a_t and latent z_{t+1} of step t both get G_t - b_t.
+    graph = tpx_ext.Estimator("tpx").graph()
+    mu = torch.zeros(1, 2, dtype=f64, requires_grad=True)
+    for t in range(3):
+        b = kappa[t] * values[t]
+        graph.sample(mu, mu.exp(), t, name="action", baseline=b)
+        graph.sample(mu, mu.exp(), t, name="latent", baseline=b)
+        graph.add_objective(rho[t], step=t)
+    adv = [s.adv.item() for s in graph.backward()]
+    assert adv == [9.4375, 9.4375, 7.4375, 7.4375, 3.9375, 3.9375]
+
+
+def test_start_state_weights_and_constant_values_give_zero_advantage():
+    """w = (1, 0, 0) (objective V_0) and every value and return equal to v: b_t = G_t."""
+    gamma, lam, v = 0.9, 0.8, 2.0
+    w = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    rewards = torch.full((3, 1), (1 - gamma) * v, dtype=torch.float64)  # so that V_t = v
+    rho = tpx_ext.lambda_return_terms(rewards, torch.full((4, 1), v, dtype=torch.float64), gamma, lam, w)
+    assert rho.sum().item() == pytest.approx(v)  # J = V_0
+    G = tpx_ext.returns_to_go(rho)[:, 0]
+    torch.testing.assert_close(G, tpx_ext.baseline_coefficients(gamma, lam, w) * v)
+
+
+def test_objective_steps_without_nodes_are_credited_by_index():
+    """Terms of steps before a node are not credited to it; terms after the last node are."""
+    graph = tpx_ext.Estimator("tpx").graph()
+    mu = torch.zeros(2, 1, requires_grad=True)
+    graph.sample(mu, mu.exp(), step=1)
+    graph.sample(mu, mu.exp(), step=3)
+    graph.add_objective(torch.tensor([1.0, 2.0]), step=0)
+    graph.add_objective(torch.tensor([10.0, 20.0]), step=2)
+    graph.add_objective(torch.tensor([100.0, 200.0]), step=5)
+    graph.add_objective(torch.tensor([1000.0, 2000.0]), step=5)
+    s1, s3 = graph.backward()
+    assert s1.adv.tolist() == [1110.0, 2220.0] and s3.adv.tolist() == [1100.0, 2200.0]
+
+
+# --------------------------------------------------------------------------- weights
+def test_tp_weight_is_the_trace_of_per_sample_parameter_gradient_covariances():
+    """tp's scalar k against per-sample parameter gradients formed one sample at a time."""
+    torch.manual_seed(3)
+    policy = GaussianPolicy(2, 5, dtype=torch.float64)
+    B = 6
+    s = torch.randn(B, 2, dtype=torch.float64)
+    eps = torch.randn(B, 1, dtype=torch.float64)
+    graph = tpx_ext.Estimator("tp").graph()
+    mu, sigma = policy(s)
+    x = graph.sample(mu, sigma, 0, eps=eps, source=(policy, s))
+    graph.add_objective(torch.sin(3 * x[:, 0]), step=0)
+    (stats,) = graph.backward()
+
+    adv = torch.sin(3 * (mu + sigma * eps)[:, 0]).detach()
+    d = 3 * torch.cos(3 * (mu + sigma * eps)).detach()
+    per_lr, per_rp = [], []
+    for i in range(B):
+        mu_i, sigma_i = policy(s[i : i + 1])
+        for cot_mu, cot_sigma, out in (
+            (adv[i] * eps[i] / sigma_i.detach(), adv[i] * (eps[i] ** 2 - 1) / sigma_i.detach(), per_lr),
+            (d[i], d[i] * eps[i], per_rp),
+        ):
+            projected = (cot_mu * mu_i + cot_sigma * sigma_i).sum()
+            grads = torch.autograd.grad(projected, list(policy.parameters()), retain_graph=True)
+            out.append(torch.cat([g.reshape(-1) for g in grads]) / B)
+    v_lr = torch.stack(per_lr).var(0).sum()
+    v_rp = torch.stack(per_rp).var(0).sum()
+    torch.testing.assert_close(stats.var_lr, v_lr.reshape(1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(stats.var_rp, v_rp.reshape(1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(stats.k, (v_rp / (v_lr + v_rp)).reshape(1), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tpx_momentum_keeps_running_variances_per_node(device):
+    est = tpx_ext.Estimator("tpx", momentum=0.5)
+    policy = GaussianPolicy(2, 4).to(device)
+    system, gen = ChaoticRotor(), torch.Generator(device).manual_seed(0)
+    first = [s.var_lr.clone() for s in policy_gradient(est, policy, system, 3, 8, gen)]
+    (run_lr, run_rp) = est.running_stats[("node0", 2)]
+    assert torch.equal(run_lr, first[2])  # the first batch replaces the NaN "no data"
+    second = policy_gradient(est, policy, system, 3, 8, gen)
+    assert sorted(est.running_stats) == [("node0", 0), ("node0", 1), ("node0", 2)]
+    torch.testing.assert_close(run_lr, 0.5 * first[2] + 0.5 * second[2].var_lr)
+    torch.testing.assert_close(second[2].k, run_rp / (run_lr + run_rp))
+
+
+# --------------------------------------------------------------------------- chaos
+CHAOS_HORIZONS = (5, 20, 50)
+CHAOS_MARGIN = 2.0
+
+
+def gradient_variance(mode, horizon, reps=40, batch=32):
+    """Trace of the covariance of the policy gradient over `reps` independent batches
+    (one fixed policy, the same noise for every mode)."""
+    torch.manual_seed(0)
+    policy = GaussianPolicy(2, 16)
+    est, gen = tpx_ext.Estimator(mode), torch.Generator().manual_seed(horizon)
+    grads = []
+    for _ in range(reps):
+        policy.zero_grad()
+        policy_gradient(est, policy, ChaoticRotor(K_ROTOR), horizon, batch, gen)
+        grads.append(torch.cat([p.grad.reshape(-1) for p in policy.parameters()]).double())
+    grads = torch.stack(grads)
+    assert bool(torch.isfinite(grads).all()) or mode == "rp", f"{mode} at H={horizon}: non-finite"
+    return grads.var(0).sum().item()
+
+
+def test_tpx_survives_chaos():
+    """RP variance explodes with the horizon, LR's does not; tpx's variance stays within
+    CHAOS_MARGIN of the better of the two at every horizon (40 batches: the variance
+    estimates are good to ~25%, so a correct tpx passes with a wide margin)."""
+    var = {m: [gradient_variance(m, H) for H in CHAOS_HORIZONS] for m in ("rp", "lr", "tpx")}
+    assert var["rp"][-1] > 1e6 * var["rp"][0], var  # the system is chaotic
+    for i, H in enumerate(CHAOS_HORIZONS):
+        best = min(var["rp"][i], var["lr"][i])
+        assert var["tpx"][i] <= CHAOS_MARGIN * best, f"H={H}: {var}"
+
+
+# --------------------------------------------------------------------------- errors
+def test_unknown_mode_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="rp, lr, mix, tp, tpx"):
+        tpx_ext.Estimator("pathwise")
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"mode": "mix"}, "rho is required"), ({"mode": "tpx", "rho": 0.5}, "rho is required"),
+     ({"mode": "mix", "rho": 1.5}, r"\[0, 1\]"), ({"mode": "rp", "momentum": 0.9}, "momentum"),
+     ({"mode": "tpx", "momentum": 1.0}, "momentum")],
+)
+def test_estimator_options_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tpx_ext.Estimator(**kw)
+
+
+def _graph(mode="tpx"):
+    return tpx_ext.Estimator(mode).graph()
+
+
+MU = torch.zeros(4, 2, requires_grad=True)
+
+
+def _node(graph, step=0, **kw):
+    return graph.sample(MU, MU.exp(), step, **kw)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda g: g.sample(MU, torch.ones(4, 1), 0), "same shape"),
+        (lambda g: g.sample(MU, torch.ones(4, 2, dtype=torch.float64), 0), "dtype"),
+        (lambda g: _node(g, baseline=torch.zeros(4, 1)), r"baseline must have shape \(4,\)"),
+        (lambda g: _node(g, step=-1), "step"),
+        (lambda g: _node(g, eps=torch.zeros(4)), "eps"),
+        (lambda g: [_node(g, name="a"), _node(g, name="a")], "already exists"),
+        (lambda g: [_node(g), g.add_objective(torch.zeros(3), 0)], "batch size 3"),
+        (lambda g: g.add_objective(torch.zeros(4, 1), 0), r"\[B\] tensor"),
+        (lambda g: g.backward(), "no nodes"),
+        (lambda g: [_node(g), g.backward()], "no objective"),
+        (lambda g: [_node(g), g.backward(extra=torch.zeros(2))], "scalar"),
+        (lambda g: _node(_graph("tp")), "source"),
+    ],
+)
+def test_invalid_graph_inputs_raise(build, match):
+    with pytest.raises(ValueError, match=match):
+        build(_graph())
+
+
+def test_backward_runs_once_and_closes_the_graph():
+    graph = _graph()
+    x = graph.sample(MU, MU.exp(), 0)
+    graph.add_objective(x.sum(1), 0)
+    graph.backward()
+    with pytest.raises(RuntimeError, match="already ran"):
+        graph.backward()
+    with pytest.raises(RuntimeError, match="already ran"):
+        graph.sample(MU, MU.exp(), 1)
+
+
+def test_loss_backward_without_the_graph_is_refused():
+    graph = _graph()
+    x = graph.sample(MU, MU.exp(), 0)
+    with pytest.raises(RuntimeError, match="StochasticGraph.backward"):
+        x.sum().backward()
+
+
+def test_extra_terms_take_plain_autograd():
+    """An entropy-like extra term reaches (mu, sigma) directly, outside the weighting."""
+    mu = torch.zeros(8, 1, requires_grad=True)
+    log_std = torch.zeros(8, 1, requires_grad=True)
+    graph = tpx_ext.Estimator("tpx").graph(torch.Generator().manual_seed(0))
+    graph.sample(mu, log_std.exp(), 0)
+    graph.add_objective(torch.zeros(8), 0)  # zero objective: the node contributes d = 0, A = 0
+    graph.backward(extra=log_std.sum())
+    assert torch.equal(log_std.grad, torch.ones_like(log_std)) and torch.equal(mu.grad, torch.zeros_like(mu))
+
+
+# --------------------------------------------------------------------------- docs
+def test_api_md_example_runs():
+    text = (Path(__file__).parents[1] / "docs" / "API.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/API.md has no python example"
+    exec(compile(blocks[0], "docs/API.md", "exec"), {"__name__": "api_md_example"})

@@ -1,0 +1,60 @@
+"""Returns-to-go and Dreamer's per-step objective terms (TPX.md sec. 4).
+
+Index convention: `terms[k]` is the objective term rho_k of step k, and a node
+at step t is credited with every term of a step k >= t:
+G_t = sum_{k>=t} rho_k. In Dreamer the action a_t and the latent z_{t+1}
+(drawn from the prior at imagination step t) are both nodes of step t.
+"""
+
+import torch
+from torch import Tensor
+
+
+def returns_to_go(terms: Tensor) -> Tensor:
+    """G[t] = sum_{k>=t} terms[k] for terms [H, ...] (reverse cumulative sum over dim 0)."""
+    return terms.flip(0).cumsum(0).flip(0)
+
+
+def step_credit(weights: Tensor, gamma: float, lam: float) -> Tensor:
+    """c_k = sum_{t<=k} w_t (gamma lambda)^(k-t): how much of step k's lambda-return
+    terms the objective J = sum_t w_t V_t contains. weights [H] -> c [H]."""
+    c = torch.empty_like(weights)
+    acc = weights.new_zeros(())
+    for k in range(weights.shape[0]):
+        acc = acc * (gamma * lam) + weights[k]
+        c[k] = acc
+    return c
+
+
+def lambda_return_terms(
+    rewards: Tensor, values: Tensor, gamma: float, lam: float, weights: Tensor
+) -> Tensor:
+    """Per-step terms rho [H, B] with sum_k rho_k = sum_t w_t V_t (lambda-returns V_t).
+
+    rewards [H, B]: r_t = r(s_{t+1}); values [H+1, B]: v(s_0) .. v(s_H);
+    weights [H]: w_t (ones, gamma^t, or (1, 0, ...) for the start-state objective V_0).
+    rho_k depends on the nodes of steps <= k only, so it is credited correctly.
+    """
+    H = rewards.shape[0]
+    if values.shape[0] != H + 1 or weights.shape != (H,):
+        raise ValueError(
+            f"lambda_return_terms: rewards {tuple(rewards.shape)} needs values of H+1 = {H + 1} "
+            f"rows and weights of shape ({H},); got values {tuple(values.shape)}, "
+            f"weights {tuple(weights.shape)}"
+        )
+    c = step_credit(weights.to(rewards.dtype), gamma, lam)
+    bootstrap = torch.cat([gamma * (1 - lam) * values[1:H], gamma * values[H:]])
+    return c.view(H, *([1] * (rewards.dim() - 1))) * (rewards + bootstrap)
+
+
+def baseline_coefficients(gamma: float, lam: float, weights: Tensor) -> Tensor:
+    """kappa [H] with b_t = kappa_t v(s_t) (TPX.md sec. 4):
+    kappa_t = (1 - gamma lambda) sum_{k=t}^{H-2} c_k + c_{H-1}.
+
+    With these, b_t = G_t exactly when every value and lambda-return equals v(s_t).
+    """
+    c = step_credit(weights, gamma, lam)
+    inner = returns_to_go(c[:-1]) if c.shape[0] > 1 else c[:0]
+    kappa = torch.full_like(c, 0.0)
+    kappa[:-1] = (1 - gamma * lam) * inner
+    return kappa + c[-1]
