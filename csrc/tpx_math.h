@@ -37,10 +37,24 @@ TPX_HD bool is_finite(double x) { return (x - x) == 0.0; }
 // Pure arithmetic so that loops over columns vectorise: a non-finite value
 // makes mean/m2 non-finite for good (inf - inf = NaN propagates), which is
 // how a bad stream is recognised afterwards (moments_bad).
+// m2 uses delta^2 (n-1)/n (= delta * (x - new mean)), so only the mean is on
+// the loop-carried dependency chain; delta * (delta * w), not delta^2 * w, so
+// that w = 0 (first sample) never meets an infinite delta^2 (|x| > 1.3e154).
 TPX_HD void welford_add(double x, double inv_n, double& mean, double& m2) {
   const double delta = x - mean;
   mean += delta * inv_n;
-  m2 += delta * (x - mean);
+  m2 += delta * (delta * (1.0 - inv_n));
+}
+
+// Two values at once, the (n+1)-th and (n+2)-th of a stream that holds n:
+// they are paired first, then Chan-merged in (w_mean = 2 / (n + 2),
+// w_m2 = 2n / (n + 2)). Half the dependency chain of two welford_add calls.
+TPX_HD void welford_add_pair(double x1, double x2, double w_mean, double w_m2, double& mean,
+                             double& m2) {
+  const double d12 = x1 - x2;
+  const double delta = 0.5 * (x1 + x2) - mean;
+  mean += delta * w_mean;
+  m2 += 0.5 * d12 * d12 + delta * (delta * w_m2);
 }
 
 // Chan et al. merge of stream b (n_b samples) into stream a (n_a samples).
@@ -50,7 +64,9 @@ TPX_HD void chan_merge(double n_a, double& mean_a, double& m2_a, double n_b, dou
   const double n = n_a + n_b;
   const double delta = mean_b - mean_a;
   mean_a += delta * (n_b / n);
-  m2_a += m2_b + delta * delta * (n_a * n_b / n);
+  // delta * (delta * w), not delta * delta * w: merging into an empty stream
+  // (w = 0) must not turn a mean beyond sqrt(DBL_MAX) into inf * 0 = NaN.
+  m2_a += m2_b + delta * (delta * (n_a * n_b / n));
 }
 
 // A stream is bad when it saw a non-finite sample, or when its moments

@@ -176,18 +176,23 @@ struct Moments {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TPX_MULTIVERSION 1
 #define TPX_HOT inline __attribute__((always_inline))
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+const bool kHaveAvx2 = [] {
+  __builtin_cpu_init();  // static initialisers may run before libgcc's
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}();
 #else
 #define TPX_MULTIVERSION 0
 #define TPX_HOT inline
 #endif
 
-// Pass 1's hot loop over one block of L lanes. Every accumulator array has
-// its own __restrict__ pointer (group g's arrays start at g * L), so the
-// compiler vectorises without aliasing checks.
-template <bool Check, typename Source>
+// Pass 1's hot loop over R consecutive blocks of L lanes (R = 2: both blocks'
+// values are paired and merged in one step, welford_add_pair). Every
+// accumulator array has its own __restrict__ pointer (group g's arrays start
+// at g * L), so the compiler vectorises without aliasing checks. row_val
+// holds R * L per-lane row values; n is the count before these blocks.
+template <bool Check, int R, typename Source>
 TPX_HOT void accumulate_block_body(const Source& src, int64_t e0, int64_t L,
-                                   const double* __restrict__ row_val, double inv_n,
+                                   const double* __restrict__ row_val, double n,
                                    double* __restrict__ ml0, double* __restrict__ vl0,
                                    double* __restrict__ mr0, double* __restrict__ vr0,
                                    double* __restrict__ ml1, double* __restrict__ vl1,
@@ -195,46 +200,64 @@ TPX_HOT void accumulate_block_body(const Source& src, int64_t e0, int64_t L,
                                    double* __restrict__ invalid) {
   constexpr int G = Source::G;
   static_assert(G == 1 || G == 2, "sources have one or two groups");
+  static_assert(R == 1 || R == 2, "one or two blocks at a time");
+  const double inv_n = 1.0 / (n + 1.0);                        // R = 1
+  const double w_mean = 2.0 / (n + 2.0), w_m2 = n * w_mean;  // R = 2
   for (int64_t l = 0; l < L; ++l) {
-    double lr[G], rp[G];
-    src.read(e0 + l, row_val[l], lr, rp);
-    welford_add(lr[0], inv_n, ml0[l], vl0[l]);
-    welford_add(rp[0], inv_n, mr0[l], vr0[l]);
-    if constexpr (G == 2) {
-      welford_add(lr[1], inv_n, ml1[l], vl1[l]);
-      welford_add(rp[1], inv_n, mr1[l], vr1[l]);
+    double lr[R][G], rp[R][G];
+    for (int r = 0; r < R; ++r) src.read(e0 + r * L + l, row_val[r * L + l], lr[r], rp[r]);
+    if constexpr (R == 1) {
+      welford_add(lr[0][0], inv_n, ml0[l], vl0[l]);
+      welford_add(rp[0][0], inv_n, mr0[l], vr0[l]);
+      if constexpr (G == 2) {
+        welford_add(lr[0][1], inv_n, ml1[l], vl1[l]);
+        welford_add(rp[0][1], inv_n, mr1[l], vr1[l]);
+      }
+    } else {
+      welford_add_pair(lr[0][0], lr[1][0], w_mean, w_m2, ml0[l], vl0[l]);
+      welford_add_pair(rp[0][0], rp[1][0], w_mean, w_m2, mr0[l], vr0[l]);
+      if constexpr (G == 2) {
+        welford_add_pair(lr[0][1], lr[1][1], w_mean, w_m2, ml1[l], vl1[l]);
+        welford_add_pair(rp[0][1], rp[1][1], w_mean, w_m2, mr1[l], vr1[l]);
+      }
     }
-    if (Check) invalid[l] += src.valid(e0 + l) ? 0.0 : 1.0;
+    if (Check) {
+      double bad = 0.0;
+      for (int r = 0; r < R; ++r) bad += src.valid(e0 + r * L + l) ? 0.0 : 1.0;
+      invalid[l] += bad;
+    }
   }
 }
 
 #if TPX_MULTIVERSION
-template <bool Check, typename Source>
+template <bool Check, int R, typename Source>
 __attribute__((target("avx2,fma"))) void accumulate_block_avx2(
-    const Source& src, int64_t e0, int64_t L, const double* __restrict__ row_val, double inv_n,
+    const Source& src, int64_t e0, int64_t L, const double* __restrict__ row_val, double n,
     double* __restrict__ ml0, double* __restrict__ vl0, double* __restrict__ mr0,
     double* __restrict__ vr0, double* __restrict__ ml1, double* __restrict__ vl1,
     double* __restrict__ mr1, double* __restrict__ vr1, double* __restrict__ invalid) {
-  accumulate_block_body<Check>(src, e0, L, row_val, inv_n, ml0, vl0, mr0, vr0, ml1, vl1, mr1, vr1,
-                               invalid);
+  accumulate_block_body<Check, R>(src, e0, L, row_val, n, ml0, vl0, mr0, vr0, ml1, vl1, mr1, vr1,
+                                  invalid);
 }
 #endif
 
-template <bool Check, typename Source>
-void accumulate_block(const Source& src, int64_t e0, int64_t L, const double* row_val,
-                      double inv_n, Moments& lanes, double* invalid) {
+// Adds blocks b (and b + 1 when R = 2) of L lanes, flat indices from e0 on.
+template <bool Check, int R, typename Source>
+void accumulate_block(const Source& src, int64_t e0, int64_t L, const double* row_val, int64_t b,
+                      Moments& lanes, double* invalid) {
   const int64_t g1 = Source::G == 2 ? L : 0;  // offset of group 1's lanes
+  const double n = static_cast<double>(b);
   double* ml = lanes.mean_lr.data();
   double* vl = lanes.m2_lr.data();
   double* mr = lanes.mean_rp.data();
   double* vr = lanes.m2_rp.data();
 #if TPX_MULTIVERSION
   if (kHaveAvx2)
-    return accumulate_block_avx2<Check>(src, e0, L, row_val, inv_n, ml, vl, mr, vr, ml + g1,
-                                        vl + g1, mr + g1, vr + g1, invalid);
+    return accumulate_block_avx2<Check, R>(src, e0, L, row_val, n, ml, vl, mr, vr, ml + g1,
+                                           vl + g1, mr + g1, vr + g1, invalid);
 #endif
-  accumulate_block_body<Check>(src, e0, L, row_val, inv_n, ml, vl, mr, vr, ml + g1, vl + g1,
-                               mr + g1, vr + g1, invalid);
+  accumulate_block_body<Check, R>(src, e0, L, row_val, n, ml, vl, mr, vr, ml + g1, vl + g1,
+                                  mr + g1, vr + g1, invalid);
 }
 
 // Moments of `blocks` blocks of V rows from row r0 on; false if an input was
@@ -245,12 +268,14 @@ bool block_moments(const Source& src, int64_t C, int64_t r0, int64_t blocks, int
   constexpr int G = Source::G;
   const int64_t L = V * C;
   Moments lanes(G * L);
-  std::vector<double> row_val(L), invalid(L, 0.0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t row0 = r0 + b * V;
-    for (int64_t v = 0; v < V; ++v) std::fill_n(row_val.data() + v * C, C, src.row_value(row0 + v));
-    accumulate_block<Check>(src, row0 * C, L, row_val.data(), 1.0 / static_cast<double>(b + 1),
-                            lanes, invalid.data());
+  std::vector<double> row_val(2 * L), invalid(L, 0.0);
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const int64_t row0 = r0 + b * V, rows = std::min<int64_t>(2, blocks - b) * V;
+    for (int64_t v = 0; v < rows; ++v) std::fill_n(row_val.data() + v * C, C, src.row_value(row0 + v));
+    if (b + 1 < blocks)
+      accumulate_block<Check, 2>(src, row0 * C, L, row_val.data(), b, lanes, invalid.data());
+    else
+      accumulate_block<Check, 1>(src, row0 * C, L, row_val.data(), b, lanes, invalid.data());
   }
   // Fold the V lanes of each column (each saw `blocks` samples).
   out = Moments(G * C);

@@ -1,6 +1,7 @@
 // A minimal check macro for the C++ tests (no test framework): on failure it
 // prints file:line, the failed condition and an optional printf-style note,
 // and exits with status 1. (Named TEST_CHECK*: c10 already defines CHECK.)
+
 #pragma once
 
 #include <cmath>

@@ -17,6 +17,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "check.h"
@@ -72,17 +73,24 @@ struct Reference {
   int64_t nonfinite = 0;
 };
 
+// Two-pass, on the data shifted by their first row (as tpx_ext.reference
+// does), so that a constant column has variance exactly 0 whatever its
+// magnitude. +inf for a column with a non-finite entry, and for one whose
+// variance is not representable in double (finite float64 inputs whose
+// spread is beyond ~1e154).
 double column_variance(const std::vector<double>& x, int64_t B, int64_t C, int64_t j) {
+  const double x0 = x[j];
   double sum = 0.0;
   for (int64_t i = 0; i < B; ++i) {
     if (!std::isfinite(x[i * C + j])) return kInf;
-    sum += x[i * C + j];
+    sum += x[i * C + j] - x0;
   }
   if (B < 2) return 0.0;
   const double mean = sum / static_cast<double>(B);
   double q = 0.0;
-  for (int64_t i = 0; i < B; ++i) q += (x[i * C + j] - mean) * (x[i * C + j] - mean);
-  return q / static_cast<double>(B - 1);
+  for (int64_t i = 0; i < B; ++i) q += (x[i * C + j] - x0 - mean) * (x[i * C + j] - x0 - mean);
+  const double var = q / static_cast<double>(B - 1);
+  return std::isfinite(var) ? var : kInf;
 }
 
 // lr, rp: [B, C] per-sample gradients. running: per-column EMA (NaN: no data
@@ -130,6 +138,24 @@ Reference reference(const std::vector<double>& lr, const std::vector<double>& rp
     }
   }
   return r;
+}
+
+// Per-sample gradients of x = mu + sigma * eps (TPX.md sec. 1), as [B, 2D]
+// (columns mu_0..mu_D, then sigma_0..sigma_D).
+void gaussian_grads(const std::vector<double>& d, const std::vector<double>& eps,
+                    const std::vector<double>& sigma, const std::vector<double>& adv, int64_t B,
+                    int64_t D, std::vector<double>* lr, std::vector<double>* rp) {
+  lr->assign(B * 2 * D, 0.0);
+  rp->assign(B * 2 * D, 0.0);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t j = 0; j < D; ++j) {
+      const double dv = d[i * D + j], e = eps[i * D + j], s = sigma[i * D + j];
+      (*lr)[i * 2 * D + j] = adv[i] * e / s;
+      (*lr)[i * 2 * D + D + j] = adv[i] * (e * e - 1.0) / s;
+      (*rp)[i * 2 * D + j] = dv;
+      (*rp)[i * 2 * D + D + j] = dv * e;
+    }
+  }
 }
 
 // ---- Tensor helpers -------------------------------------------------------------
@@ -341,16 +367,8 @@ void case_gaussian(const at::Device& dev) {
   for (auto& v : eps) v = normal(rng);
   for (auto& v : sigma) v = uniform(rng);
   for (auto& v : adv) v = 3.0 * normal(rng);
-  std::vector<double> lr(B * 2 * D), rp(B * 2 * D);
-  for (int64_t i = 0; i < B; ++i) {
-    for (int64_t j = 0; j < D; ++j) {
-      const double dv = d[i * D + j], e = eps[i * D + j], s = sigma[i * D + j];
-      lr[i * 2 * D + j] = adv[i] * e / s;
-      lr[i * 2 * D + D + j] = adv[i] * (e * e - 1.0) / s;
-      rp[i * 2 * D + j] = dv;
-      rp[i * 2 * D + D + j] = dv * e;
-    }
-  }
+  std::vector<double> lr, rp;
+  gaussian_grads(d, eps, sigma, adv, B, D, &lr, &rp);
   std::vector<double> run_lr(2 * D, kNaN), run_rp(2 * D, kNaN);
   const Reference ref = reference(lr, rp, B, 2 * D, &run_lr, &run_rp, 0.5, -1.0);
   const auto opt = at::TensorOptions(at::kDouble).device(dev);
@@ -366,17 +384,193 @@ void case_gaussian(const at::Device& dev) {
   const std::vector<double> got_run = values(t_run_lr);
   for (int64_t q = 0; q < 2 * D; ++q) TEST_CHECK_NEAR(got_run[q], run_lr[q], 1e-12);
 
-  // An invalid sigma is an error naming sigma (with check_sigma).
-  sigma[7] = 0.0;
-  bool threw = false;
-  try {
-    gaussian_tpx_backward(make(d, {B, D}, at::kDouble, dev), make(eps, {B, D}, at::kDouble, dev),
-                          make(sigma, {B, D}, at::kDouble, dev), make(adv, {B}, at::kDouble, dev),
-                          std::nullopt, std::nullopt, 0.5, std::nullopt, true);
-  } catch (const c10::Error& e) {
-    threw = std::string(e.what_without_backtrace()).find("sigma") != std::string::npos;
+  // An invalid sigma (<= 0, inf or NaN) is an error naming sigma with
+  // check_sigma, wherever it is (first element, inside a block, last element,
+  // which for the CPU kernel is in a leftover row when B is not a multiple of
+  // its block); the running statistics are then left untouched. Without
+  // check_sigma the op runs.
+  for (double bad_sigma : {0.0, -1.0, kInf, -kInf, kNaN}) {
+    for (int64_t pos : {int64_t{0}, int64_t{7}, B * D - 1}) {
+      std::vector<double> s = sigma;
+      s[pos] = bad_sigma;
+      const at::Tensor r_lr = at::full({2 * D}, 3.0, opt), r_rp = at::full({2 * D}, 4.0, opt);
+      bool threw = false;
+      try {
+        gaussian_tpx_backward(make(d, {B, D}, at::kDouble, dev), make(eps, {B, D}, at::kDouble, dev),
+                              make(s, {B, D}, at::kDouble, dev), make(adv, {B}, at::kDouble, dev),
+                              r_lr, r_rp, 0.5, std::nullopt, true);
+      } catch (const c10::Error& e) {
+        threw = std::string(e.what_without_backtrace()).find("sigma") != std::string::npos;
+      }
+      TEST_CHECK(threw, "gaussian_tpx_backward with sigma = %g at %lld must throw a c10::Error naming sigma",
+                 bad_sigma, (long long)pos);
+      for (double v : values(r_lr)) TEST_CHECK(v == 3.0, "running_var_lr changed (sigma = %g)", bad_sigma);
+      for (double v : values(r_rp)) TEST_CHECK(v == 4.0, "running_var_rp changed (sigma = %g)", bad_sigma);
+      const auto unchecked = gaussian_tpx_backward(
+          make(d, {B, D}, at::kDouble, dev), make(eps, {B, D}, at::kDouble, dev),
+          make(s, {B, D}, at::kDouble, dev), make(adv, {B}, at::kDouble, dev), std::nullopt,
+          std::nullopt, 0.5, std::nullopt, false);
+      TEST_CHECK(std::get<0>(unchecked).sizes() == at::IntArrayRef({B, D}));
+    }
   }
-  TEST_CHECK(threw, "gaussian_tpx_backward with sigma = 0 must throw a c10::Error naming sigma");
+}
+
+// The CPU kernel reads V = max(1, 64 / C) rows at a time as flat lanes, then
+// the leftover rows, and splits large batches (B * C >= 8192) into one chunk
+// per thread: shapes around those boundaries (B < V, B = V, B = V + 1, one
+// row, C = 64 / 65 / 100, chunks that are not a multiple of V), both ops, in
+// float32 and float64.
+void case_shapes(const at::Device& dev) {
+  const std::pair<int64_t, int64_t> shapes[] = {
+      {1, 1},  {1, 5},   {2, 1},   {63, 1},  {64, 1},   {65, 1},   {130, 1},  {200, 3},
+      {7, 21}, {50, 64}, {33, 65}, {20, 100}, {3, 300}, {20000, 1}, {3001, 3}, {170, 97}};
+  const int threads = at::get_num_threads();
+  at::set_num_threads(4);
+  int cases = 0;
+  for (const auto& [B, C] : shapes) {
+    std::mt19937_64 rng(100 + B * 7 + C);
+    for (at::ScalarType dtype : {at::kFloat, at::kDouble}) {
+      const std::string what = "shape [" + std::to_string(B) + ", " + std::to_string(C) + "] " +
+                               c10::toString(dtype) + " " + dev.str();
+      // ivw_combine, with running statistics.
+      std::vector<double> lr, rp;
+      fill(lr, B, C, rng, 1.0);
+      fill(rp, B, C, rng, 0.8);
+      const at::Tensor t_lr = make(lr, {B, C}, dtype, dev), t_rp = make(rp, {B, C}, dtype, dev);
+      const std::vector<double> lr_r = values(t_lr), rp_r = values(t_rp);
+      std::vector<double> ref_run_lr(C, 1.0), ref_run_rp(C, kNaN);
+      const Reference ref = reference(lr_r, rp_r, B, C, &ref_run_lr, &ref_run_rp, 0.9, -1.0);
+      const auto opt = at::TensorOptions(at::kDouble).device(dev);
+      const at::Tensor run_lr = at::full({C}, 1.0, opt), run_rp = at::full({C}, kNaN, opt);
+      const auto [g, k, var_lr, var_rp, nonfinite] =
+          ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.9, std::nullopt);
+      compare(("ivw " + what).c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, dtype);
+      const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
+      for (int64_t j = 0; j < C; ++j) {
+        TEST_CHECK_NEAR(got_lr[j], ref_run_lr[j], 1e-10, "%s: running_var_lr[%lld]", what.c_str(),
+                        (long long)j);
+        TEST_CHECK_NEAR(got_rp[j], ref_run_rp[j], 1e-10, "%s: running_var_rp[%lld]", what.c_str(),
+                        (long long)j);
+      }
+
+      // gaussian_tpx_backward: the advantage is per row, so a wrong row in a
+      // block shows up in the LR gradients.
+      std::normal_distribution<double> normal;
+      std::uniform_real_distribution<double> uniform(0.3, 2.0);
+      std::vector<double> d(B * C), eps(B * C), sigma(B * C), adv(B);
+      for (auto& v : d) v = normal(rng);
+      for (auto& v : eps) v = normal(rng);
+      for (auto& v : sigma) v = uniform(rng);
+      for (int64_t i = 0; i < B; ++i) adv[i] = 0.5 + i % 7 + normal(rng);
+      const at::Tensor t_d = make(d, {B, C}, dtype, dev), t_eps = make(eps, {B, C}, dtype, dev),
+                       t_sigma = make(sigma, {B, C}, dtype, dev),
+                       t_adv = make(adv, {B}, at::kDouble, dev);
+      std::vector<double> glr, grp;
+      gaussian_grads(values(t_d), values(t_eps), values(t_sigma), adv, B, C, &glr, &grp);
+      const Reference gref = reference(glr, grp, B, 2 * C, nullptr, nullptr, 0.0, -1.0);
+      const auto [gmu, gsig, gk, gvar_lr, gvar_rp, gnonfinite] = gaussian_tpx_backward(
+          t_d, t_eps, t_sigma, t_adv, std::nullopt, std::nullopt, 0.0, std::nullopt, true);
+      TEST_CHECK(gmu.scalar_type() == dtype && gsig.scalar_type() == dtype, "%s", what.c_str());
+      compare(("gaussian " + what).c_str(), at::cat({gmu, gsig}, 1), gk, gvar_lr, gvar_rp,
+              gnonfinite, gref, glr, grp, 2 * C, dtype);
+      ++cases;
+    }
+  }
+  at::set_num_threads(threads);
+  (void)cases;
+}
+
+// Finite float64 inputs whose moments overflow double (+-1e308 alternating,
+// same-sign values near DBL_MAX) are treated like non-finite ones: variance
+// +inf, all weight on the other estimator, the running value kept; both
+// overflowing zeroes the coordinate and counts in nonfinite.
+void case_overflow(const at::Device& dev) {
+  const int64_t B = 37, C = 6;  // odd B: leftover rows in the CPU kernel's blocks
+  std::mt19937_64 rng(6);
+  std::normal_distribution<double> normal;
+  std::uniform_real_distribution<double> near_max(1.0e308, 1.7e308);
+  std::vector<double> lr, rp;
+  fill(lr, B, C, rng, 1.0);
+  fill(rp, B, C, rng, 2.0);
+  for (int64_t i = 0; i < B; ++i) {
+    const double alt = i % 2 == 0 ? 1e308 : -1e308;
+    lr[i * C + 0] = alt;                 // col 0: LR overflows -> k = 0, g = g_rp
+    rp[i * C + 1] = -alt;                // col 1: RP overflows -> k = 1, g = g_lr
+    lr[i * C + 2] = rp[i * C + 2] = alt;  // col 2: both -> k NaN, g = 0, nonfinite
+    lr[i * C + 3] = near_max(rng);       // col 3: same-sign spread overflows -> k = 0
+    lr[i * C + 4] = 1e150 * normal(rng);  // col 4: variance ~1e300, representable
+  }
+  const at::Tensor t_lr = make(lr, {B, C}, at::kDouble, dev);
+  const at::Tensor t_rp = make(rp, {B, C}, at::kDouble, dev);
+  std::vector<double> ref_run_lr(C, 2.0), ref_run_rp(C, 2.0);
+  const Reference ref = reference(lr, rp, B, C, &ref_run_lr, &ref_run_rp, 0.5, -1.0);
+  TEST_CHECK(std::isinf(ref.var_lr[0]) && ref.k[0] == 0.0 && ref.k[1] == 1.0 && std::isnan(ref.k[2]));
+  TEST_CHECK(std::isinf(ref.var_lr[3]) && std::isfinite(ref.var_lr[4]) && ref.nonfinite == 1);
+  TEST_CHECK(ref_run_lr[0] == 2.0 && ref_run_rp[1] == 2.0);  // overflowed: running value kept
+  const auto opt = at::TensorOptions(at::kDouble).device(dev);
+  const at::Tensor run_lr = at::full({C}, 2.0, opt), run_rp = at::full({C}, 2.0, opt);
+  const auto [g, k, var_lr, var_rp, nonfinite] =
+      ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.5, std::nullopt);
+  const std::string what = "overflow float64 " + dev.str();
+  compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr, rp, C, at::kDouble);
+  const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
+  for (int64_t j = 0; j < C; ++j) {
+    TEST_CHECK_NEAR(got_lr[j], ref_run_lr[j], 1e-12, "%s: running_var_lr[%lld]", what.c_str(),
+                    (long long)j);
+    TEST_CHECK_NEAR(got_rp[j], ref_run_rp[j], 1e-12, "%s: running_var_rp[%lld]", what.c_str(),
+                    (long long)j);
+  }
+
+  // The same magnitudes in float32 (+-3e38) square to ~1e77: no overflow in
+  // the double statistics, a finite variance.
+  std::vector<double> flr, frp;
+  fill(flr, B, 2, rng, 1.0);
+  fill(frp, B, 2, rng, 1.0);
+  for (int64_t i = 0; i < B; ++i) flr[i * 2] = i % 2 == 0 ? 3e38 : -3e38;
+  const at::Tensor f_lr = make(flr, {B, 2}, at::kFloat, dev), f_rp = make(frp, {B, 2}, at::kFloat, dev);
+  const std::vector<double> flr_r = values(f_lr), frp_r = values(f_rp);
+  const Reference fref = reference(flr_r, frp_r, B, 2, nullptr, nullptr, 0.0, -1.0);
+  TEST_CHECK(std::isfinite(fref.var_lr[0]) && fref.var_lr[0] > 1e76);
+  const auto [fg, fk, fvar_lr, fvar_rp, fnonfinite] =
+      ivw_combine(f_lr, f_rp, std::nullopt, std::nullopt, 0.0, std::nullopt);
+  compare(("overflow float32 " + dev.str()).c_str(), fg, fk, fvar_lr, fvar_rp, fnonfinite, fref,
+          flr_r, frp_r, 2, at::kFloat);
+}
+
+// float64 columns whose mean is beyond sqrt(DBL_MAX) ~ 1.34e154 but whose
+// variance is representable (a constant 1e200 column: 0; 1e160 +- 1e150:
+// ~1e300). The reference (and tpx_ext.reference) gives the finite variance.
+// The CPU kernel Chan-merges every column into an empty accumulator, which
+// once computed inf * 0 = NaN there (see test_tpx_math's
+// test_merge_into_empty) and reported +inf.
+void case_large_mean(const at::Device& dev) {
+  const int64_t B = 40, C = 3;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> normal;
+  std::vector<double> lr, rp;
+  fill(lr, B, C, rng, 1.0);
+  fill(rp, B, C, rng, 1.0);
+  for (int64_t i = 0; i < B; ++i) {
+    lr[i * C + 0] = 1e200;
+    lr[i * C + 1] = 1e160 + 1e150 * normal(rng);
+  }
+  const Reference ref = reference(lr, rp, B, C, nullptr, nullptr, 0.0, -1.0);
+  TEST_CHECK(ref.var_lr[0] == 0.0 && std::isfinite(ref.var_lr[1]) && ref.k[0] == 1.0);
+  const auto [g, k, var_lr, var_rp, nonfinite] =
+      ivw_combine(make(lr, {B, C}, at::kDouble, dev), make(rp, {B, C}, at::kDouble, dev),
+                  std::nullopt, std::nullopt, 0.0, std::nullopt);
+  const std::vector<double> vl = values(var_lr), kv = values(k), vr = values(var_rp);
+  const std::string what = "large mean " + dev.str();
+  TEST_CHECK(vl[0] == 0.0 && kv[0] == 1.0, "%s: constant 1e200 column: var_lr %g (expected 0), k %g",
+                   what.c_str(), vl[0], kv[0]);
+  // Welford's relative error grows with |mean| / sd = 1e10 here: ~n * 1e10 * eps.
+  TEST_CHECK(tpx_test::near(vl[1], ref.var_lr[1], 1e-3),
+                   "%s: 1e160 +- 1e150 column: var_lr %.17g (expected %.17g)", what.c_str(), vl[1],
+                   ref.var_lr[1]);
+  // The ordinary column is not affected.
+  TEST_CHECK_NEAR(vl[2], ref.var_lr[2], 1e-10, "%s", what.c_str());
+  TEST_CHECK_NEAR(vr[0], ref.var_rp[0], 1e-10, "%s", what.c_str());
+  TEST_CHECK_NEAR(kv[2], ref.k[2], 1e-10, "%s", what.c_str());
 }
 
 // A bad argument throws c10::Error whose message names it.
@@ -422,6 +616,9 @@ void run_all(const at::Device& dev) {
   case_running(dev, at::kFloat);   // updated through a float64 copy
   case_fixed(dev);
   case_gaussian(dev);
+  case_shapes(dev);
+  case_overflow(dev);
+  case_large_mean(dev);
   case_errors(dev);
   std::printf("  %s: all cases passed\n", dev.str().c_str());
 }

@@ -18,22 +18,56 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 struct Moments {
   double n = 0.0, mean = 0.0, m2 = 0.0;
-  bool bad = false;
+  // As the kernels decide it: from the moments, after the fact.
+  bool bad() const { return tpx::moments_bad(mean, m2); }
+  double variance() const { return tpx::batch_variance(m2, n, bad()); }
 };
 
-// Welford over x[b, e), as the kernels run it within one chunk of rows.
+// Welford over x[b, e), as a kernel thread (or CPU lane) runs it.
 Moments welford(const std::vector<double>& x, size_t b, size_t e) {
   Moments m;
   for (size_t i = b; i < e; ++i) {
     m.n += 1.0;
-    tpx::welford_add(x[i], 1.0 / m.n, m.mean, m.m2, m.bad);
+    tpx::welford_add(x[i], 1.0 / m.n, m.mean, m.m2);
   }
   return m;
 }
 
 void merge(Moments& a, const Moments& b) {
-  tpx::chan_merge(a.n, a.mean, a.m2, a.bad, b.n, b.mean, b.m2, b.bad);
+  tpx::chan_merge(a.n, a.mean, a.m2, b.n, b.mean, b.m2);
   a.n += b.n;
+}
+
+// The CPU kernel's pattern within one chunk of rows [b, e) (tpx_ops.cpp,
+// chunk_moments): whole blocks of V rows, where lane v sees rows b + v,
+// b + v + V, ...; the V lanes merged in turn into an empty stream; then the
+// leftover rows as one more stream (itself merged into an empty one first).
+Moments lanes(const std::vector<double>& x, size_t b, size_t e, size_t V) {
+  const size_t blocks = (e - b) / V;
+  Moments out;
+  for (size_t v = 0; v < V; ++v) {
+    Moments lane;
+    for (size_t k = 0; k < blocks; ++k) {
+      lane.n += 1.0;
+      tpx::welford_add(x[b + k * V + v], 1.0 / lane.n, lane.mean, lane.m2);
+    }
+    merge(out, lane);
+  }
+  if (b + blocks * V < e) {
+    Moments tail;
+    merge(tail, welford(x, b + blocks * V, e));
+    merge(out, tail);
+  }
+  return out;
+}
+
+// The CPU kernel's chunks (rows n*k/c .. n*(k+1)/c), each through `lanes`,
+// merged in turn into chunk 0.
+Moments kernel_pattern(const std::vector<double>& x, size_t c, size_t V) {
+  const size_t n = x.size();
+  Moments acc = lanes(x, 0, n / c, V);
+  for (size_t k = 1; k < c; ++k) merge(acc, lanes(x, n * k / c, n * (k + 1) / c, V));
+  return acc;
 }
 
 // Two-pass reference in long double.
@@ -45,6 +79,23 @@ void two_pass(const std::vector<double>& x, double* mean, double* m2) {
   for (double v : x) q += (v - mu) * (v - mu);
   *mean = static_cast<double>(mu);
   *m2 = static_cast<double>(q);
+}
+
+void test_moments_bad() {
+  TEST_CHECK(!tpx::moments_bad(0.0, 0.0));
+  TEST_CHECK(!tpx::moments_bad(-3.5, 12.0));
+  TEST_CHECK(!tpx::moments_bad(DBL_MAX, DBL_MAX));  // large but finite is fine
+  TEST_CHECK(!tpx::moments_bad(-DBL_MAX, 0.0));
+  TEST_CHECK(!tpx::moments_bad(5e-324, 5e-324));
+  TEST_CHECK(!tpx::moments_bad(-0.0, -1e-18));  // m2 rounded below 0: not bad (clamped later)
+  for (double v : {kInf, -kInf, kNaN}) {
+    TEST_CHECK(tpx::moments_bad(v, 0.0), "mean=%g", v);
+    TEST_CHECK(tpx::moments_bad(0.0, v), "m2=%g", v);
+    TEST_CHECK(tpx::moments_bad(v, v), "both=%g", v);
+  }
+  TEST_CHECK(tpx::is_finite(0.0) && tpx::is_finite(-DBL_MAX) && tpx::is_finite(5e-324));
+  TEST_CHECK(!tpx::is_finite(kInf) && !tpx::is_finite(-kInf) && !tpx::is_finite(kNaN));
+  std::printf("  moments_bad/is_finite: finite vs inf, -inf, NaN in mean or m2\n");
 }
 
 void test_welford_chan() {
@@ -68,12 +119,14 @@ void test_welford_chan() {
         const double cond = 1.0 + (sd > 0.0 ? std::fabs(ref_mean) / sd : 0.0);
         const double tol = 1e-12;
         const double m2_tol = 8.0 * DBL_EPSILON * static_cast<double>(n) * cond * ref_m2;
+        const double ref_var = n > 1 ? ref_m2 / (n - 1.0) : 0.0;
+        const double var_tol = 1.01 * m2_tol / std::fmax(1.0, n - 1.0);
 
         const Moments whole = welford(x, 0, n);
         TEST_CHECK_NEAR(whole.mean, ref_mean, tol, "n=%zu scale=%g offset=%g", n, scale, offset);
         TEST_CHECK(std::fabs(whole.m2 - ref_m2) <= m2_tol, "m2 %.17g vs %.17g n=%zu scale=%g offset=%g",
               whole.m2, ref_m2, n, scale, offset);
-        TEST_CHECK(!whole.bad);
+        TEST_CHECK(!whole.bad(), "n=%zu scale=%g offset=%g", n, scale, offset);
 
         // Two streams split at every position (empty halves included).
         for (size_t s = 0; s <= n; ++s) {
@@ -84,65 +137,203 @@ void test_welford_chan() {
           TEST_CHECK_NEAR(a.mean, ref_mean, tol, "n=%zu split=%zu", n, s);
           TEST_CHECK(std::fabs(a.m2 - ref_m2) <= m2_tol, "m2 %.17g vs %.17g n=%zu split=%zu", a.m2,
                 ref_m2, n, s);
+          TEST_CHECK(!a.bad(), "n=%zu split=%zu scale=%g offset=%g", n, s, scale, offset);
           ++cases;
         }
 
-        // The CPU kernel's pattern: c chunks (rows n*k/c .. n*(k+1)/c), each
-        // merged in turn into the running result of the chunks before it.
+        // The CPU kernel's pattern: c chunks of rows, each read in blocks of
+        // V rows as V lanes plus leftover rows (V > n: no whole block at all).
         for (size_t c = 1; c <= n; ++c) {
-          Moments acc = welford(x, 0, n / c);
-          for (size_t k = 1; k < c; ++k) merge(acc, welford(x, n * k / c, n * (k + 1) / c));
-          TEST_CHECK(acc.n == static_cast<double>(n));
-          TEST_CHECK_NEAR(acc.mean, ref_mean, tol, "n=%zu chunks=%zu", n, c);
-          TEST_CHECK(std::fabs(acc.m2 - ref_m2) <= m2_tol, "n=%zu chunks=%zu", n, c);
-          const double var = tpx::batch_variance(acc.m2, acc.n, acc.bad);
-          const double ref_var = n > 1 ? ref_m2 / (n - 1.0) : 0.0;
-          TEST_CHECK(std::fabs(var - ref_var) <= 1.01 * m2_tol / std::fmax(1.0, n - 1.0),
-                "var %.17g vs %.17g n=%zu chunks=%zu", var, ref_var, n, c);
+          for (size_t V : {size_t{1}, size_t{2}, size_t{3}, size_t{5}, n, n + 1}) {
+            const Moments acc = kernel_pattern(x, c, V);
+            TEST_CHECK(acc.n == static_cast<double>(n));
+            TEST_CHECK_NEAR(acc.mean, ref_mean, tol, "n=%zu chunks=%zu V=%zu", n, c, V);
+            TEST_CHECK(std::fabs(acc.m2 - ref_m2) <= m2_tol, "n=%zu chunks=%zu V=%zu", n, c, V);
+            TEST_CHECK(!acc.bad(), "n=%zu chunks=%zu V=%zu", n, c, V);
+            const double var = acc.variance();
+            TEST_CHECK(std::fabs(var - ref_var) <= var_tol, "var %.17g vs %.17g n=%zu chunks=%zu V=%zu",
+                  var, ref_var, n, c, V);
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  std::printf("  welford/chan: %d split, chunk and lane cases match the two-pass reference\n", cases);
+}
+
+void test_nonfinite_streams() {
+  // A non-finite sample at any position of a stream, followed by finite
+  // values or not, makes the stream bad for good (inf - inf = NaN
+  // propagates); its variance is +inf, even for a single sample.
+  int cases = 0;
+  for (double bad_value : {kInf, -kInf, kNaN}) {
+    for (size_t n = 1; n <= 9; ++n) {
+      for (size_t p = 0; p < n; ++p) {
+        std::vector<double> x(n);
+        for (size_t i = 0; i < n; ++i) x[i] = 0.5 * static_cast<double>(i) - 1.0;
+        x[p] = bad_value;
+        const Moments m = welford(x, 0, n);
+        TEST_CHECK(m.bad(), "bad=%g n=%zu pos=%zu mean=%g m2=%g", bad_value, n, p, m.mean, m.m2);
+        TEST_CHECK(m.variance() == kInf, "bad=%g n=%zu pos=%zu", bad_value, n, p);
+        // Merges where only one side is bad (either side, either order of
+        // merging), and merges of a bad stream with an empty one.
+        for (size_t s = 0; s <= n; ++s) {
+          const Moments left = welford(x, 0, s), right = welford(x, s, n);
+          TEST_CHECK(left.bad() == (p < s) && right.bad() == (p >= s),
+                     "only the side holding the bad sample is bad: n=%zu pos=%zu split=%zu", n, p, s);
+          Moments a = left;
+          merge(a, right);
+          TEST_CHECK(a.bad() && a.n == static_cast<double>(n), "bad=%g n=%zu pos=%zu split=%zu",
+                     bad_value, n, p, s);
+          TEST_CHECK(a.variance() == kInf);
+          Moments b = right;
+          merge(b, left);
+          TEST_CHECK(b.bad(), "reversed: bad=%g n=%zu pos=%zu split=%zu", bad_value, n, p, s);
+          ++cases;
+        }
+        for (size_t c = 1; c <= n; ++c) {
+          for (size_t V : {size_t{1}, size_t{2}, size_t{4}}) {
+            TEST_CHECK(kernel_pattern(x, c, V).bad(), "bad=%g n=%zu pos=%zu chunks=%zu V=%zu",
+                       bad_value, n, p, c, V);
+            ++cases;
+          }
+        }
+      }
+    }
+    // Bad first, then many finite values (large, small, zero): still bad.
+    std::vector<double> x = {bad_value};
+    for (int i = 0; i < 1000; ++i) x.push_back(i % 3 == 0 ? 0.0 : (i % 3 == 1 ? 1e-300 : -1e300));
+    TEST_CHECK(welford(x, 0, x.size()).bad(), "bad=%g then 1000 finite values", bad_value);
+    // Both sides bad.
+    Moments a = welford({bad_value, 1.0}, 0, 2);
+    merge(a, welford({2.0, -bad_value}, 0, 2));
+    TEST_CHECK(a.bad(), "both sides bad: %g", bad_value);
+  }
+  // An inf and a -inf in one stream; two infs of the same sign.
+  TEST_CHECK(welford({kInf, -kInf}, 0, 2).bad());
+  TEST_CHECK(welford({kInf, kInf, kInf}, 0, 3).bad());
+  // Merging an empty stream changes nothing, good or bad (bit for bit).
+  for (const std::vector<double>& x :
+       {std::vector<double>{1.0, 5.0}, std::vector<double>{1.0, kInf}, std::vector<double>{kNaN}}) {
+    Moments a = welford(x, 0, x.size());
+    const Moments before = a;
+    merge(a, Moments{});
+    TEST_CHECK_SAME(a.mean, before.mean);
+    TEST_CHECK_SAME(a.m2, before.m2);
+    TEST_CHECK(a.n == before.n && a.bad() == before.bad());
+    // And an empty stream merged with it becomes it (bad included).
+    Moments e;
+    merge(e, before);
+    TEST_CHECK(e.n == before.n && e.bad() == before.bad());
+    if (!before.bad()) {
+      TEST_CHECK_SAME(e.mean, before.mean);
+      TEST_CHECK_SAME(e.m2, before.m2);
+    }
+  }
+  std::printf("  non-finite samples: %d stream/merge cases bad, variance +inf\n", cases);
+}
+
+void test_overflow() {
+  // Finite float64 inputs whose moments overflow double are bad too: their
+  // variance is not representable (+inf), not 0 as the old code returned.
+  int cases = 0;
+  for (double big : {1e308, DBL_MAX, 1e200, 2e154}) {
+    for (size_t n = 2; n <= 12; ++n) {
+      std::vector<double> x(n);
+      for (size_t i = 0; i < n; ++i) x[i] = i % 2 == 0 ? big : -big;  // +big, -big, +big, ...
+      const Moments m = welford(x, 0, n);
+      TEST_CHECK(tpx::moments_bad(m.mean, m.m2), "+-%g n=%zu: mean=%g m2=%g", big, n, m.mean, m.m2);
+      TEST_CHECK(tpx::batch_variance(m.m2, m.n, m.bad()) == kInf, "+-%g n=%zu", big, n);
+      for (size_t s = 0; s <= n; ++s) {
+        Moments a = welford(x, 0, s);
+        merge(a, welford(x, s, n));
+        TEST_CHECK(a.bad() && a.variance() == kInf, "+-%g n=%zu split=%zu", big, n, s);
+        ++cases;
+      }
+      for (size_t c = 1; c <= n; ++c) {
+        for (size_t V : {size_t{1}, size_t{2}, size_t{3}}) {
+          TEST_CHECK(kernel_pattern(x, c, V).variance() == kInf, "+-%g n=%zu chunks=%zu V=%zu", big,
+                     n, c, V);
           ++cases;
         }
       }
     }
   }
-  std::printf("  welford/chan: %d split and chunk cases match the two-pass reference\n", cases);
+  // Same-sign values whose spread overflows: 1e308 and 1.7e308.
+  TEST_CHECK(welford({1e308, 1.7e308, 1e308}, 0, 3).variance() == kInf);
+  // One huge sample alone carries no spread: not bad, variance 0.
+  const Moments one = welford({1e308}, 0, 1);
+  TEST_CHECK(!one.bad() && one.variance() == 0.0);
+  // A spread just inside the range is not bad: +-1e153 has variance ~1e306.
+  std::vector<double> x(10);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = (i % 2 == 0 ? 1e153 : -1e153) * (1.0 + 0.1 * i);
+  double ref_mean, ref_m2;
+  two_pass(x, &ref_mean, &ref_m2);
+  const Moments m = welford(x, 0, x.size());
+  TEST_CHECK(!m.bad() && std::isfinite(ref_m2));
+  TEST_CHECK_NEAR(m.m2, ref_m2, 1e-13);
+  TEST_CHECK_NEAR(kernel_pattern(x, 3, 2).m2, ref_m2, 1e-13);
+  std::printf("  overflow: %d cases of +-1e154..DBL_MAX alternating -> bad, variance +inf\n", cases);
 }
 
-void test_nonfinite_streams() {
-  // A non-finite sample marks the stream bad; the accumulators stay finite.
-  for (double bad_value : {kInf, -kInf, kNaN}) {
-    const std::vector<double> x = {1.0, 2.0, bad_value, 4.0};
-    const Moments m = welford(x, 0, x.size());
-    TEST_CHECK(m.bad);
-    TEST_CHECK(std::isfinite(m.mean) && std::isfinite(m.m2));
-    TEST_CHECK(tpx::batch_variance(m.m2, m.n, m.bad) == kInf);
-    // Badness survives a merge in either direction.
-    Moments good = welford(x, 0, 2), bad = welford(x, 2, 4);
-    merge(good, bad);
-    TEST_CHECK(good.bad);
-    Moments bad2 = welford(x, 2, 4);
-    merge(bad2, welford(x, 0, 2));
-    TEST_CHECK(bad2.bad);
+// Merging a stream into an empty one must give that stream. The CPU kernel
+// does this for every column (its lane accumulator starts empty), so a
+// failure here is a failure of the op on the CPU.
+void test_merge_into_empty() {
+  for (const std::vector<double>& x :
+       {std::vector<double>{1.0, 2.0, 4.0}, std::vector<double>{-7.5},
+        std::vector<double>{1e150, -3e150, 2e150}, std::vector<double>{1e154, 1e154}}) {
+    const Moments b = welford(x, 0, x.size());
+    Moments a;
+    merge(a, b);
+    TEST_CHECK(a.n == b.n && !a.bad());
+    TEST_CHECK_SAME(a.mean, b.mean);
+    TEST_CHECK_SAME(a.m2, b.m2);
   }
-  // Merging an empty stream changes nothing, even a bad flag already set.
-  Moments a = welford({1.0, 5.0}, 0, 2);
-  const Moments before = a;
-  merge(a, Moments{});
-  TEST_CHECK_SAME(a.mean, before.mean);
-  TEST_CHECK_SAME(a.m2, before.m2);
-  std::printf("  non-finite samples: stream marked bad, variance +inf\n");
+  // |mean| beyond sqrt(DBL_MAX) ~ 1.34e154, spread small or none: the stream
+  // is fine (Welford's mean and m2 are finite), but chan_merge with n_a = 0
+  // computes delta * delta * (n_a * n_b / n) = inf * 0 = NaN, so the merged
+  // stream turns bad and its variance +inf. The CUDA kernels never merge into
+  // an empty stream; the CPU kernel always does.
+  for (const std::vector<double>& x :
+       {std::vector<double>{1e200, 1e200, 1e200}, std::vector<double>{-1e300},
+        std::vector<double>{1e160, 1e160 + 1e150, 1e160 - 2e150}}) {
+    const Moments b = welford(x, 0, x.size());
+    TEST_CHECK(!b.bad(), "x[0]=%g: a single Welford stream stays finite", x[0]);
+    Moments a;
+    merge(a, b);
+    TEST_CHECK(!a.bad() && a.m2 == b.m2,
+                     "chan_merge into an empty stream: x[0]=%g, m2 %g -> %g (variance %g, should be %g)",
+                     x[0], b.m2, a.m2, a.variance(), b.variance());
+  }
+  std::printf("  chan_merge into an empty stream\n");
 }
 
 void test_constant_column() {
-  for (double c : {0.0, 0.1, -3.7, 1e-300, 1e10, -1e300}) {
+  for (double c : {0.0, 0.1, -3.7, 1e-300, 1e10, 1e150, -1e300}) {
     for (size_t n : {2u, 3u, 7u, 50u}) {
       const std::vector<double> x(n, c);
       const Moments m = welford(x, 0, n);
-      TEST_CHECK(m.m2 == 0.0, "c=%g n=%zu m2=%g", c, n, m.m2);
-      TEST_CHECK(tpx::batch_variance(m.m2, m.n, m.bad) == 0.0, "c=%g n=%zu", c, n);
+      TEST_CHECK(m.m2 == 0.0 && !m.bad(), "c=%g n=%zu m2=%g", c, n, m.m2);
+      TEST_CHECK(m.variance() == 0.0, "c=%g n=%zu", c, n);
       for (size_t s = 0; s <= n; ++s) {
         Moments a = welford(x, 0, s);
         merge(a, welford(x, s, n));
-        TEST_CHECK(tpx::batch_variance(a.m2, a.n, a.bad) == 0.0, "c=%g n=%zu split=%zu", c, n, s);
+        // s = 0 merges into an empty stream: see test_merge_into_empty.
+        if (s == 0 && std::fabs(c) > 1e154) {
+          TEST_CHECK(a.variance() == 0.0, "c=%g n=%zu split=0: variance %g", c, n, a.variance());
+        } else {
+          TEST_CHECK(a.variance() == 0.0, "c=%g n=%zu split=%zu", c, n, s);
+        }
+      }
+      for (size_t V : {size_t{1}, size_t{4}}) {
+        const double var = kernel_pattern(x, 2, V).variance();
+        if (std::fabs(c) > 1e154) {
+          TEST_CHECK(var == 0.0, "c=%g n=%zu, CPU kernel pattern V=%zu: variance %g", c, n, V, var);
+        } else {
+          TEST_CHECK(var == 0.0, "c=%g n=%zu V=%zu", c, n, V);
+        }
       }
     }
   }
@@ -231,21 +422,73 @@ void test_smoothed_variance() {
   std::printf("  smoothed_variance: NaN running, momentum 0, non-finite batch\n");
 }
 
+// combine() as it was written with branches: the definition.
+double combine_reference(double k, double g_lr, double g_rp) {
+  if (k != k) return 0.0;
+  if (k == 0.0) return g_rp;
+  if (k == 1.0) return g_lr;
+  return k * g_lr + (1.0 - k) * g_rp;
+}
+
 void test_combine() {
   // k = 0 and k = 1 give one estimator exactly: the other's inf/NaN must not leak.
   TEST_CHECK_SAME(tpx::combine(0.0, kInf, 2.5), 2.5);
+  TEST_CHECK_SAME(tpx::combine(0.0, -kInf, 2.5), 2.5);
   TEST_CHECK_SAME(tpx::combine(0.0, kNaN, 2.5), 2.5);
   TEST_CHECK_SAME(tpx::combine(0.0, -kInf, -kInf), -kInf);
+  TEST_CHECK_SAME(tpx::combine(0.0, 1.0, kInf), kInf);  // the kept estimator's inf/NaN stays
+  TEST_CHECK(std::isnan(tpx::combine(0.0, 1.0, kNaN)));
   TEST_CHECK_SAME(tpx::combine(1.0, 3.0, kInf), 3.0);
+  TEST_CHECK_SAME(tpx::combine(1.0, 3.0, -kInf), 3.0);
   TEST_CHECK_SAME(tpx::combine(1.0, 3.0, kNaN), 3.0);
-  TEST_CHECK_SAME(tpx::combine(0.0, 1.0, 0.1), 0.1);  // bit for bit, no (1 - 0) * x rounding path
+  TEST_CHECK_SAME(tpx::combine(1.0, -kInf, 0.0), -kInf);
+  TEST_CHECK(std::isnan(tpx::combine(1.0, kNaN, 0.0)));
+  // Exact: no (1 - 0) * x or 0 * y rounding path, down to subnormals and up to DBL_MAX.
+  TEST_CHECK_SAME(tpx::combine(0.0, 1.0, 0.1), 0.1);
   TEST_CHECK_SAME(tpx::combine(1.0, 0.1, 7.0), 0.1);
-  // NaN k: the coordinate is zeroed.
-  TEST_CHECK_SAME(tpx::combine(kNaN, 1.0, 2.0), 0.0);
-  TEST_CHECK_SAME(tpx::combine(kNaN, kInf, kNaN), 0.0);
+  TEST_CHECK_SAME(tpx::combine(0.0, 1.0, 5e-324), 5e-324);
+  TEST_CHECK_SAME(tpx::combine(1.0, -5e-324, 1.0), -5e-324);
+  TEST_CHECK_SAME(tpx::combine(0.0, kInf, -DBL_MAX), -DBL_MAX);
+  TEST_CHECK_SAME(tpx::combine(1.0, DBL_MAX, kNaN), DBL_MAX);
+  // Zeros are value-equal; the sign of a zero may be lost (0.0 + -0.0 = +0.0).
+  TEST_CHECK(tpx::combine(0.0, 1.0, -0.0) == 0.0);
+  TEST_CHECK(tpx::combine(1.0, -0.0, 1.0) == 0.0);
+  // k = -0.0 (fixed_weight=-0.0 passes the [0, 1] check) is k = 0.
+  TEST_CHECK_SAME(tpx::combine(-0.0, kInf, 2.5), 2.5);
+  TEST_CHECK_SAME(tpx::combine(-0.0, kNaN, -1.0), -1.0);
+  // NaN k: the coordinate is zeroed (+0), whatever the gradients.
+  for (double a : {1.0, kInf, -kInf, kNaN, -0.0})
+    for (double b : {2.0, kInf, -kInf, kNaN, -0.0}) {
+      const double g = tpx::combine(kNaN, a, b);
+      TEST_CHECK(g == 0.0 && !std::signbit(g), "combine(NaN, %g, %g) = %g", a, b, g);
+      TEST_CHECK(tpx::combine(-kNaN, a, b) == 0.0);
+    }
+  // 0 < k < 1: the convex combination; an inf passes through, inf - inf is NaN.
   TEST_CHECK_SAME(tpx::combine(0.25, 4.0, 8.0), 7.0);
   TEST_CHECK_SAME(tpx::combine(0.5, -2.0, 2.0), 0.0);
-  std::printf("  combine: k=0/1 exact, NaN k -> 0\n");
+  TEST_CHECK_SAME(tpx::combine(0.3, kInf, 1.0), kInf);
+  TEST_CHECK_SAME(tpx::combine(0.3, 1.0, -kInf), -kInf);
+  TEST_CHECK(std::isnan(tpx::combine(0.3, kInf, -kInf)));
+  TEST_CHECK(std::isnan(tpx::combine(0.3, 1.0, kNaN)));
+
+  // Sweep against the branchy definition: equal in value for k = 0, 1, NaN
+  // (zeros may differ in sign); within rounding otherwise (FMA contraction
+  // may differ between the two functions).
+  const double ks[] = {0.0, -0.0, 1.0, kNaN, 0.5, 0.25, 1e-300, 1.0 - DBL_EPSILON / 2, 0.7};
+  const double gs[] = {0.0, -0.0, 1.0, -2.5, 0.1, 5e-324, DBL_MAX, -DBL_MAX, 1e300, kInf, -kInf, kNaN};
+  int cases = 0;
+  for (double k : ks)
+    for (double a : gs)
+      for (double b : gs) {
+        const double got = tpx::combine(k, a, b), want = combine_reference(k, a, b);
+        if (k == 0.0 || k == 1.0 || std::isnan(k)) {
+          TEST_CHECK_SAME(got, want, "k=%g g_lr=%g g_rp=%g", k, a, b);
+        } else {
+          TEST_CHECK_NEAR(got, want, 4 * DBL_EPSILON, "k=%g g_lr=%g g_rp=%g", k, a, b);
+        }
+        ++cases;
+      }
+  std::printf("  combine: k=0/1 exact, NaN k -> +0, %d sweep cases equal the branchy form\n", cases);
 }
 
 void test_coordinate_weight() {
@@ -275,63 +518,102 @@ void test_coordinate_weight() {
 }
 
 void test_sources() {
-  // GaussianSource, B = 2 rows, C = 2 columns (all values exact in binary).
+  // GaussianSource, B = 2 rows, C = 2 columns (all values exact in binary);
+  // element (i, j) is e = i * 2 + j.
   const double d[] = {4.0, -1.0, 0.5, 2.0};
   const double eps[] = {0.5, 2.0, -1.0, 0.0};
   const double sigma[] = {2.0, 0.25, 1.0, 4.0};
   const double adv[] = {3.0, -2.0};
   double gmu[4] = {}, gsig[4] = {};
-  const tpx::GaussianSource<double> src{d, eps, sigma, adv, gmu, gsig, 2};
+  const tpx::GaussianSource<double> src{d, eps, sigma, adv, gmu, gsig};
   static_assert(tpx::GaussianSource<double>::G == 2);
+  TEST_CHECK(src.row_value(0) == 3.0 && src.row_value(1) == -2.0);  // the advantage of row i
   double lr[2], rp[2];
   // (0, 0): A/s = 1.5 -> LR mu 1.5 * 0.5, LR sigma 1.5 * (0.25 - 1); RP d, d * eps.
-  TEST_CHECK(src.read(0, 0, lr, rp));
+  src.read(0, src.row_value(0), lr, rp);
   TEST_CHECK(lr[0] == 0.75 && lr[1] == -1.125 && rp[0] == 4.0 && rp[1] == 2.0);
   // (0, 1): A/s = 12 -> 24, 12 * 3 = 36; RP -1, -2.
-  TEST_CHECK(src.read(0, 1, lr, rp));
+  src.read(1, src.row_value(0), lr, rp);
   TEST_CHECK(lr[0] == 24.0 && lr[1] == 36.0 && rp[0] == -1.0 && rp[1] == -2.0);
   // (1, 0): A/s = -2 -> 2, -2 * 0 = 0; RP 0.5, -0.5.
-  TEST_CHECK(src.read(1, 0, lr, rp));
+  src.read(2, src.row_value(1), lr, rp);
   TEST_CHECK(lr[0] == 2.0 && lr[1] == 0.0 && rp[0] == 0.5 && rp[1] == -0.5);
   // (1, 1): A/s = -0.5 -> 0 (eps 0), -0.5 * -1 = 0.5; RP 2, 0.
-  TEST_CHECK(src.read(1, 1, lr, rp));
+  src.read(3, src.row_value(1), lr, rp);
   TEST_CHECK(lr[0] == 0.0 && lr[1] == 0.5 && rp[0] == 2.0 && rp[1] == 0.0);
+  // read() uses the row value it is given (the kernels hoist it), not adv[]:
+  // (0, 0) with A = 6: A/s = 3 -> 1.5, -2.25; RP unchanged.
+  src.read(0, 6.0, lr, rp);
+  TEST_CHECK(lr[0] == 1.5 && lr[1] == -2.25 && rp[0] == 4.0 && rp[1] == 2.0);
+  for (int e = 0; e < 4; ++e) TEST_CHECK(src.valid(e), "e=%d", e);
   const double g[2] = {7.0, -8.0};
-  src.write(1, 0, g);
-  TEST_CHECK(gmu[2] == 7.0 && gsig[2] == -8.0 && gmu[0] == 0.0 && gsig[3] == 0.0);
+  src.write(2, g);  // (1, 0)
+  TEST_CHECK(gmu[2] == 7.0 && gsig[2] == -8.0);
+  TEST_CHECK(gmu[0] == 0.0 && gmu[1] == 0.0 && gmu[3] == 0.0);
+  TEST_CHECK(gsig[0] == 0.0 && gsig[1] == 0.0 && gsig[3] == 0.0);
 
-  // Invalid sigma: read reports it (<= 0, inf, NaN).
-  for (double bad_sigma : {0.0, -1.0, kInf, kNaN}) {
-    const double s1[] = {bad_sigma};
-    const double d1[] = {1.0}, e1[] = {1.0}, a1[] = {1.0};
-    double o1[1], o2[1];
-    const tpx::GaussianSource<double> one{d1, e1, s1, a1, o1, o2, 1};
-    TEST_CHECK(!one.read(0, 0, lr, rp), "sigma=%g", bad_sigma);
+  // valid(): sigma must be finite and > 0; checked per element.
+  for (double bad_sigma : {0.0, -0.0, -1.0, -5e-324, kInf, -kInf, kNaN}) {
+    const double s2[] = {1.0, bad_sigma};
+    const double d2[] = {1.0, 1.0}, e2[] = {1.0, 1.0}, a2[] = {1.0};
+    double o1[2], o2[2];
+    const tpx::GaussianSource<double> two{d2, e2, s2, a2, o1, o2};
+    TEST_CHECK(two.valid(0) && !two.valid(1), "sigma=%g", bad_sigma);
+    two.read(1, 1.0, lr, rp);  // still readable (the op raises afterwards)
+    TEST_CHECK(rp[0] == 1.0 && rp[1] == 1.0, "sigma=%g", bad_sigma);
+  }
+  for (double ok_sigma : {5e-324, DBL_MIN, 1e-300, 1.0, 1e300, DBL_MAX}) {
+    const double s1[] = {ok_sigma};
+    const tpx::GaussianSource<double> one{d, eps, s1, adv, gmu, gsig};
+    TEST_CHECK(one.valid(0), "sigma=%g", ok_sigma);
+  }
+  // Float sigma: the smallest subnormal float is valid, float inf/NaN and 0 are not.
+  {
+    const float fs[] = {1e-45f, std::numeric_limits<float>::infinity(),
+                        std::numeric_limits<float>::quiet_NaN(), 0.0f, -1e-45f, 3.0f};
+    const float fz[6] = {};
+    float o1[6], o2[6];
+    const tpx::GaussianSource<float> f6{fz, fz, fs, adv, o1, o2};
+    TEST_CHECK(f6.valid(0) && !f6.valid(1) && !f6.valid(2) && !f6.valid(3) && !f6.valid(4) &&
+               f6.valid(5));
   }
 
   // Float inputs are widened exactly; outputs rounded to float.
   const float fd[] = {0.1f}, fe[] = {3.0f}, fs[] = {0.5f};
   const double fa[] = {1.0};
   float fmu[1], fsig[1];
-  const tpx::GaussianSource<float> fsrc{fd, fe, fs, fa, fmu, fsig, 1};
-  TEST_CHECK(fsrc.read(0, 0, lr, rp));
+  const tpx::GaussianSource<float> fsrc{fd, fe, fs, fa, fmu, fsig};
+  TEST_CHECK(fsrc.valid(0));
+  fsrc.read(0, fsrc.row_value(0), lr, rp);
   TEST_CHECK(rp[0] == static_cast<double>(0.1f) && rp[1] == static_cast<double>(0.1f) * 3.0);
   TEST_CHECK(lr[0] == 6.0 && lr[1] == 16.0);
   const double gw[2] = {0.1, 1e40};
-  fsrc.write(0, 0, gw);
+  fsrc.write(0, gw);
   TEST_CHECK(fmu[0] == 0.1f && std::isinf(fsig[0]));
 
-  // IvwSource: G = 1, reads the two given gradients.
+  // IvwSource: G = 1, reads the two given gradients at flat index e; no row
+  // input (row_value 0), every element valid.
+  static_assert(tpx::IvwSource<float>::G == 1);
   const float glr[] = {1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f};
   const float grp[] = {-1.0f, -2.0f, -3.0f, -4.0f, -5.0f, -6.0f};
   float out[6] = {};
-  const tpx::IvwSource<float> ivw{glr, grp, out, 3};
-  TEST_CHECK(ivw.read(1, 2, lr, rp));
-  TEST_CHECK(lr[0] == 6.0 && rp[0] == -6.0);
+  const tpx::IvwSource<float> ivw{glr, grp, out};
+  TEST_CHECK(ivw.row_value(0) == 0.0 && ivw.row_value(1) == 0.0);
+  for (int e = 0; e < 6; ++e) {
+    ivw.read(e, 123.0, lr, rp);  // the row value is ignored
+    TEST_CHECK(lr[0] == e + 1.0 && rp[0] == -(e + 1.0), "e=%d", e);
+    TEST_CHECK(ivw.valid(e));
+  }
   const double g1[1] = {2.5};
-  ivw.write(1, 0, g1);
-  TEST_CHECK(out[3] == 2.5f);
-  std::printf("  GaussianSource/IvwSource: read/write formulas on a hand example\n");
+  ivw.write(3, g1);  // (1, 0) of a [2, 3] tensor
+  TEST_CHECK(out[3] == 2.5f && out[0] == 0.0f && out[2] == 0.0f && out[4] == 0.0f);
+  // Non-finite gradients are read as they are (the moments then turn bad).
+  const double dlr[] = {kInf}, drp[] = {kNaN};
+  double dout[1];
+  const tpx::IvwSource<double> ivw_d{dlr, drp, dout};
+  ivw_d.read(0, 0.0, lr, rp);
+  TEST_CHECK(lr[0] == kInf && std::isnan(rp[0]));
+  std::printf("  GaussianSource/IvwSource: flat-index read/write formulas, row_value, valid\n");
 }
 
 }  // namespace
@@ -339,8 +621,11 @@ void test_sources() {
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);  // keep progress and failures in order
   std::printf("test_tpx_math\n");
+  test_moments_bad();
   test_welford_chan();
   test_nonfinite_streams();
+  test_overflow();
+  test_merge_into_empty();
   test_constant_column();
   test_batch_variance();
   test_lr_weight();

@@ -1,0 +1,174 @@
+"""Kernel microbenchmarks: the fused ops against the same math composed of eager PyTorch ops.
+
+    python bench/ops.py            # print the table
+    python bench/ops.py --write    # also rewrite the results section of docs/BENCHMARKS.md
+
+For every row: median time over many repeats after warm-up (CUDA: CUDA events),
+the bytes the op must move (each input read once, each output written once),
+the achieved bandwidth and the time relative to this machine's copy-bandwidth
+floor (bytes / copy bandwidth, the copy bandwidth measured in the same run).
+All variants of a row are timed in alternation, so drift hits them alike.
+"""
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import tpx_ext
+from tpx_ext import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- bench/ops.py:begin -->", "<!-- bench/ops.py:end -->"
+
+
+# --- the eager compositions (same dtype as the inputs) ------------------------
+
+def eager_ivw(g_lr, g_rp):
+    v_lr, v_rp = g_lr.var(0), g_rp.var(0)
+    k = v_rp / (v_lr + v_rp)
+    return k * g_lr + (1 - k) * g_rp, k
+
+
+def eager_gaussian(d, eps, sigma, adv):
+    a = adv[:, None]
+    lr_mu, lr_sigma, rp_sigma = a * eps / sigma, a * (eps * eps - 1) / sigma, d * eps
+    g_mu, k_mu = eager_ivw(lr_mu, d)
+    g_sigma, k_sigma = eager_ivw(lr_sigma, rp_sigma)
+    return g_mu, g_sigma, torch.cat([k_mu, k_sigma])
+
+
+# --- timing -------------------------------------------------------------------
+
+def _timer(device):
+    if device == "cuda":
+        def run(fn, reps):
+            start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            stop = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            for a, b in zip(start, stop):
+                a.record()
+                fn()
+                b.record()
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) * 1e-3 for a, b in zip(start, stop)]
+    else:
+        def run(fn, reps):
+            out = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+            return out
+    return run
+
+
+def time_alternating(fns, device, budget_s=1.0, min_reps=10):
+    """Median seconds per call of each fn, timed in rounds that alternate between them."""
+    run = _timer(device)
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    probe = {name: statistics.median(run(fn, 3)) for name, fn in fns.items()}
+    reps = max(min_reps, int(budget_s / max(sum(probe.values()), 1e-7) / 5))
+    samples = {name: [] for name in fns}
+    for _ in range(5):
+        for name, fn in fns.items():
+            samples[name] += run(fn, reps)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def copy_bandwidth(device, nbytes=256 << 20):
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_alternating({"copy": lambda: dst.copy_(src)}, device, budget_s=2.0)["copy"]
+    return 2 * nbytes / t
+
+
+# --- the table ----------------------------------------------------------------
+
+def rows(device, dtypes, quick):
+    sizes = [(800, 1), (800, 12), (2500, 1), (2500, 12), (2500, 60)]
+    sizes += [(100_000, 100)] if quick else [(100_000, 100), (1_000_000, 12)]
+    for dtype in dtypes:
+        for B, C in sizes:
+            gen = torch.Generator().manual_seed(0)
+            g_lr = torch.randn(B, C, generator=gen).to(dtype).to(device)
+            g_rp = torch.randn(B, C, generator=gen).to(dtype).to(device)
+            item = g_lr.element_size()
+            yield dict(op="ivw_combine", B=B, C=C, dtype=dtype, bytes=3 * B * C * item + 24 * C,
+                       fns={"fused": lambda a=g_lr, b=g_rp: tpx_ext.ivw_combine(a, b),
+                            "eager": lambda a=g_lr, b=g_rp: eager_ivw(a, b),
+                            "reference f64": lambda a=g_lr, b=g_rp: reference.ivw_combine(a, b)})
+            D = max(1, C // 2)  # a Gaussian node over D dims has C = 2D coordinates
+            d, eps = (torch.randn(B, D, generator=gen).to(dtype).to(device) for _ in range(2))
+            sigma = (torch.rand(B, D, generator=gen) + 0.1).to(dtype).to(device)
+            adv = torch.randn(B, generator=gen).to(device)
+            args = (d, eps, sigma, adv)
+            yield dict(op="gaussian_tpx_backward", B=B, C=2 * D, dtype=dtype,
+                       bytes=5 * B * D * item + 4 * B + 48 * D,
+                       fns={"fused": lambda a=args: tpx_ext.gaussian_tpx_backward(*a),
+                            "eager": lambda a=args: eager_gaussian(*a),
+                            "reference f64": lambda a=args: reference.gaussian_tpx_backward(*a)})
+
+
+def machine_description(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), tpx_ext CUDA kernels compiled: {tpx_ext.cuda_compiled()}")
+    if device == "cuda":
+        desc += f", GPU: {torch.cuda.get_device_name()}"
+    return desc
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--quick", action="store_true", help="skip the largest sizes")
+    p.add_argument("--write", action="store_true", help="rewrite docs/BENCHMARKS.md's results section")
+    args = p.parse_args(argv)
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+
+    bw = copy_bandwidth(args.device)
+    header = (f"Machine: {machine_description(args.device)}\n"
+              f"Copy bandwidth (device {args.device}, 256 MiB, read + write): {bw / 1e9:.1f} GB/s\n")
+    lines = ["| op | B | C | dtype | fused | eager | reference f64 | eager / fused | fused GB/s | fused / copy floor |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    print(header)
+    print(lines[0])
+    for row in rows(args.device, dtypes, args.quick):
+        t = time_alternating(row["fns"], args.device)
+        floor = row["bytes"] / bw
+        line = (f"| {row['op']} | {row['B']} | {row['C']} | {str(row['dtype']).removeprefix('torch.')} "
+                f"| {t['fused'] * 1e3:.3f} ms | {t['eager'] * 1e3:.3f} ms | {t['reference f64'] * 1e3:.3f} ms "
+                f"| {t['eager'] / t['fused']:.1f}x | {row['bytes'] / t['fused'] / 1e9:.1f} "
+                f"| {t['fused'] / floor:.1f}x |")
+        lines.append(line)
+        print(line, flush=True)
+
+    if args.write:
+        cmd = "python bench/ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        section = f"{BEGIN}\nCommand: `{cmd.strip()}`\n\n{header}\n" + "\n".join(lines) + f"\n{END}"
+        path = ROOT / "docs" / "BENCHMARKS.md"
+        text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+        if BEGIN not in text:
+            text += f"\n{BEGIN}\n{END}\n"
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+        path.write_text(text)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
