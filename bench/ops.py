@@ -68,7 +68,7 @@ def _timer(device):
     return run
 
 
-def time_alternating(fns, device, budget_s=1.0, min_reps=10):
+def time_alternating(fns, device, budget_s=1.0, min_reps=3):
     """Median seconds per call of each fn, timed in rounds that alternate between them."""
     run = _timer(device)
     for fn in fns.values():

@@ -23,6 +23,8 @@ die() {
 py="${PYTHON:-.venv/bin/python}"
 [[ -x "$py" ]] || py="$(command -v "$py" || true)"
 [[ -n "$py" && -x "$py" ]] || die "no python at '${PYTHON:-.venv/bin/python}' (set PYTHON)"
+# Absolute: tools found beside it (cmake, ninja) are run from other directories.
+py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")"
 
 torch_info="$("$py" -c 'import torch; print(torch.utils.cmake_prefix_path); print(torch.version.cuda or "")')" ||
   die "$py cannot import torch"
