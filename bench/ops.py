@@ -12,6 +12,10 @@ All variants of a row are timed in alternation, so drift hits them alike.
 
 import argparse
 import os
+
+# numpy's OpenBLAS server threads spin on this 2-core machine and steal the
+# cores that torch's and the fused op's OpenMP threads wait for; no BLAS is timed here.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import platform
 import re
 import statistics

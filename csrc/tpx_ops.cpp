@@ -277,21 +277,18 @@ bool block_moments(const Source& src, int64_t C, int64_t r0, int64_t blocks, int
     else
       accumulate_block<Check, 1>(src, row0 * C, L, row_val.data(), b, lanes, invalid.data());
   }
-  // Fold the V lanes of each column (each saw `blocks` samples).
+  // Fold the V lanes of each column (each saw `blocks` samples) into out.
   out = Moments(G * C);
+  const double n_lane = static_cast<double>(blocks);
   for (int64_t v = 0; v < V; ++v) {
-    Moments one(G * C);
-    one.n = static_cast<double>(blocks);
     for (int g = 0; g < G; ++g) {
       for (int64_t j = 0; j < C; ++j) {
         const int64_t lane = g * L + v * C + j, q = g * C + j;
-        one.mean_lr[q] = lanes.mean_lr[lane];
-        one.m2_lr[q] = lanes.m2_lr[lane];
-        one.mean_rp[q] = lanes.mean_rp[lane];
-        one.m2_rp[q] = lanes.m2_rp[lane];
+        chan_merge(out.n, out.mean_lr[q], out.m2_lr[q], n_lane, lanes.mean_lr[lane], lanes.m2_lr[lane]);
+        chan_merge(out.n, out.mean_rp[q], out.m2_rp[q], n_lane, lanes.mean_rp[lane], lanes.m2_rp[lane]);
       }
     }
-    out.merge(one);
+    out.n += n_lane;
   }
   return !Check || std::all_of(invalid.begin(), invalid.end(), [](double x) { return x == 0.0; });
 }
