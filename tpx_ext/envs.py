@@ -1,0 +1,166 @@
+"""DeepMind Control Suite tasks behind a small, uniform interface.
+
+    with make_env("cartpole_swingup", obs="pixels") as env:
+        obs = env.reset()                                  # uint8 [3, 64, 64]
+        obs, reward, done, info = env.step(action)         # action in [-1, 1]^action_dim
+
+Needs the optional extra `pip install .[dmc]`. Rendering (pixel observations) goes through
+MuJoCo's OpenGL backends; see `configure_rendering`.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+# Debian packages that provide each headless backend's library, for the error message.
+_GL_PACKAGES = {
+    "egl": ("EGL", "libegl1 libegl-mesa0 libgl1-mesa-dri"),
+    "osmesa": ("OSMesa", "libosmesa6"),
+}
+
+
+def _nvidia_gpu_present() -> bool:
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        result = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, timeout=10)
+        return result.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def choose_gl_backend(gpu_present: bool, find_library=ctypes.util.find_library) -> str:
+    """EGL renders on the GPU when there is one; without one, OSMesa (software) is the
+    backend that needs no display and no GPU driver. Raises if its library is missing."""
+    backend = "egl" if gpu_present else "osmesa"
+    library, packages = _GL_PACKAGES[backend]
+    if find_library(library) is None:
+        other = "osmesa" if backend == "egl" else "egl"
+        raise RuntimeError(
+            f"MuJoCo rendering backend '{backend}' needs lib{library}, which is not installed. "
+            f"Install it with `apt-get install {packages}` (Debian/Ubuntu), or set "
+            f"MUJOCO_GL={other} (with `apt-get install {_GL_PACKAGES[other][1]}`) before "
+            f"starting Python."
+        )
+    return backend
+
+
+def configure_rendering() -> str:
+    """Set MUJOCO_GL if the user has not. dm_control and mujoco read it once, at import,
+    so this must run before either is imported; afterwards it cannot change anything."""
+    if "MUJOCO_GL" not in os.environ and "dm_control" not in sys.modules:
+        os.environ["MUJOCO_GL"] = choose_gl_backend(_nvidia_gpu_present())
+    return os.environ.get("MUJOCO_GL", "")
+
+
+def _suite():
+    configure_rendering()
+    from dm_control import suite
+
+    return suite
+
+
+def task_names() -> list[str]:
+    """Every suite task as "<domain>_<task>", e.g. "cartpole_swingup", "ball_in_cup_catch"."""
+    return [f"{d}_{t}" for d, t in _suite().ALL_TASKS]
+
+
+class DMCEnv:
+    """One suite task with action repeat, actions in [-1, 1] and flat or pixel observations.
+
+    step() returns (obs, reward, done, info): reward summed over the repeated physics
+    steps, done at the time limit, info["discount"] the product of the suite's discounts
+    over the repeat (1.0 at a time limit: it truncates, it does not terminate)."""
+
+    def __init__(
+        self, name: str, obs: str = "state", action_repeat: int = 2, seed: int = 0, size: int = 64
+    ):
+        if obs not in ("state", "pixels"):
+            raise ValueError(f"obs must be 'state' or 'pixels', got {obs!r}")
+        if action_repeat < 1:
+            raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
+        suite = _suite()
+        # Domains such as ball_in_cup contain underscores, so match against the full list.
+        tasks = {f"{d}_{t}": (d, t) for d, t in suite.ALL_TASKS}
+        if name not in tasks:
+            raise ValueError(f"unknown task {name!r}; valid names: {', '.join(sorted(tasks))}")
+        domain, task = tasks[name]
+        self.name, self.obs_mode, self.action_repeat, self.size = name, obs, action_repeat, size
+        self._env = suite.load(domain, task, task_kwargs={"random": seed})
+        spec = self._env.action_spec()
+        self.action_dim = int(spec.shape[0])
+        # A few tasks (quadruped) have bounds other than [-1, 1]; map [-1, 1] onto them.
+        self._act_low = spec.minimum.astype(np.float64)
+        self._act_high = spec.maximum.astype(np.float64)
+        # Dreamer's convention: quadruped is seen from camera 2, the rest from camera 0.
+        self._camera = 2 if domain == "quadruped" else 0
+        if obs == "pixels":
+            self.observation_shape = (3, size, size)
+        else:
+            n = sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values())
+            self.observation_shape = (n,)
+        self._needs_reset = True
+
+    @property
+    def unwrapped(self):
+        """The underlying dm_control environment (physics, specs)."""
+        return self._env
+
+    def _observe(self, time_step) -> np.ndarray:
+        if self.obs_mode == "pixels":
+            frame = self._env.physics.render(self.size, self.size, camera_id=self._camera)
+            return np.ascontiguousarray(frame.transpose(2, 0, 1))
+        # The suite's observation dict has a fixed, task-defined key order.
+        values = time_step.observation.values()
+        return np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
+
+    def reset(self) -> np.ndarray:
+        self._needs_reset = False
+        return self._observe(self._env.reset())
+
+    def step(self, action):
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step() (at the start and after done)")
+        a = np.asarray(action, dtype=np.float64)
+        if a.shape != (self.action_dim,):
+            raise ValueError(f"{self.name}: action must have shape ({self.action_dim},), got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{self.name}: action contains NaN or inf: {a}")
+        a = np.clip(a, -1.0, 1.0)
+        a = self._act_low + (a + 1.0) * 0.5 * (self._act_high - self._act_low)
+        reward, discount = 0.0, 1.0
+        for _ in range(self.action_repeat):
+            time_step = self._env.step(a)
+            reward += time_step.reward
+            discount *= time_step.discount
+            if time_step.last():
+                break
+        done = time_step.last()
+        self._needs_reset = done
+        return self._observe(time_step), float(reward), done, {"discount": float(discount)}
+
+    def close(self) -> None:
+        # Free the rendering context now: left to interpreter shutdown it raises noisy errors.
+        if self._env is not None:
+            self._env.physics.free()
+            self._env = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_env(
+    name: str, obs: str = "state", action_repeat: int = 2, seed: int = 0, size: int = 64
+) -> DMCEnv:
+    return DMCEnv(name, obs=obs, action_repeat=action_repeat, seed=seed, size=size)
