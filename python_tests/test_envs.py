@@ -1,6 +1,8 @@
 """dm_control suite wrapper: observations, action repeat, seeding, errors, pixels."""
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -125,3 +127,20 @@ def test_pixel_observations_render():
         assert f.shape == (3, 64, 64) and f.dtype == np.uint8
     assert frames[0].std() > 0  # not a blank image
     assert all(not np.array_equal(f, g) for f, g in itertools.pairwise(frames))
+
+
+def test_rendering_then_torch_compile_imports_do_not_crash():
+    """Mesa's LLVM (software rendering) and triton's collide when triton loads second:
+    the process segfaulted on torch.compile / torch.func after the first rendered frame.
+    A fresh process, because the test process has loaded both already."""
+    code = (
+        "from tpx_ext.envs import make_env\n"
+        "with make_env('cartpole_swingup', obs='pixels') as env:\n"
+        "    env.reset()\n"
+        "import torch\n"
+        "from torch.utils._triton import has_triton_package\n"
+        "print('triton loaded:', has_triton_package())\n"  # imports triton when installed
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "triton loaded:" in out.stdout

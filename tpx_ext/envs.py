@@ -61,8 +61,22 @@ def configure_rendering() -> str:
     return os.environ.get("MUJOCO_GL", "")
 
 
+def _load_triton_first() -> None:
+    """Mesa's software OpenGL (OSMesa, or EGL without an NVIDIA driver) loads its own
+    LLVM when dm_control starts rendering; importing triton (torch.compile's and
+    torch.func's lazy import) after that segfaults the process as the two LLVMs
+    collide. Loaded in the other order both work, so load triton first if installed."""
+    if "dm_control" in sys.modules:
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+
+
 def _suite():
     configure_rendering()
+    _load_triton_first()
     from dm_control import suite
 
     return suite
