@@ -238,6 +238,17 @@ void fill(std::vector<double>& v, int64_t B, int64_t C, std::mt19937_64& rng, do
     for (int64_t j = 0; j < C; ++j) v[i * C + j] = 0.3 * j + normal(rng) * scale * (1.0 + j % 3);
 }
 
+// d, eps ~ N(0, 1) and sigma ~ U(sigma_lo, 2) for one Gaussian node of B x C.
+void fill_node(std::vector<double>& d, std::vector<double>& eps, std::vector<double>& sigma,
+               int64_t B, int64_t C, std::mt19937_64& rng, double sigma_lo) {
+  std::normal_distribution<double> normal;
+  std::uniform_real_distribution<double> uniform(sigma_lo, 2.0);
+  d.resize(B * C), eps.resize(B * C), sigma.resize(B * C);
+  for (auto& v : d) v = normal(rng);
+  for (auto& v : eps) v = normal(rng);
+  for (auto& v : sigma) v = uniform(rng);
+}
+
 // ---- Cases ----------------------------------------------------------------------
 
 // One batch, no running statistics, with special columns:
@@ -361,11 +372,8 @@ void case_gaussian(const at::Device& dev) {
   const int64_t B = 48, D = 5;
   std::mt19937_64 rng(5);
   std::normal_distribution<double> normal;
-  std::uniform_real_distribution<double> uniform(0.2, 2.0);
-  std::vector<double> d(B * D), eps(B * D), sigma(B * D), adv(B);
-  for (auto& v : d) v = normal(rng);
-  for (auto& v : eps) v = normal(rng);
-  for (auto& v : sigma) v = uniform(rng);
+  std::vector<double> d, eps, sigma, adv(B);
+  fill_node(d, eps, sigma, B, D, rng, 0.2);
   for (auto& v : adv) v = 3.0 * normal(rng);
   std::vector<double> lr, rp;
   gaussian_grads(d, eps, sigma, adv, B, D, &lr, &rp);
@@ -456,11 +464,8 @@ void case_shapes(const at::Device& dev) {
       // gaussian_tpx_backward: the advantage is per row, so a wrong row in a
       // block shows up in the LR gradients.
       std::normal_distribution<double> normal;
-      std::uniform_real_distribution<double> uniform(0.3, 2.0);
-      std::vector<double> d(B * C), eps(B * C), sigma(B * C), adv(B);
-      for (auto& v : d) v = normal(rng);
-      for (auto& v : eps) v = normal(rng);
-      for (auto& v : sigma) v = uniform(rng);
+      std::vector<double> d, eps, sigma, adv(B);
+      fill_node(d, eps, sigma, B, C, rng, 0.3);
       for (int64_t i = 0; i < B; ++i) adv[i] = 0.5 + i % 7 + normal(rng);
       const at::Tensor t_d = make(d, {B, C}, dtype, dev), t_eps = make(eps, {B, C}, dtype, dev),
                        t_sigma = make(sigma, {B, C}, dtype, dev),
