@@ -95,8 +95,11 @@ class DMCEnv:
     over the repeat (1.0 at a time limit: it truncates, it does not terminate)."""
 
     def __init__(
-        self, name: str, obs: str = "state", action_repeat: int = 2, seed: int = 0, size: int = 64
+        self, name: str, obs: str = "state", action_repeat: int = 2, seed: int = 0, size: int = 64,
+        episode_length: int = 0,
     ):
+        if episode_length < 0:
+            raise ValueError(f"episode_length must be >= 0, got {episode_length}")
         if obs not in ("state", "pixels"):
             raise ValueError(f"obs must be 'state' or 'pixels', got {obs!r}")
         if action_repeat < 1:
@@ -121,6 +124,10 @@ class DMCEnv:
         else:
             n = sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values())
             self.observation_shape = (n,)
+        # Shorter episodes (in physics steps, 0 = the suite's limit) truncate like the
+        # suite's own time limit: done with discount 1.
+        self.episode_length = episode_length
+        self._t = 0
         self._needs_reset = True
 
     @property
@@ -130,14 +137,27 @@ class DMCEnv:
 
     def _observe(self, time_step) -> np.ndarray:
         if self.obs_mode == "pixels":
-            frame = self._env.physics.render(self.size, self.size, camera_id=self._camera)
-            return np.ascontiguousarray(frame.transpose(2, 0, 1))
+            return self.render(self.size)
         # The suite's observation dict has a fixed, task-defined key order.
         values = time_step.observation.values()
         return np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
 
+    def render(self, size: int = 64) -> np.ndarray:
+        """The current frame as uint8 [3, size, size], from the task's usual camera."""
+        frame = self._env.physics.render(size, size, camera_id=self._camera)
+        return np.ascontiguousarray(frame.transpose(2, 0, 1))
+
+    def rng_state(self):
+        """The task's random state, which draws every initial state: with it restored before
+        a reset, the next episode starts exactly as it would have (checkpoints, resume)."""
+        return self._env.task.random.get_state()
+
+    def set_rng_state(self, state) -> None:
+        self._env.task.random.set_state(state)
+
     def reset(self) -> np.ndarray:
         self._needs_reset = False
+        self._t = 0
         return self._observe(self._env.reset())
 
     def step(self, action):
@@ -153,11 +173,12 @@ class DMCEnv:
         reward, discount = 0.0, 1.0
         for _ in range(self.action_repeat):
             time_step = self._env.step(a)
+            self._t += 1
             reward += time_step.reward
             discount *= time_step.discount
             if time_step.last():
                 break
-        done = time_step.last()
+        done = time_step.last() or 0 < self.episode_length <= self._t
         self._needs_reset = done
         return self._observe(time_step), float(reward), done, {"discount": float(discount)}
 
@@ -175,6 +196,8 @@ class DMCEnv:
 
 
 def make_env(
-    name: str, obs: str = "state", action_repeat: int = 2, seed: int = 0, size: int = 64
+    name: str, obs: str = "state", action_repeat: int = 2, seed: int = 0, size: int = 64,
+    episode_length: int = 0,
 ) -> DMCEnv:
-    return DMCEnv(name, obs=obs, action_repeat=action_repeat, seed=seed, size=size)
+    return DMCEnv(name, obs=obs, action_repeat=action_repeat, seed=seed, size=size,
+                  episode_length=episode_length)

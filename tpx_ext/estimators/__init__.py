@@ -6,7 +6,13 @@ the 2018 per-parameter weighting, `returns.py` the returns-to-go (TPX.md sec. 4)
 
 from .graph import MODES, Estimator, StochasticGraph
 from .node import NodeStats
-from .returns import baseline_coefficients, lambda_return_terms, returns_to_go, step_credit
+from .returns import (
+    baseline_coefficients,
+    lambda_return_terms,
+    lambda_returns,
+    returns_to_go,
+    step_credit,
+)
 
 __all__ = [
     "MODES",
@@ -15,6 +21,7 @@ __all__ = [
     "StochasticGraph",
     "baseline_coefficients",
     "lambda_return_terms",
+    "lambda_returns",
     "returns_to_go",
     "step_credit",
 ]

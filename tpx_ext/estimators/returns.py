@@ -58,3 +58,17 @@ def baseline_coefficients(gamma: float, lam: float, weights: Tensor) -> Tensor:
     kappa = torch.full_like(c, 0.0)
     kappa[:-1] = (1 - gamma * lam) * inner
     return kappa + c[-1]
+
+
+def lambda_returns(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> Tensor:
+    """TD(lambda) returns V [H, ...]: V_t = r_t + gamma ((1 - lam) v_{t+1} + lam V_{t+1}),
+    bootstrapped with V_H = v_H. rewards [H, ...]: r_t = r(s_{t+1}); values [H+1, ...]."""
+    H = rewards.shape[0]
+    if values.shape[0] != H + 1:
+        raise ValueError(f"lambda_returns: rewards {tuple(rewards.shape)} needs values of "
+                         f"H+1 = {H + 1} rows, got {tuple(values.shape)}")
+    out, nxt = [], values[H]
+    for t in reversed(range(H)):
+        nxt = rewards[t] + gamma * ((1 - lam) * values[t + 1] + lam * nxt)
+        out.append(nxt)
+    return torch.stack(out[::-1])

@@ -1,0 +1,132 @@
+"""The trainer end to end (debug preset: tiny model, 200-step episodes, seconds per run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tpx_ext import checkpoint, configs, plot
+from tpx_ext.logger import read_metrics
+from tpx_ext.train import main
+
+TIMING = {"env_steps_per_second", "update_seconds"}  # the only fields allowed to differ
+
+
+def run(tmp_path, name, *args):
+    logdir = str(tmp_path / name)
+    result = main(["--configs", "debug", "--logdir", logdir, "--quiet", "--threads", "1", *args])
+    return logdir, result
+
+
+def records(logdir):
+    return [{k: v for k, v in r.items() if k not in TIMING}
+            for r in read_metrics(os.path.join(logdir, "metrics.jsonl"))]
+
+
+def weights(logdir):
+    state = torch.load(os.path.join(logdir, checkpoint.CHECKPOINT_FILE), weights_only=False)
+    return state["agent"]["modules"], state["counters"]
+
+
+@pytest.mark.parametrize("estimator,horizon", [
+    ("rp", 5), ("lr", 5), ("mix", 5), ("tpx", 5), ("rp", 15), ("tpx", 15), ("rp", 100), ("tpx", 100),
+])
+def test_smoke_state(tmp_path, estimator, horizon):
+    logdir, result = run(tmp_path, "r", "--estimator", estimator, "--horizon", str(horizon))
+    recs = read_metrics(os.path.join(logdir, "metrics.jsonl"))
+    trained = [r for r in recs if "actor_grad_norm" in r]
+    assert trained, "no training update was logged"
+    assert np.isfinite(result["eval_return"])
+    last = trained[-1]
+    assert last["updates"] > 0 and last["model_skipped"] == 0
+    if estimator != "rp":
+        assert len(last["k_action"]) == horizon
+    saved = json.load(open(os.path.join(logdir, "config.json")))
+    assert saved["estimator"] == estimator and saved["horizon"] == horizon
+
+
+def test_smoke_pixels_with_latent_nodes_and_gif(tmp_path):
+    logdir, result = run(tmp_path, "px", "--obs", "pixels", "--steps", "600", "--latent_nodes",
+                         "true", "--eval_gif", "true", "--tensorboard", "true")
+    assert np.isfinite(result["eval_return"])
+    rec = [r for r in read_metrics(os.path.join(logdir, "metrics.jsonl")) if "k_latent" in r]
+    assert rec and len(rec[-1]["k_latent"]) == 5
+    gifs = sorted(os.listdir(os.path.join(logdir, "eval")))
+    assert gifs and gifs[0].endswith(".gif")
+    from PIL import Image
+    with Image.open(os.path.join(logdir, "eval", gifs[0])) as im:
+        # 100 frames (200 physics steps, repeat 2); PIL merges identical consecutive ones.
+        assert im.size == (64, 64) and 1 < im.n_frames <= 100
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(logdir, "tb")))
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    """SIGKILL a run right after its first checkpoint, resume it, and compare with a run that
+    was never interrupted: same weights, same counters, same metrics records."""
+    full, _ = run(tmp_path, "full")
+    killed = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "tpx_ext.train", "--configs", "debug", "--logdir", killed,
+           "--quiet", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not checkpoint.exists(killed):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, counters = weights(killed)
+    assert counters["env_steps"] < configs.build(["debug"], {}).steps, "killed too late"
+    main(["--logdir", killed, "--resume", "--quiet"])
+    (w_full, c_full), (w_res, c_res) = weights(full), weights(killed)
+    assert c_full == c_res
+    for k in w_full:
+        assert torch.equal(w_full[k], w_res[k]), k
+    assert records(full) == records(killed)
+    assert len([f for f in os.listdir(killed) if f.startswith("replay-")]) == 1
+
+
+def test_resume_refusals(tmp_path):
+    logdir, _ = run(tmp_path, "r", "--steps", "400")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(tmp_path, "r")
+    with pytest.raises(SystemExit, match="only --steps may"):
+        main(["--logdir", logdir, "--resume", "--horizon", "7"])
+    with pytest.raises(SystemExit, match="--resume needs --logdir"):
+        main(["--logdir", str(tmp_path / "nothing"), "--resume"])
+    # Extending a finished run with more steps continues it.
+    main(["--logdir", logdir, "--resume", "--steps", "800", "--quiet"])
+    assert weights(logdir)[1]["env_steps"] == 800
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--estimator", "tp"], "estimator must be one of"),
+    (["--horizon", "0"], "horizon must be >= 1"),
+    (["--bogus_key", "1"], None),
+    (["--horizon", "ten"], "expected int"),
+    (["--latent_nodes", "maybe"], "expected true/false"),
+    (["--task", "cartpole_nope"], "valid names"),
+    (["--configs", "nope"], "unknown config preset"),
+])
+def test_bad_arguments(tmp_path, args, match):
+    with pytest.raises((ValueError, SystemExit)) as info:
+        main(["--logdir", str(tmp_path / "x"), "--quiet", *args])
+    if match:
+        assert match in str(info.value)
+
+
+def test_plot_groups_runs(tmp_path):
+    a, _ = run(tmp_path, "a", "--steps", "400", "--seed", "0")
+    b, _ = run(tmp_path, "b", "--steps", "400", "--seed", "1")
+    out = plot.plot([a, b], str(tmp_path / "c.png"))
+    assert os.path.getsize(out) > 1000
+    out = plot.plot([a], str(tmp_path / "d.png"), metric="train_return")
+    assert os.path.exists(out)
+    with pytest.raises(ValueError, match="never logged"):
+        plot.plot([a], str(tmp_path / "e.png"), metric="no_such_metric")

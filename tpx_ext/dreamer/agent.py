@@ -1,0 +1,77 @@
+"""The Dreamer agent: world-model learning, behaviour learning in imagination, acting."""
+
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .behavior import ActorCritic, finite_step
+from .rssm import LatentState
+from .world_model import WorldModel
+
+# What the agent carries between environment steps: the filtered latent state and the
+# previous action (the one that led to the current observation).
+PolicyState = Tuple[LatentState, Tensor]
+
+
+class Dreamer(nn.Module):
+    def __init__(self, obs_shape, action_dim: int, cfg, device="cpu"):
+        super().__init__()
+        self.cfg, self.action_dim = cfg, action_dim
+        self.world_model = WorldModel(obs_shape, action_dim, cfg)
+        self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg)
+        self.model_opt = torch.optim.Adam(self.world_model.parameters(), cfg.model_lr,
+                                          eps=cfg.adam_eps)
+        self.to(device)
+        self.device = torch.device(device)
+
+    # ----------------------------------------------------------------- learning
+    def update(self, batch: Dict[str, np.ndarray]) -> Dict[str, Tensor]:
+        """One world-model step on a replay batch [B, T, ...], then one actor and one critic
+        step imagined from its posterior states. A non-finite world-model loss or gradient
+        skips the whole update (the weights stay as they were); it is counted in the metrics."""
+        t0 = time.perf_counter()
+        data = {k: torch.as_tensor(batch[k], device=self.device)
+                for k in ("obs", "action", "reward")}
+        loss, post, metrics = self.world_model.loss(data)
+        if torch.isfinite(loss):
+            loss.backward()
+            norm, ok = finite_step(self.model_opt, self.world_model.parameters(), self.cfg.grad_clip)
+        else:
+            self.model_opt.zero_grad(set_to_none=True)
+            norm, ok = torch.tensor(float("nan")), False
+        metrics["model_grad_norm"] = norm
+        metrics["model_skipped"] = torch.tensor(float(not ok))
+        if ok:
+            metrics.update(self.behavior.update(self.world_model, post))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics["update_seconds"] = torch.tensor(time.perf_counter() - t0)
+        return metrics
+
+    # ----------------------------------------------------------------- acting
+    def initial_policy_state(self, n: int = 1) -> PolicyState:
+        return (self.world_model.rssm.initial(n, self.device),
+                torch.zeros(n, self.action_dim, device=self.device))
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, state: Optional[PolicyState], explore: bool):
+        """One environment step: obs [*obs_shape] -> (action [A] float32 numpy, next state).
+        state None starts a new episode."""
+        latent, prev_action = self.initial_policy_state() if state is None else state
+        obs_t = torch.as_tensor(np.asarray(obs)[None], device=self.device)
+        latent, _ = self.world_model.rssm.obs_step(latent, prev_action, self.world_model.embed(obs_t))
+        action = self.behavior.act(latent.feat, explore)
+        return action[0].cpu().numpy().astype(np.float32), (latent, action)
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict:
+        return {"modules": self.state_dict(), "model_opt": self.model_opt.state_dict(),
+                "behavior": self.behavior.state_dict_extra()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.load_state_dict(state["modules"])
+        self.model_opt.load_state_dict(state["model_opt"])
+        self.behavior.load_state_dict_extra(state["behavior"])

@@ -1,0 +1,174 @@
+"""Actor and critic learned in imagination; the actor gradient comes from the estimator API.
+
+Time indices (TPX.md sec. 4), for t = 0 .. H-1 from N start states s_0:
+    (mu_t, sigma_t) = actor(s_t);  a_t = tanh(u_t), u_t ~ N(mu_t, sigma_t)     node "action", step t
+    h_{t+1} = GRU(z_t, a_t, h_t);   z_{t+1} ~ prior(h_{t+1})        node "latent", step t (optional)
+    r_t = reward(s_{t+1});  v_t = slow_critic(s_t) for t = 0 .. H
+J = sum_t w_t V_t (lambda-returns V_t) is split into per-step terms rho_k
+(`lambda_return_terms`), so each node is credited with the terms after it; the LR
+baseline of step t is kappa_t v_t (`baseline_coefficients`).
+"""
+
+import contextlib
+import copy
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+
+from ..estimators import Estimator, baseline_coefficients, lambda_return_terms, lambda_returns
+from .networks import ActorHead, ScalarHead
+from .rssm import LatentState
+
+ESTIMATORS = ("rp", "lr", "mix", "tpx")
+
+
+def objective_weights(kind: str, H: int, gamma: float) -> Tensor:
+    """w_t [H] of J = sum_t w_t V_t: "discount" gamma^t / H (DreamerV1), "uniform" 1 / H,
+    "start" (1, 0, ..., 0) (the start-state value V_0)."""
+    if kind == "discount":
+        return gamma ** torch.arange(H, dtype=torch.float64) / H
+    if kind == "uniform":
+        return torch.full((H,), 1.0 / H, dtype=torch.float64)
+    if kind == "start":
+        return torch.eye(1, H, dtype=torch.float64)[0]
+    raise ValueError(f"unknown actor_weights {kind!r}; valid: discount, uniform, start")
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """No parameter gradients for `modules` inside the block (gradients still flow through)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def finite_step(optimizer: torch.optim.Optimizer, params, clip: float):
+    """Clip the gradient norm and step, unless the norm is non-finite: then the gradients
+    are dropped and the weights stay untouched. Returns (norm before clipping, stepped)."""
+    norm = nn.utils.clip_grad_norm_(params, clip)
+    ok = bool(torch.isfinite(norm))
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.detach(), ok
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, feat_dim: int, action_dim: int, cfg):
+        super().__init__()
+        if cfg.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {cfg.estimator!r}; valid: {', '.join(ESTIMATORS)} "
+                             "(tp scales with B x P: use it through tpx_ext.Estimator on small models)")
+        if not 1 <= cfg.horizon:
+            raise ValueError(f"horizon must be >= 1, got {cfg.horizon}")
+        self.cfg, self.action_dim = cfg, action_dim
+        self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.mlp_layers,
+                               cfg.actor_init_std, cfg.actor_min_std, cfg.actor_mean_scale)
+        self.critic = ScalarHead(feat_dim, cfg.hidden, cfg.mlp_layers)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.estimator = Estimator(
+            cfg.estimator, rho=cfg.mix_rho if cfg.estimator == "mix" else None,
+            momentum=cfg.tpx_momentum if cfg.estimator == "tpx" else 0.0)
+        # Gradient ascent on J: StochasticGraph.backward accumulates +dJ/dtheta.
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps,
+                                          maximize=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
+        w = objective_weights(cfg.actor_weights, cfg.horizon, cfg.gamma)
+        self.register_buffer("weights", w.float(), persistent=False)
+        self.register_buffer("kappa", baseline_coefficients(cfg.gamma, cfg.lam, w).float(),
+                             persistent=False)
+        self.updates = 0
+
+    def update(self, world_model, start: LatentState) -> Dict[str, Tensor]:
+        """One actor and one critic step from start states [..., S / Dh] (detached here)."""
+        cfg, H = self.cfg, self.cfg.horizon
+        start = start.map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+        rssm = world_model.rssm
+        with frozen(world_model, self.critic):
+            graph = self.estimator.graph()
+            state, feats, values = start, [start.feat], []
+            for t in range(H):
+                mu, sigma = self.actor(graph.cut(state.feat))
+                values.append(self.slow_critic(state.feat))
+                baseline = self.kappa[t] * values[-1].detach()
+                action = graph.sample_tanh(mu, sigma, t, name="action", baseline=baseline)
+                deter = rssm.deter_step(state.stoch, action, state.deter)
+                mean, std = rssm.prior(deter)
+                if cfg.latent_nodes:
+                    stoch = graph.sample(mean, std, t, name="latent", baseline=baseline)
+                else:
+                    stoch = mean + std * torch.randn_like(mean)
+                state = LatentState(mean, std, stoch, deter)
+                feats.append(state.feat)
+            values.append(self.slow_critic(state.feat))
+            feats, values = torch.stack(feats), torch.stack(values)  # [H+1, N, F], [H+1, N]
+            rewards = world_model.reward(feats[1:])                    # [H, N]
+            rho = lambda_return_terms(rewards, values, cfg.gamma, cfg.lam, self.weights)
+            for k in range(H):
+                graph.add_objective(rho[k], k)
+            # Entropy of the pre-tanh Gaussian, from detached states (it is not a sample's
+            # function, so it stays outside the nodes' weighting).
+            _, sigma_d = self.actor(feats[:-1].detach())
+            entropy = sigma_d.log().sum(-1).mean()
+            stats = graph.backward(extra=cfg.actor_entropy * entropy)
+        actor_norm, actor_ok = finite_step(self.actor_opt, self.actor.parameters(), cfg.grad_clip)
+
+        # Critic: regress v(s_t) on lambda-returns built from the slow critic's values.
+        feats = feats.detach()
+        targets = lambda_returns(rewards.detach(), values.detach(), cfg.gamma, cfg.lam)  # [H, N]
+        disc = self.cfg.gamma ** torch.arange(H, device=feats.device, dtype=feats.dtype)
+        err = self.critic(feats[:-1]) - targets
+        critic_loss = 0.5 * (disc[:, None] * err.pow(2)).mean()
+        critic_loss.backward()
+        critic_norm, critic_ok = finite_step(self.critic_opt, self.critic.parameters(), cfg.grad_clip)
+
+        self.updates += 1
+        if self.updates % cfg.slow_critic_every == 0:
+            self.slow_critic.load_state_dict(self.critic.state_dict())
+        metrics = {
+            "actor_grad_norm": actor_norm, "actor_skipped": torch.tensor(float(not actor_ok)),
+            "actor_clipped": (actor_norm > cfg.grad_clip).float(),
+            "critic_loss": critic_loss.detach(), "critic_grad_norm": critic_norm,
+            "critic_skipped": torch.tensor(float(not critic_ok)),
+            "imag_return": targets[0].mean(), "imag_reward": rewards.detach().mean(),
+            "action_std": sigma_d.detach().mean(), "entropy": entropy.detach(),
+        }
+        metrics.update(self._node_metrics(stats))
+        return metrics
+
+    def _node_metrics(self, stats) -> Dict[str, Tensor]:
+        """TPX weight on LR per horizon step (mean over the mu coordinates; 1 = all LR) and
+        the count of coordinates where both estimators were non-finite."""
+        out = {}
+        for name in ("action", "latent"):
+            nodes = [s for s in stats if s.name == name and s.k is not None]
+            if not nodes:
+                continue
+            D = nodes[0].k.numel() // 2
+            out[f"k_{name}"] = torch.stack([s.k[:D] for s in nodes]).float().nanmean(1)  # [H]
+            out[f"nonfinite_{name}"] = torch.stack([s.nonfinite for s in nodes]).sum().float()
+        return out
+
+    def act(self, feat: Tensor, explore: bool) -> Tensor:
+        """Actions [N, A] in [-1, 1]: tanh of a sample (explore) or of the mean."""
+        mu, sigma = self.actor(feat)
+        return torch.tanh(mu + sigma * torch.randn_like(mu) if explore else mu)
+
+    def state_dict_extra(self):
+        return {
+            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+            "updates": self.updates,
+            "running_stats": [(n, s, a, b) for (n, s), (a, b) in self.estimator.running_stats.items()],
+        }
+
+    def load_state_dict_extra(self, state):
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.updates = state["updates"]
+        self.estimator.running_stats = {(n, s): (a, b) for n, s, a, b in state["running_stats"]}

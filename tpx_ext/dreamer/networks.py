@@ -1,0 +1,93 @@
+"""Encoders, decoders and heads. Pixels: DreamerV1's 64x64 conv stack; states: MLPs."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def mlp(inp: int, out: int, hidden: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ELU layers of width `hidden`, then a linear output."""
+    mods, width = [], inp
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.ELU()]
+        width = hidden
+    mods.append(nn.Linear(width, out))
+    return nn.Sequential(*mods)
+
+
+class ConvEncoder(nn.Module):
+    """uint8-range pixels [..., 3, 64, 64] -> embedding [..., 32 * depth] (4 stride-2 convs)."""
+
+    def __init__(self, depth: int = 32):
+        super().__init__()
+        d = depth
+        self.net = nn.Sequential(
+            nn.Conv2d(3, d, 4, 2), nn.ELU(), nn.Conv2d(d, 2 * d, 4, 2), nn.ELU(),
+            nn.Conv2d(2 * d, 4 * d, 4, 2), nn.ELU(), nn.Conv2d(4 * d, 8 * d, 4, 2), nn.ELU(),
+        )
+        self.out_dim = 32 * depth  # 8d channels x 2 x 2
+
+    def forward(self, obs: Tensor) -> Tensor:
+        lead = obs.shape[:-3]
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5
+        return self.net(x).reshape(*lead, self.out_dim)
+
+
+class ConvDecoder(nn.Module):
+    """features [..., F] -> mean image [..., 3, 64, 64] in the encoder's [-0.5, 0.5] scale."""
+
+    def __init__(self, feat_dim: int, depth: int = 32):
+        super().__init__()
+        d = depth
+        self.fc = nn.Linear(feat_dim, 32 * d)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(32 * d, 4 * d, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(4 * d, 2 * d, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(2 * d, d, 6, 2), nn.ELU(),
+            nn.ConvTranspose2d(d, 3, 6, 2),
+        )
+
+    def forward(self, feat: Tensor) -> Tensor:
+        lead = feat.shape[:-1]
+        x = self.fc(feat.reshape(-1, feat.shape[-1]))
+        return self.net(x[:, :, None, None]).reshape(*lead, 3, 64, 64)
+
+
+def pixel_target(obs: Tensor) -> Tensor:
+    """The decoder's regression target for uint8 pixels: the encoder's input scaling."""
+    return obs.float() / 255.0 - 0.5
+
+
+class ActorHead(nn.Module):
+    """features [N, F] -> (mu, sigma) [N, A] of the pre-tanh Gaussian u; the action is tanh(u).
+
+    mu = mean_scale * tanh(raw / mean_scale) keeps the pre-tanh mean bounded (DreamerV1);
+    sigma = softplus(raw + shift) + min_std, with shift making sigma = init_std at raw = 0.
+    """
+
+    def __init__(self, feat_dim: int, action_dim: int, hidden: int, layers: int,
+                 init_std: float = 1.0, min_std: float = 0.1, mean_scale: float = 5.0):
+        super().__init__()
+        if not init_std > min_std > 0:
+            raise ValueError(f"need init_std > min_std > 0, got {init_std}, {min_std}")
+        self.net = mlp(feat_dim, 2 * action_dim, hidden, layers)
+        self.min_std, self.mean_scale = min_std, mean_scale
+        self.std_shift = math.log(math.expm1(init_std - min_std))
+
+    def forward(self, feat: Tensor):
+        raw_mu, raw_std = self.net(feat).chunk(2, -1)
+        mu = self.mean_scale * torch.tanh(raw_mu / self.mean_scale)
+        sigma = nn.functional.softplus(raw_std + self.std_shift) + self.min_std
+        return mu, sigma
+
+
+class ScalarHead(nn.Module):
+    """features [..., F] -> [...] (reward and value heads)."""
+
+    def __init__(self, feat_dim: int, hidden: int, layers: int):
+        super().__init__()
+        self.net = mlp(feat_dim, 1, hidden, layers)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        return self.net(feat).squeeze(-1)

@@ -1,0 +1,92 @@
+"""Learning curves from one or several runs to PNG.
+
+    python -m tpx_ext.plot runs/a runs/b --out curves.png [--metric eval_return] [--x step]
+
+Runs whose label is the same (default label: "<estimator> H=<horizon>" from their
+config.json) are one curve: the mean over the runs, with a band from their min to max,
+on the steps all of them reached. Any metric in metrics.jsonl can be plotted.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections import OrderedDict
+
+import numpy as np
+
+from .logger import METRICS_FILE, read_metrics
+
+
+def run_label(run_dir: str) -> str:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return os.path.basename(os.path.normpath(run_dir))
+    with open(path) as f:
+        cfg = json.load(f)
+    return f"{cfg['estimator']} H={cfg['horizon']}"
+
+
+def curve(run_dir: str, metric: str):
+    """(steps, values) of a scalar metric; the last record wins at a repeated step."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (is it a run directory?)")
+    points = {}
+    for r in read_metrics(path):
+        if metric in r and isinstance(r[metric], (int, float)):
+            points[r["step"]] = r[metric]
+    if not points:
+        raise ValueError(f"{run_dir}: metric {metric!r} was never logged")
+    steps = np.array(sorted(points))
+    return steps, np.array([points[s] for s in steps], dtype=float)
+
+
+def plot(run_dirs, out: str, metric: str = "eval_return", labels=None, title=None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = OrderedDict()
+    for i, run in enumerate(run_dirs):
+        label = labels[i] if labels else run_label(run)
+        groups.setdefault(label, []).append(curve(run, metric))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, curves in groups.items():
+        end = min(s[-1] for s, _ in curves)
+        steps = np.unique(np.concatenate([s[s <= end] for s, _ in curves]))
+        ys = np.stack([np.interp(steps, s, v) for s, v in curves])
+        line, = ax.plot(steps, ys.mean(0), label=f"{label} ({len(curves)} run{'s' * (len(curves) > 1)})")
+        if len(curves) > 1:
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tpx_ext.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    p.add_argument("--out", default="curves.png")
+    p.add_argument("--metric", default="eval_return")
+    p.add_argument("--labels", nargs="+", help="one label per run (default from config.json)")
+    p.add_argument("--title")
+    a = p.parse_args(argv)
+    if a.labels and len(a.labels) != len(a.runs):
+        sys.exit(f"--labels: got {len(a.labels)} labels for {len(a.runs)} runs")
+    try:
+        print(plot(a.runs, a.out, a.metric, a.labels, a.title))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(str(e))
+
+
+if __name__ == "__main__":
+    main()
