@@ -1,5 +1,5 @@
 # Two commands on a fresh machine (see README.md):
-#   make run    set up .venv, build the extension, run the default job
+#   make run    set up .venv, build the extension, train the CPU default Dreamer (tpx)
 #   make test   set up .venv, build, run the C++ tests (ctest) and the pytest suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= 2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: setup run test pytest ctest bench clean
+.PHONY: setup run selfcheck test pytest ctest bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ setup: $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc]"
 	$(PY) -c "import tpx_ext, torch; print('tpx_ext built: torch', torch.__version__, '| CUDA kernels compiled:', tpx_ext.cuda_compiled())"
 
+# The CPU default training job (~30 min on 2 cores); a second `make run` resumes or, when
+# the run is complete, only prints its final evaluation. ARGS adds trainer options.
+RUN_DIR ?= runs/default
 run: setup
+	$(PY) -m tpx_ext.train --logdir $(RUN_DIR) $(if $(wildcard $(RUN_DIR)/checkpoint.pt),--resume) $(ARGS)
+	$(PY) -m tpx_ext.plot $(RUN_DIR) --out $(RUN_DIR)/curve.png
+
+selfcheck: setup
 	$(PY) -m tpx_ext
 
 ctest: setup
@@ -35,6 +42,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/ops.py
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf build build-cmake tpx_ext/_C*.so *.egg-info

@@ -16,20 +16,16 @@ import os
 # numpy's OpenBLAS server threads spin on this 2-core machine and steal the
 # cores that torch's and the fused op's OpenMP threads wait for; no BLAS is timed here.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import platform
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import tpx_ext
+from common import machine_description, write_section
 from tpx_ext import reference
 
-ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- bench/ops.py:begin -->", "<!-- bench/ops.py:end -->"
 
 
 # --- the eager compositions (same dtype as the inputs) ------------------------
@@ -122,20 +118,6 @@ def rows(device, dtypes, quick):
                             "reference f64": lambda a=args: reference.gaussian_tpx_backward(*a)})
 
 
-def machine_description(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    desc = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), tpx_ext CUDA kernels compiled: {tpx_ext.cuda_compiled()}")
-    if device == "cuda":
-        desc += f", GPU: {torch.cuda.get_device_name()}"
-    return desc
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -164,13 +146,7 @@ def main(argv=None):
 
     if args.write:
         cmd = "python bench/ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        section = f"{BEGIN}\nCommand: `{cmd.strip()}`\n\n{header}\n" + "\n".join(lines) + f"\n{END}"
-        path = ROOT / "docs" / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-        if BEGIN not in text:
-            text += f"\n{BEGIN}\n{END}\n"
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        path.write_text(text)
+        path = write_section("bench/ops.py", f"Command: `{cmd.strip()}`\n\n{header}\n" + "\n".join(lines))
         print(f"wrote {path}")
 
 

@@ -2,7 +2,6 @@
 
 from typing import Dict, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from .networks import ConvDecoder, ConvEncoder, ScalarHead, mlp, pixel_target
