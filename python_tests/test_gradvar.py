@@ -45,3 +45,25 @@ def test_gradvar_rejects_unknown_names():
         gradvar.run(modes=["rp", "sf"], horizons=[1], reps=2, progress=False)
     with pytest.raises(ValueError, match="valid: rotor, linear"):
         gradvar.run(system_name="cartpole", horizons=[1], reps=2, progress=False)
+
+
+def test_gradvar_on_a_dreamer_checkpoint(tmp_path):
+    """The study on a trained agent: rows for every mode and horizon, finite statistics, a
+    reference from rp or lr, and a clear refusal of tp (it needs a small toy policy)."""
+    from tpx_ext.train import main as train
+
+    run_dir = str(tmp_path / "run")
+    train(["--configs", "debug", "--logdir", run_dir, "--quiet", "--threads", "1", "--steps", "400"])
+    rows = gradvar.run(horizons=(3, 12), modes=("rp", "lr", "tpx"), batch=32, reps=4,
+                       ref_batches=6, progress=False, checkpoint=run_dir)
+    assert [(r["horizon"], r["mode"]) for r in rows] == [
+        (3, "rp"), (3, "lr"), (3, "tpx"), (12, "rp"), (12, "lr"), (12, "tpx")]
+    for r in rows:
+        assert r["system"].startswith("dreamer:") and r["reference"] in ("rp", "lr")
+        assert 0 < r["variance"] < float("inf") and r["nonfinite"] == 0
+    # Same seed, same gradients: the study is reproducible.
+    again = gradvar.run(horizons=(3,), modes=("rp", "lr", "tpx"), batch=32, reps=4,
+                        ref_batches=6, progress=False, checkpoint=run_dir)
+    assert [r["variance"] for r in again] == [r["variance"] for r in rows[:3]]
+    with pytest.raises(ValueError, match="leave it out with --checkpoint"):
+        gradvar.run(horizons=(3,), modes=("tp",), progress=False, checkpoint=run_dir)

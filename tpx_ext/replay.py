@@ -101,6 +101,11 @@ class ReplayBuffer:
         return sum(a.nbytes for ep in self._episodes for a in ep.values())
 
     # -- sampling -----------------------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        """Restart the sampling RNG (e.g. after loading a checkpoint, for an analysis that
+        must not depend on where training stopped)."""
+        self._rng = np.random.default_rng(seed)
+
     def sample(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """batch_size sequences of seq_len consecutive steps, each inside one episode, the
         start drawn uniformly over all valid starts of all stored episodes. Returns obs,

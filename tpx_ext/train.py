@@ -207,6 +207,23 @@ class Trainer:
             self.logger.close()
 
 
+def load_run(run_dir: str, device="cpu"):
+    """(agent, replay, config) of a run's checkpoint, for analysis (`python -m tpx_ext.gradvar
+    --checkpoint`); no environment is created."""
+    if not checkpoint.exists(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no {checkpoint.CHECKPOINT_FILE} (is it a run directory?)")
+    state = torch.load(os.path.join(run_dir, checkpoint.CHECKPOINT_FILE), map_location=device,
+                       weights_only=False)
+    cfg = configs.build([], state["config"])
+    with np.load(os.path.join(run_dir, state["replay_file"])) as data:
+        capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
+    replay = ReplayBuffer(capacity, obs_shape, np.dtype(obs_dtype), action_dim, seed=cfg.seed)
+    replay.load(os.path.join(run_dir, state["replay_file"]))
+    agent = Dreamer(tuple(obs_shape), action_dim, cfg, device)
+    agent.load_checkpoint_state(state["agent"])
+    return agent, replay, cfg
+
+
 def default_logdir(cfg: configs.Config) -> str:
     return os.path.join("runs", f"{cfg.task}_{cfg.obs}_{cfg.estimator}_h{cfg.horizon}_s{cfg.seed}")
 

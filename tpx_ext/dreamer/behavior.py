@@ -11,16 +11,29 @@ baseline of step t is kappa_t v_t (`baseline_coefficients`).
 
 import contextlib
 import copy
-from typing import Dict
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ..estimators import Estimator, baseline_coefficients, lambda_return_terms, lambda_returns
+from ..estimators import Estimator, NodeStats, baseline_coefficients, lambda_return_terms, lambda_returns
 from .networks import ActorHead, ScalarHead
 from .rssm import LatentState
 
 ESTIMATORS = ("rp", "lr", "mix", "tpx")
+
+
+class Imagination(NamedTuple):
+    """What one imagined rollout leaves behind (detached): feats [H+1, N, F], values
+    [H+1, N] (slow critic), rewards [H, N], the actor's sigma [H, N, A] and mean entropy
+    (from detached states), and the per-node estimator diagnostics."""
+
+    feats: Tensor
+    values: Tensor
+    rewards: Tensor
+    sigma: Tensor
+    entropy: Tensor
+    stats: List[NodeStats]
 
 
 def objective_weights(kind: str, H: int, gamma: float) -> Tensor:
@@ -79,24 +92,33 @@ class ActorCritic(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps,
                                           maximize=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
-        w = objective_weights(cfg.actor_weights, cfg.horizon, cfg.gamma)
-        self.register_buffer("weights", w.float(), persistent=False)
-        self.register_buffer("kappa", baseline_coefficients(cfg.gamma, cfg.lam, w).float(),
-                             persistent=False)
+        self._coefficients: Dict = {}  # (horizon, device) -> (w [H], kappa [H])
         self.updates = 0
 
-    def update(self, world_model, start: LatentState) -> Dict[str, Tensor]:
-        """One actor and one critic step from start states [..., S / Dh] (detached here)."""
-        cfg, H = self.cfg, self.cfg.horizon
-        start = start.map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+    def coefficients(self, horizon: int, device) -> Tuple[Tensor, Tensor]:
+        """(w_t, kappa_t) [H] of the objective and the baselines (float32, cached)."""
+        key = (horizon, str(device))
+        if key not in self._coefficients:
+            cfg = self.cfg
+            w = objective_weights(cfg.actor_weights, horizon, cfg.gamma)
+            kappa = baseline_coefficients(cfg.gamma, cfg.lam, w)
+            self._coefficients[key] = (w.float().to(device), kappa.float().to(device))
+        return self._coefficients[key]
+
+    def actor_gradient(self, world_model, start: LatentState, estimator: Estimator,
+                       horizon: int) -> Imagination:
+        """Imagine `horizon` steps from start states [N, S / Dh] and accumulate the actor's
+        +dJ/dtheta into .grad with `estimator` (world model and critic frozen)."""
+        cfg, H = self.cfg, horizon
+        weights, kappa = self.coefficients(H, start.deter.device)
         rssm = world_model.rssm
         with frozen(world_model, self.critic):
-            graph = self.estimator.graph()
+            graph = estimator.graph()
             state, feats, values = start, [start.feat], []
             for t in range(H):
                 mu, sigma = self.actor(graph.cut(state.feat))
                 values.append(self.slow_critic(state.feat))
-                baseline = self.kappa[t] * values[-1].detach()
+                baseline = kappa[t] * values[-1].detach()
                 action = graph.sample_tanh(mu, sigma, t, name="action", baseline=baseline)
                 deter = rssm.deter_step(state.stoch, action, state.deter)
                 mean, std = rssm.prior(deter)
@@ -109,7 +131,7 @@ class ActorCritic(nn.Module):
             values.append(self.slow_critic(state.feat))
             feats, values = torch.stack(feats), torch.stack(values)  # [H+1, N, F], [H+1, N]
             rewards = world_model.reward(feats[1:])                    # [H, N]
-            rho = lambda_return_terms(rewards, values, cfg.gamma, cfg.lam, self.weights)
+            rho = lambda_return_terms(rewards, values, cfg.gamma, cfg.lam, weights)
             for k in range(H):
                 graph.add_objective(rho[k], k)
             # Entropy of the pre-tanh Gaussian, from detached states (it is not a sample's
@@ -117,11 +139,19 @@ class ActorCritic(nn.Module):
             _, sigma_d = self.actor(feats[:-1].detach())
             entropy = sigma_d.log().sum(-1).mean()
             stats = graph.backward(extra=cfg.actor_entropy * entropy)
+        return Imagination(feats.detach(), values.detach(), rewards.detach(), sigma_d.detach(),
+                           entropy.detach(), stats)
+
+    def update(self, world_model, start: LatentState) -> Dict[str, Tensor]:
+        """One actor and one critic step from start states [..., S / Dh] (detached here)."""
+        cfg, H = self.cfg, self.cfg.horizon
+        start = start.map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+        im = self.actor_gradient(world_model, start, self.estimator, H)
+        feats, values, rewards, sigma_d, entropy, stats = im
         actor_norm, actor_ok = finite_step(self.actor_opt, self.actor.parameters(), cfg.grad_clip)
 
         # Critic: regress v(s_t) on lambda-returns built from the slow critic's values.
-        feats = feats.detach()
-        targets = lambda_returns(rewards.detach(), values.detach(), cfg.gamma, cfg.lam)  # [H, N]
+        targets = lambda_returns(rewards, values, cfg.gamma, cfg.lam)  # [H, N]
         disc = self.cfg.gamma ** torch.arange(H, device=feats.device, dtype=feats.dtype)
         err = self.critic(feats[:-1]) - targets
         critic_loss = 0.5 * (disc[:, None] * err.pow(2)).mean()
@@ -136,8 +166,8 @@ class ActorCritic(nn.Module):
             "actor_clipped": (actor_norm > cfg.grad_clip).float(),
             "critic_loss": critic_loss.detach(), "critic_grad_norm": critic_norm,
             "critic_skipped": torch.tensor(float(not critic_ok)),
-            "imag_return": targets[0].mean(), "imag_reward": rewards.detach().mean(),
-            "action_std": sigma_d.detach().mean(), "entropy": entropy.detach(),
+            "imag_return": targets[0].mean(), "imag_reward": rewards.mean(),
+            "action_std": sigma_d.mean(), "entropy": entropy,
         }
         metrics.update(self._node_metrics(stats))
         return metrics
