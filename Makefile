@@ -17,7 +17,7 @@ $(PY):
 setup: $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH) ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
 	$(PY) -c "import tpx_ext, torch; print('tpx_ext built: torch', torch.__version__, '| CUDA kernels compiled:', tpx_ext.cuda_compiled())"
 
 # The CPU default training job (~30 min on 2 cores); a second `make run` resumes or, when

@@ -1,0 +1,132 @@
+"""`python -m tpx_ext.sweep` end to end on a local Ray (debug preset, seconds per trial): a
+failing trial, resuming a stopped run, skipping finished ones, the summary against the runs'
+own files, and the refusals."""
+
+import csv
+import os
+import re
+import sys
+import time
+
+import pytest
+
+from tpx_ext import sweep, train
+from tpx_ext.logger import read_metrics
+
+GRID = ["--tasks", "cartpole_balance", "--estimators", "rp", "tpx", "--horizons", "5",
+        "--seeds", "0", "--configs", "debug", "--steps", "400"]
+SUMMARIES = ("summary.md", "summary.csv", "summary_groups.csv", "curves_cartpole_balance.png")
+
+
+def snapshot(out):
+    """Every file under out: the bytes of the summaries (rewritten on every run), the
+    modification time of the others (the runs' files)."""
+    state = {}
+    for root, _, files in os.walk(out):
+        for name in files:
+            path = os.path.join(root, name)
+            state[path] = open(path, "rb").read() if name in SUMMARIES else os.stat(path).st_mtime_ns
+    return state
+
+
+def check_summary(out, runs):
+    """summary.csv and summary_groups.csv against each run's metrics.jsonl."""
+    rows = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
+    groups = list(csv.DictReader(open(os.path.join(out, "summary_groups.csv"))))
+    md = open(os.path.join(out, "summary.md")).read()
+    assert [(r["estimator"], r["horizon"], r["seed"]) for r in rows] == [("rp", "5", "0"), ("tpx", "5", "0")]
+    for row, group, run in zip(rows, groups, runs):
+        recs = read_metrics(os.path.join(run, "metrics.jsonl"))
+        last_train = [r for r in recs if "train_return" in r][-1]
+        last_eval = [r for r in recs if "eval_return" in r][-1]
+        assert row["status"] == "done"
+        assert float(row["eval_return"]) == last_eval["eval_return"]
+        assert int(row["env_steps"]) == last_eval["step"] == last_train["step"] == 400
+        assert last_train["updates"] > 0
+        assert float(row["actor_skipped_frac"]) == last_train["actor_skipped"] / last_train["updates"]
+        assert float(row["actor_clipped_frac"]) == last_train["actor_clipped"] / last_train["updates"]
+        ks = [r["k_action"] for r in recs if "k_action" in r]
+        if row["estimator"] == "rp":
+            assert not ks and row["k_lr_first"] == row["k_lr_last"] == ""
+        else:  # one training record with updates: the last 10% of them is that one
+            assert len(ks) == 1 and len(ks[0]) == 5
+            assert float(row["k_lr_first"]) == pytest.approx(ks[0][0], rel=1e-12)
+            assert float(row["k_lr_last"]) == pytest.approx(ks[0][-1], rel=1e-12)
+        assert group["estimator"] == row["estimator"] and group["seeds"] == "1"
+        assert float(group["eval_return_mean"]) == float(row["eval_return"])
+        assert float(group["eval_return_std"]) == 0.0
+        assert (f"| cartpole_balance | {row['estimator']} | 5 | 0 | done | "
+                f"{last_eval['eval_return']:.1f} | 400 |") in md
+    assert os.path.getsize(os.path.join(out, "curves_cartpole_balance.png")) > 1000
+
+
+def test_sweep_fails_resumes_skips_and_summarizes(tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    argv = ["--out", out, *GRID]
+    rp, tpx = (os.path.join(out, f"cartpole_balance_{e}_h5_s0") for e in ("rp", "tpx"))
+    # The tpx trial was stopped at 200 of its 400 steps: the sweep must resume it.
+    train.main(["--configs", "debug", "--logdir", tpx, "--quiet", "--threads", "1", "--task",
+                "cartpole_balance", "--estimator", "tpx", "--horizon", "5", "--seed", "0",
+                "--steps", "200"])
+    # A file where the rp trial's run dir goes makes that trial fail.
+    open(rp, "w").close()
+
+    assert sweep.main(argv) == 1
+    log = capsys.readouterr()
+    assert "cartpole_balance_rp_h5_s0 FAILED: NotADirectoryError" in log.out
+    assert re.search(r"\[2/2\] cartpole_balance_tpx_h5_s0: eval return -?[\d.]+ in [\d.]+ s", log.out)
+    assert "cartpole_balance_rp_h5_s0 failed:" in log.err and "1/2 trials failed" in log.err
+    evals = [r["step"] for r in read_metrics(os.path.join(tpx, "metrics.jsonl")) if "eval_return" in r]
+    assert evals == [0, 200, 400], "the stopped run was not resumed"
+    assert "| rp | 5 | 0 | failed | - |" in open(os.path.join(out, "summary.md")).read()
+
+    # Re-run: the failed trial runs again, the finished one is left alone.
+    os.remove(rp)
+    tpx_files = snapshot(tpx)
+    assert sweep.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "1/2 trials already finished, skipped" in log
+    assert re.search(r"\[2/2\] cartpole_balance_rp_h5_s0: eval return", log)
+    assert snapshot(tpx) == tpx_files
+    check_summary(out, [rp, tpx])
+
+    # Re-run with everything finished: no Ray, no training, the same files.
+    before, t0 = snapshot(out), time.perf_counter()
+    assert sweep.main(argv) == 0
+    seconds = time.perf_counter() - t0
+    assert "2/2 trials already finished, skipped" in capsys.readouterr().out
+    assert seconds < 10, f"a sweep with nothing to do took {seconds:.1f} s"
+    assert snapshot(out) == before
+
+    with pytest.raises(SystemExit, match=r"holds a different sweep .*horizons: \[5\] -> \[5, 15\]"):
+        sweep.main([*argv, "--horizons", "5", "15"])
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--set", "horizon=3"], "set by the sweep itself"),
+    (["--set", "batch_size"], "expected KEY=VALUE"),
+    (["--set", "no_such_key=1"], "unknown config key"),
+    (["--set", "mix_rho=2"], "mix_rho must be in"),
+    (["--estimators", "rp", "tp"], "estimator must be one of"),
+    (["--seeds", "0", "0"], "duplicate values"),
+    (["--tasks", "cartpole_nope"], "unknown \\['cartpole_nope'\\]"),
+    (["--cpus-per-trial", "0"], "must be >= 1"),
+])
+def test_invalid_sweep_is_refused_before_anything_is_written(tmp_path, args, match):
+    out = str(tmp_path / "s")
+    with pytest.raises(SystemExit, match=match):
+        sweep.main(["--out", out, *GRID, *args])
+    assert not os.path.exists(out)
+
+
+def test_trial_larger_than_any_node_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no Ray node has the 4096 CPUs and 0 GPUs a trial asks for"):
+        sweep.main(["--out", str(tmp_path / "s"), *GRID, "--cpus-per-trial", "4096"])
+
+
+def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    with pytest.raises(SystemExit, match=re.escape('pip install --no-build-isolation ".[sweep]"')):
+        sweep.main(["--out", str(tmp_path / "s"), *GRID])
+    assert not os.path.exists(tmp_path / "s")

@@ -1,0 +1,391 @@
+"""Run a grid of training runs (tasks x estimators x horizons x seeds) through Ray.
+
+    python -m tpx_ext.sweep --out sweeps/h --tasks cartpole_balance --estimators rp tpx \\
+        --horizons 15 100 --seeds 0 1 2 [--configs PRESET ...] [--set key=value ...] \\
+        [--steps N] [--cpus-per-trial 1] [--gpus-per-trial 0] [--address auto]
+
+Every grid point is one `tpx_ext.train` run in OUT/<task>_<estimator>_h<H>_s<seed>, executed
+as a Ray task: on a local Ray instance by default, on a running Ray cluster with --address.
+Re-running the same command skips finished trials and resumes the others from their last
+checkpoint. At the end OUT holds summary.md, summary.csv, summary_groups.csv and
+curves_<task>.png. See docs/SWEEP.md.
+"""
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional
+
+from . import configs
+
+SPEC_FILE = "sweep.json"
+INSTALL_HINT = 'pip install --no-build-isolation ".[sweep]"'
+# Keys the sweep sets itself: the grid axes, --steps, and the thread count (--cpus-per-trial).
+RESERVED_KEYS = ("task", "estimator", "horizon", "seed", "steps", "threads")
+# The TPX weights in the summary are averaged over this final fraction of the training
+# records: the weights drift during training, and the end is what the final return reflects.
+LAST_RECORDS_FRACTION = 0.1
+
+TRIAL_COLUMNS = ("task", "estimator", "horizon", "seed", "status", "eval_return", "env_steps",
+                 "actor_skipped_frac", "actor_clipped_frac", "k_lr_first", "k_lr_last")
+GROUP_COLUMNS = ("task", "estimator", "horizon", "eval_return_mean", "eval_return_std", "seeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    task: str
+    estimator: str
+    horizon: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}_{self.estimator}_h{self.horizon}_s{self.seed}"
+
+
+class TrialError(RuntimeError):
+    """A trial's `tpx_ext.train` refused to run (it calls sys.exit with the reason); raised
+    instead of SystemExit, which would end the Ray worker rather than fail the task."""
+
+
+# ----------------------------------------------------------------------------- the grid
+def parse_args(argv: Optional[List[str]]):
+    p = argparse.ArgumentParser(prog="python -m tpx_ext.sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="sweep directory (holds one run dir per trial)")
+    p.add_argument("--tasks", nargs="+", required=True, help="dm_control tasks, e.g. walker_walk")
+    p.add_argument("--estimators", nargs="+", required=True, help="rp, lr, mix, tpx")
+    p.add_argument("--horizons", nargs="+", type=int, required=True)
+    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--configs", nargs="+", default=[], metavar="PRESET",
+                   help=f"trainer presets ({', '.join(configs.PRESETS)}), applied left to right")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="trainer config keys for every trial, e.g. --set batch_size=32 mix_rho=0.3")
+    p.add_argument("--steps", type=int, default=None,
+                   help="environment steps per trial (default: from the presets)")
+    p.add_argument("--cpus-per-trial", type=int, default=1,
+                   help="CPUs Ray reserves for a trial, also its torch thread count")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs Ray reserves for a trial; Ray hides the GPUs from a trial without one")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to run on ('auto' or HEAD_IP:6379); default: a local Ray")
+    return p.parse_args(argv)
+
+
+def build_spec(args) -> Dict:
+    """The sweep's identity, checked on re-runs. Exits with the reason on an invalid grid, so
+    that nothing is written and no trial is started for a sweep that cannot run."""
+    for axis in ("tasks", "estimators", "horizons", "seeds"):
+        values = getattr(args, axis)
+        if len(set(values)) != len(values):
+            sys.exit(f"--{axis}: duplicate values in {values}")
+    if args.cpus_per_trial < 1:
+        sys.exit(f"--cpus-per-trial must be >= 1, got {args.cpus_per_trial}")
+    if args.gpus_per_trial < 0:
+        sys.exit(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            sys.exit(f"--set: expected KEY=VALUE, got {item!r}")
+        if key in RESERVED_KEYS:
+            sys.exit(f"--set {key}: set by the sweep itself (grid axes, --steps, --cpus-per-trial)")
+        if key in overrides:
+            sys.exit(f"--set: {key} given twice")
+        overrides[key] = value
+    try:
+        steps = {} if args.steps is None else {"steps": args.steps}
+        base = configs.build(args.configs, {**overrides, **steps})
+        for est, h in itertools.product(args.estimators, args.horizons):
+            configs.build(args.configs, {**overrides, "estimator": est, "horizon": h})
+    except ValueError as e:
+        sys.exit(f"invalid sweep: {e}")
+    from .envs import task_names  # imports dm_control: only here, after the cheap checks
+
+    unknown = sorted(set(args.tasks) - set(task_names()))
+    if unknown:
+        sys.exit(f"--tasks: unknown {unknown}; valid: {', '.join(sorted(task_names()))}")
+    return {"tasks": args.tasks, "estimators": args.estimators, "horizons": args.horizons,
+            "seeds": args.seeds, "configs": args.configs, "set": overrides, "steps": base.steps}
+
+
+def check_spec(out: str, spec: Dict) -> None:
+    """Write OUT/sweep.json on the first run; refuse a different sweep in the same OUT, whose
+    trials would mix configs under the same run dir names."""
+    path = os.path.join(out, SPEC_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != spec:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {spec.get(k)!r}"
+                             for k in sorted(set(saved) | set(spec)) if saved.get(k) != spec.get(k))
+            sys.exit(f"{out} holds a different sweep ({path}); differences: {diff}. Re-run it with "
+                     "its own arguments, or pick another --out")
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(spec, f, indent=2)
+
+
+def trials_of(spec: Dict) -> List[Trial]:
+    return [Trial(*p) for p in itertools.product(spec["tasks"], spec["estimators"],
+                                                 spec["horizons"], spec["seeds"])]
+
+
+def train_argv(spec: Dict, trial: Trial, run_dir: str, threads: int) -> List[str]:
+    argv = ["--configs", *spec["configs"]] if spec["configs"] else []
+    for key, value in spec["set"].items():
+        argv += [f"--{key}", value]
+    return argv + ["--task", trial.task, "--estimator", trial.estimator,
+                   "--horizon", str(trial.horizon), "--seed", str(trial.seed),
+                   "--steps", str(spec["steps"]), "--logdir", run_dir,
+                   "--threads", str(threads), "--quiet"]
+
+
+def read_checkpoint(run_dir: str) -> Optional[Dict]:
+    """The checkpoint's counters and last evaluation, or None before the first checkpoint."""
+    import torch
+
+    from . import checkpoint
+
+    if not checkpoint.exists(run_dir):
+        return None
+    state = torch.load(os.path.join(run_dir, checkpoint.CHECKPOINT_FILE), map_location="cpu",
+                       weights_only=False)
+    return {"counters": state["counters"], "last_eval": state["last_eval"]}
+
+
+def is_complete(run_dir: str, steps: int) -> bool:
+    state = read_checkpoint(run_dir)
+    return state is not None and state["counters"]["env_steps"] >= steps
+
+
+# ----------------------------------------------------------------------------- one trial
+def run_trial(fresh_argv: List[str], run_dir: str, steps: int):
+    """Body of a Ray task: resume the run if it has a checkpoint, else start it over. Decided
+    here rather than by the driver, so that Ray's retry of a task whose node died resumes it."""
+    from . import checkpoint, train
+
+    t0 = time.perf_counter()
+    if checkpoint.exists(run_dir):
+        argv = ["--logdir", run_dir, "--resume", "--steps", str(steps), "--quiet"]
+    else:
+        if os.path.isdir(run_dir):  # killed before its first checkpoint: nothing to resume
+            shutil.rmtree(run_dir)
+        argv = fresh_argv
+    try:
+        result = train.main(argv)
+    except SystemExit as e:
+        raise TrialError(str(e.code)) from None
+    return result, time.perf_counter() - t0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        sys.exit(f"tpx_ext.sweep needs Ray; install it with: {INSTALL_HINT}")
+    return ray
+
+
+def run_trials(ray, args, spec: Dict, todo: List[Trial], done: int, total: int) -> Dict[str, str]:
+    """Runs `todo` on Ray, printing a line per finished trial; returns {name: error with its
+    traceback} of the failed ones (workers' output is not shown). A failed trial does not stop
+    the others."""
+    if args.address:
+        try:
+            ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            sys.exit(f"cannot connect to the Ray cluster at {args.address}: {e}. Is it running "
+                     "(`ray status` on the head)? Does this machine have the cluster's token "
+                     "(RAY_AUTH_MODE=token, ~/.ray/auth_token)? See docs/SWEEP.md")
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, logging_level="WARNING")
+    try:
+        check_fits(ray, args)
+        task = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(run_trial)
+        out = os.path.abspath(args.out)  # workers do not share the driver's working directory
+        pending = {}
+        for trial in todo:
+            run_dir = os.path.join(out, trial.name)
+            argv = train_argv(spec, trial, run_dir, args.cpus_per_trial)
+            pending[task.remote(argv, run_dir, spec["steps"])] = trial
+        failed = {}
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(ref)
+            done += 1
+            try:
+                result, seconds = ray.get(ref)
+            except Exception as e:  # the trial's own exception (RayTaskError) or a lost worker
+                cause = getattr(e, "cause", None) or e
+                failed[trial.name] = getattr(e, "traceback_str", None) or str(e)
+                print(f"[{done}/{total}] {trial.name} FAILED: {type(cause).__name__}: {cause}",
+                      flush=True)
+                continue
+            print(f"[{done}/{total}] {trial.name}: eval return {result['eval_return']:.1f} "
+                  f"in {seconds:.1f} s", flush=True)
+        return failed
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue (finished trials are "
+              "skipped, the others resume from their last checkpoint)", file=sys.stderr)
+        raise
+    finally:
+        ray.shutdown()
+
+
+def check_fits(ray, args) -> None:
+    """A trial that no node can hold waits forever, and silently (workers' output is off):
+    refuse it on a local Ray, warn on a cluster, which may still gain such a node."""
+    need = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPUs + {r.get('GPU', 0):g} GPUs" for r in nodes)
+    msg = (f"no Ray node has the {args.cpus_per_trial} CPUs and {args.gpus_per_trial:g} GPUs a "
+           f"trial asks for (--cpus-per-trial, --gpus-per-trial); the nodes have: {have}")
+    if not args.address:
+        sys.exit(msg)
+    print(f"warning: {msg}; the trials wait until such a node joins", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- summary
+def trial_row(out: str, trial: Trial, steps: int) -> Dict:
+    """One summary row: the final evaluation and counters from the checkpoint, the TPX
+    weights from metrics.jsonl. Numbers are None where the run has none (e.g. k for rp)."""
+    from .logger import METRICS_FILE, read_metrics
+
+    run_dir = os.path.join(out, trial.name)
+    row = dict.fromkeys(TRIAL_COLUMNS)
+    row.update(dataclasses.asdict(trial), status="failed")
+    state = read_checkpoint(run_dir)
+    if state is None:
+        return row
+    c = state["counters"]
+    row.update(status="done" if c["env_steps"] >= steps else "failed",
+               eval_return=state["last_eval"]["eval_return"], env_steps=c["env_steps"])
+    if c["updates"]:
+        row.update(actor_skipped_frac=c["actor_skipped"] / c["updates"],
+                   actor_clipped_frac=c["actor_clipped"] / c["updates"])
+    ks = [r["k_action"] for r in read_metrics(os.path.join(run_dir, METRICS_FILE)) if "k_action" in r]
+    if ks:
+        last = ks[-max(1, math.ceil(len(ks) * LAST_RECORDS_FRACTION)):]
+        row.update(k_lr_first=finite_mean([k[0] for k in last]),
+                   k_lr_last=finite_mean([k[-1] for k in last]))
+    return row
+
+
+def finite_mean(values: List[float]) -> Optional[float]:
+    """Mean over the finite values: an update where every coordinate was non-finite has no
+    weight (NaN), which says nothing about the others."""
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def group_rows(rows: List[Dict]) -> List[Dict]:
+    """Mean and (population) std of the final eval return over the finished seeds."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["estimator"], r["horizon"]), []).append(r)
+    out = []
+    for (task, est, h), members in groups.items():
+        returns = [r["eval_return"] for r in members if r["status"] == "done"]
+        mean = sum(returns) / len(returns) if returns else None
+        std = math.sqrt(sum((x - mean) ** 2 for x in returns) / len(returns)) if returns else None
+        out.append({"task": task, "estimator": est, "horizon": h, "eval_return_mean": mean,
+                    "eval_return_std": std, "seeds": len(returns)})
+    return out
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
+    def table(header, lines):
+        return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                         + ["| " + " | ".join(line) + " |" for line in lines])
+
+    trials = table(
+        ["task", "estimator", "H", "seed", "status", "eval return", "env steps", "actor skipped",
+         "actor clipped", "k_LR first", "k_LR last"],
+        [[r["task"], r["estimator"], str(r["horizon"]), str(r["seed"]), r["status"],
+          fmt(r["eval_return"], ".1f"), fmt(r["env_steps"], "d"), fmt(r["actor_skipped_frac"], ".3f"),
+          fmt(r["actor_clipped_frac"], ".3f"), fmt(r["k_lr_first"], ".3g"), fmt(r["k_lr_last"], ".3g")]
+         for r in rows])
+    grouped = table(
+        ["task", "estimator", "H", "eval return (mean +- std over seeds)", "seeds"],
+        [[g["task"], g["estimator"], str(g["horizon"]),
+          "-" if g["eval_return_mean"] is None
+          else f"{g['eval_return_mean']:.1f} +- {g['eval_return_std']:.1f}", str(g["seeds"])]
+         for g in groups])
+    presets = " ".join(spec["configs"]) or "(defaults)"
+    sets = " ".join(f"{k}={v}" for k, v in spec["set"].items()) or "none"
+    pct = round(LAST_RECORDS_FRACTION * 100)
+    return (f"# Sweep summary\n\npresets: {presets}; --set: {sets}; {spec['steps']} env steps "
+            f"per trial.\n\n## Trials\n\nactor skipped / clipped: fraction of the actor updates "
+            f"skipped as non-finite / with a clipped gradient norm. k_LR first / last: mean TPX "
+            f"weight on LR (0 = all RP, 1 = all LR) at the first / last horizon step over the "
+            f"last {pct}% of the training records.\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
+
+
+def write_csv(path: str, columns, rows: List[Dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "" if r[k] is None else r[k] for k in columns} for r in rows)
+
+
+def summarize(out: str, spec: Dict, trials: List[Trial]) -> str:
+    from .plot import plot
+
+    rows = [trial_row(out, t, spec["steps"]) for t in trials]
+    groups = group_rows(rows)
+    text = markdown(spec, rows, groups)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    write_csv(os.path.join(out, "summary.csv"), TRIAL_COLUMNS, rows)
+    write_csv(os.path.join(out, "summary_groups.csv"), GROUP_COLUMNS, groups)
+    for task in spec["tasks"]:
+        runs = [os.path.join(out, t.name) for t, r in zip(trials, rows)
+                if t.task == task and r["status"] == "done"]
+        if runs:
+            plot(runs, os.path.join(out, f"curves_{task}.png"), title=task)
+    return text
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> int:
+    """Returns the exit status: 1 if any trial failed."""
+    args = parse_args(argv)
+    ray = import_ray()
+    spec = build_spec(args)
+    check_spec(args.out, spec)
+    trials = trials_of(spec)
+    todo = [t for t in trials if not is_complete(os.path.join(args.out, t.name), spec["steps"])]
+    total, finished = len(trials), len(trials) - len(todo)
+    if finished:
+        print(f"{finished}/{total} trials already finished, skipped", flush=True)
+    failed = run_trials(ray, args, spec, todo, finished, total) if todo else {}
+    print(summarize(args.out, spec, trials), flush=True)
+    print(f"summary: {os.path.join(args.out, 'summary.md')}, summary.csv, summary_groups.csv, "
+          "curves_<task>.png", flush=True)
+    if failed:
+        for name, error in failed.items():
+            print(f"\n{name} failed:\n{error}", file=sys.stderr)
+        print(f"\n{len(failed)}/{total} trials failed; re-run the same command to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
