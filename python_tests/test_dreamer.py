@@ -166,3 +166,12 @@ def test_act_returns_bounded_actions_and_carries_state():
     assert a.shape == (A,) and a.dtype == np.float32 and np.all(np.abs(a) <= 1)
     a2, state2 = agent.act(obs, state, explore=False)
     assert np.all(np.abs(a2) <= 1) and not torch.equal(state[0].deter, state2[0].deter)
+
+
+def test_imag_starts_subsamples_the_start_states():
+    agent = Dreamer((5,), A, small_cfg(imag_starts=5, estimator="tpx"))
+    seen = []
+    update = agent.behavior.update
+    agent.behavior.update = lambda wm, start: seen.append(start.deter.shape) or update(wm, start)
+    m = agent.update(batch((5,)))
+    assert seen == [(5, agent.cfg.deter)] and float(m["actor_skipped"]) == 0

@@ -43,6 +43,8 @@ class Config:
     # actor and critic
     estimator: str = "tpx"          # rp | lr | mix | tpx
     horizon: int = 15
+    imag_starts: int = 0            # start states imagined from (a random subset of the B x T
+                                    # posterior states); 0 = all of them
     latent_nodes: bool = False      # also make the imagined latents z_t nodes
     mix_rho: float = 0.5            # mix: weight on LR
     tpx_momentum: float = 0.0       # tpx: EMA of the variances (0: batch statistics)
@@ -134,6 +136,7 @@ def validate(cfg: Config) -> None:
         (cfg.batch_size >= 1 and cfg.seq_len >= 1, "batch_size and seq_len must be >= 1"),
         (cfg.train_every >= 1 and cfg.train_steps >= 1, "train_every and train_steps must be >= 1"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.imag_starts >= 0, f"imag_starts must be >= 0, got {cfg.imag_starts}"),
         (cfg.episode_length >= 0, f"episode_length must be >= 0, got {cfg.episode_length}"),
         (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1 and cfg.eval_episodes >= 1,
          "eval_every, checkpoint_every and eval_episodes must be >= 1"),

@@ -45,7 +45,12 @@ class Dreamer(nn.Module):
         metrics["model_grad_norm"] = norm
         metrics["model_skipped"] = torch.tensor(float(not ok))
         if ok:
-            metrics.update(self.behavior.update(self.world_model, post))
+            start = post.map(lambda x: x.reshape(-1, x.shape[-1]))
+            n = self.cfg.imag_starts
+            if 0 < n < start.deter.shape[0]:
+                keep = torch.randperm(start.deter.shape[0], device=self.device)[:n]
+                start = start.map(lambda x: x[keep])
+            metrics.update(self.behavior.update(self.world_model, start))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["update_seconds"] = torch.tensor(time.perf_counter() - t0)
