@@ -126,7 +126,7 @@ def test_plot_groups_runs(tmp_path):
     b, _ = run(tmp_path, "b", "--steps", "400", "--seed", "1")
     out = plot.plot([a, b], str(tmp_path / "c.png"))
     assert os.path.getsize(out) > 1000
-    out = plot.plot([a], str(tmp_path / "d.png"), metric="train_return")
+    out = plot.plot([a], str(tmp_path / "d.png"), metrics="train_return")
     assert os.path.exists(out)
     with pytest.raises(ValueError, match="never logged"):
-        plot.plot([a], str(tmp_path / "e.png"), metric="no_such_metric")
+        plot.plot([a], str(tmp_path / "e.png"), metrics=["eval_return", "no_such_metric"])

@@ -1,10 +1,11 @@
 """Learning curves from one or several runs to PNG.
 
-    python -m tpx_ext.plot runs/a runs/b --out curves.png [--metric eval_return] [--x step]
+    python -m tpx_ext.plot runs/a runs/b --out curves.png [--metrics eval_return train_return]
 
 Runs whose label is the same (default label: "<estimator> H=<horizon>" from their
 config.json) are one curve: the mean over the runs, with a band from their min to max,
-on the steps all of them reached. Any metric in metrics.jsonl can be plotted.
+on the steps all of them reached. Any scalar metric in metrics.jsonl can be plotted, one
+panel per metric.
 """
 
 import argparse
@@ -42,32 +43,37 @@ def curve(run_dir: str, metric: str):
     return steps, np.array([points[s] for s in steps], dtype=float)
 
 
-def plot(run_dirs, out: str, metric: str = "eval_return", labels=None, title=None) -> str:
+def plot(run_dirs, out: str, metrics=("eval_return", "train_return"), labels=None,
+         title=None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = OrderedDict()
-    for i, run in enumerate(run_dirs):
-        label = labels[i] if labels else run_label(run)
-        groups.setdefault(label, []).append(curve(run, metric))
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, curves in groups.items():
-        end = min(s[-1] for s, _ in curves)
-        steps = np.unique(np.concatenate([s[s <= end] for s, _ in curves]))
-        ys = np.stack([np.interp(steps, s, v) for s, v in curves])
-        line, = ax.plot(steps, ys.mean(0), label=f"{label} ({len(curves)} run{'s' * (len(curves) > 1)})")
-        if len(curves) > 1:
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("environment steps")
-    ax.set_ylabel(metric)
-    ax.set_title(title or metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    names = [labels[i] if labels else run_label(run) for i, run in enumerate(run_dirs)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        groups = OrderedDict()
+        for name, run in zip(names, run_dirs):
+            groups.setdefault(name, []).append(curve(run, metric))
+        for label, curves in groups.items():
+            end = min(s[-1] for s, _ in curves)
+            steps = np.unique(np.concatenate([s[s <= end] for s, _ in curves]))
+            ys = np.stack([np.interp(steps, s, v) for s, v in curves])
+            n = len(curves)
+            line, = ax.plot(steps, ys.mean(0), label=f"{label} ({n} run{'s' * (n > 1)})")
+            if n > 1:
+                ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("environment steps")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
@@ -76,14 +82,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tpx_ext.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     p.add_argument("--out", default="curves.png")
-    p.add_argument("--metric", default="eval_return")
+    p.add_argument("--metrics", nargs="+", default=["eval_return", "train_return"],
+                   help="one panel each (any scalar in metrics.jsonl)")
     p.add_argument("--labels", nargs="+", help="one label per run (default from config.json)")
     p.add_argument("--title")
     a = p.parse_args(argv)
     if a.labels and len(a.labels) != len(a.runs):
         sys.exit(f"--labels: got {len(a.labels)} labels for {len(a.runs)} runs")
     try:
-        print(plot(a.runs, a.out, a.metric, a.labels, a.title))
+        print(plot(a.runs, a.out, a.metrics, a.labels, a.title))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
