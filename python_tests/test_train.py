@@ -130,3 +130,15 @@ def test_plot_groups_runs(tmp_path):
     assert os.path.exists(out)
     with pytest.raises(ValueError, match="never logged"):
         plot.plot([a], str(tmp_path / "e.png"), metrics=["eval_return", "no_such_metric"])
+
+
+def test_plot_horizon_profile(tmp_path):
+    a, _ = run(tmp_path, "a", "--steps", "800", "--horizon", "7")
+    recs = [r["k_action"] for r in read_metrics(os.path.join(a, "metrics.jsonl")) if "k_action" in r]
+    np.testing.assert_allclose(plot.profile(a, "k_action", last=1.0), np.mean(recs, axis=0))
+    np.testing.assert_allclose(plot.profile(a, "k_action", last=1e-9), recs[-1])
+    out = plot.plot_profiles([a], str(tmp_path / "k.png"))
+    assert os.path.getsize(out) > 1000
+    rp, _ = run(tmp_path, "rp", "--steps", "400", "--estimator", "rp")
+    with pytest.raises(ValueError, match="rp runs have no"):
+        plot.profile(rp, "k_action")

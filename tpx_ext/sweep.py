@@ -214,7 +214,10 @@ def run_trials(ray, args, spec: Dict, todo: List[Trial], done: int, total: int) 
         task = ray.remote(num_cpus=args.cpus_per_trial, num_gpus=args.gpus_per_trial)(run_trial)
         out = os.path.abspath(args.out)  # workers do not share the driver's working directory
         pending = {}
-        for trial in todo:
+        # One seed of every configuration before the next seed, longest horizons first: an
+        # interrupted sweep has compared everything once, and long trials do not trail alone.
+        order = sorted(todo, key=lambda t: (spec["seeds"].index(t.seed), -t.horizon))
+        for trial in order:
             run_dir = os.path.join(out, trial.name)
             argv = train_argv(spec, trial, run_dir, args.cpus_per_trial)
             pending[task.remote(argv, run_dir, spec["steps"])] = trial
