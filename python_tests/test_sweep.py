@@ -130,3 +130,17 @@ def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=re.escape('pip install --no-build-isolation ".[sweep]"')):
         sweep.main(["--out", str(tmp_path / "s"), *GRID])
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_summary_marks_a_stopped_trial_incomplete(tmp_path):
+    """A trial with a checkpoint short of --steps is 'incomplete' (a re-run resumes it), not
+    'failed', and stays out of the over-seeds statistics."""
+    from tpx_ext.train import main as train
+
+    out = str(tmp_path / "sweep")
+    trial = sweep.Trial("cartpole_balance", "tpx", 5, 0)
+    train(["--configs", "debug", "--logdir", os.path.join(out, trial.name), "--quiet",
+           "--threads", "1", "--estimator", "tpx", "--horizon", "5", "--steps", "200"])
+    row = sweep.trial_row(out, trial, steps=400)
+    assert row["status"] == "incomplete" and row["env_steps"] == 200
+    assert sweep.group_rows([row])[0]["seeds"] == 0

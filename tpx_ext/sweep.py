@@ -273,7 +273,8 @@ def trial_row(out: str, trial: Trial, steps: int) -> Dict:
     if state is None:
         return row
     c = state["counters"]
-    row.update(status="done" if c["env_steps"] >= steps else "failed",
+    # "incomplete": stopped or failed after a checkpoint; re-running the sweep resumes it.
+    row.update(status="done" if c["env_steps"] >= steps else "incomplete",
                eval_return=state["last_eval"]["eval_return"], env_steps=c["env_steps"])
     if c["updates"]:
         row.update(actor_skipped_frac=c["actor_skipped"] / c["updates"],
@@ -337,7 +338,8 @@ def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
             f"per trial.\n\n## Trials\n\nactor skipped / clipped: fraction of the actor updates "
             f"skipped as non-finite / with a clipped gradient norm. k_LR first / last: mean TPX "
             f"weight on LR (0 = all RP, 1 = all LR) at the first / last horizon step over the "
-            f"last {pct}% of the training records.\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
+            f"last {pct}% of the training records. status: done; incomplete (stopped after a "
+            f"checkpoint: a re-run resumes it); failed (no checkpoint).\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
 
 
 def write_csv(path: str, columns, rows: List[Dict]) -> None:
