@@ -144,3 +144,4 @@ def test_summary_marks_a_stopped_trial_incomplete(tmp_path):
     row = sweep.trial_row(out, trial, steps=400)
     assert row["status"] == "incomplete" and row["env_steps"] == 200
     assert sweep.group_rows([row])[0]["seeds"] == 0
+    assert sweep.trial_row(out, sweep.Trial("cartpole_balance", "rp", 5, 0), 400)["status"] == "not run"

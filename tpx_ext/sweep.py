@@ -269,6 +269,9 @@ def trial_row(out: str, trial: Trial, steps: int) -> Dict:
     run_dir = os.path.join(out, trial.name)
     row = dict.fromkeys(TRIAL_COLUMNS)
     row.update(dataclasses.asdict(trial), status="failed")
+    if not os.path.exists(run_dir):  # not started (yet): the sweep was stopped before it
+        row["status"] = "not run"
+        return row
     state = read_checkpoint(run_dir)
     if state is None:
         return row
@@ -339,7 +342,7 @@ def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
             f"skipped as non-finite / with a clipped gradient norm. k_LR first / last: mean TPX "
             f"weight on LR (0 = all RP, 1 = all LR) at the first / last horizon step over the "
             f"last {pct}% of the training records. status: done; incomplete (stopped after a "
-            f"checkpoint: a re-run resumes it); failed (no checkpoint).\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
+            f"checkpoint: a re-run resumes it); failed (no checkpoint); not run.\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
 
 
 def write_csv(path: str, columns, rows: List[Dict]) -> None:
