@@ -136,8 +136,15 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
   buf.k = at::empty({coords}, f64);
   buf.var_lr = at::empty({coords}, f64);
   buf.var_rp = at::empty({coords}, f64);
-  buf.nonfinite = at::zeros({}, like.options().dtype(at::kLong));
-  buf.invalid = at::zeros({}, like.options().dtype(at::kInt));
+  if (like.is_cpu()) {  // at::zeros would dispatch a fill for one element
+    buf.nonfinite = at::empty({}, like.options().dtype(at::kLong));
+    buf.invalid = at::empty({}, like.options().dtype(at::kInt));
+    *buf.nonfinite.data_ptr<int64_t>() = 0;
+    *buf.invalid.data_ptr<int>() = 0;
+  } else {
+    buf.nonfinite = at::zeros({}, like.options().dtype(at::kLong));
+    buf.invalid = at::zeros({}, like.options().dtype(at::kInt));
+  }
   if (running_var_lr.has_value()) {
     // A float64 contiguous buffer is updated in place; others via a copy.
     buf.run_lr = running_var_lr->to(at::kDouble).contiguous();
@@ -145,6 +152,19 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
   }
   if (fixed_weight.has_value()) buf.fixed_k = *fixed_weight;
   return buf;
+}
+
+at::Tensor advantages_as_double(const at::Tensor& adv) {
+  if (adv.scalar_type() == at::kDouble || !adv.is_cpu()) return adv.to(at::kDouble).contiguous();
+  // On the CPU a plain loop: a conversion op costs more than the op's small cases.
+  at::Tensor out = at::empty({adv.size(0)}, adv.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const int64_t n = adv.size(0), stride = adv.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, adv.scalar_type(), "advantages", [&] {
+    const scalar_t* a = adv.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<double>(a[i * stride]);
+  });
+  return out;
 }
 
 void finish_running(CoordinateBuffers& buf, const std::optional<at::Tensor>& running_var_lr,
@@ -285,37 +305,32 @@ const bool kHaveAvx2 = [] {
 }();
 #endif
 
+// Both passes divide float-valued sigma through the float reciprocal where
+// it is in range (kFastRecipSource), by division otherwise.
 template <bool Check, typename Source>
-bool chunk_moments(const Source& src, int64_t C, int64_t r0, int64_t r1, Moments& out,
-                   bool& slow) {
+bool chunk_moments(const Source& src, int64_t C, int64_t r0, int64_t r1, Moments& out) {
   constexpr bool Fast = kFastRecipSource<Source>;
 #if TPX_MULTIVERSION
-  if (kHaveAvx2) return avx2::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out, slow);
+  if (kHaveAvx2) return avx2::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out);
 #endif
-  return base::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out, slow);
+  return base::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out);
 }
 
-template <bool Fast, bool Mix, typename Source>
+// mix: every weight inside (0, 1).
+template <bool Mix, typename Source>
 void chunk_combine_mode(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* k) {
+  constexpr bool Fast = kFastRecipSource<Source>;
 #if TPX_MULTIVERSION
   if (kHaveAvx2) return avx2::chunk_combine_isa<Fast, Mix>(src, C, r0, r1, k);
 #endif
   base::chunk_combine_isa<Fast, Mix>(src, C, r0, r1, k);
 }
 
-// fast: divide through the float reciprocal (float-valued sigma, all of it in
-// range); mix: every weight inside (0, 1).
 template <typename Source>
 void chunk_combine(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* k,
-                   bool fast, bool mix) {
-  if constexpr (kFastRecipSource<Source>) {
-    if (fast) {
-      return mix ? chunk_combine_mode<true, true>(src, C, r0, r1, k)
-                 : chunk_combine_mode<true, false>(src, C, r0, r1, k);
-    }
-  }
-  return mix ? chunk_combine_mode<false, true>(src, C, r0, r1, k)
-             : chunk_combine_mode<false, false>(src, C, r0, r1, k);
+                   bool mix) {
+  return mix ? chunk_combine_mode<true>(src, C, r0, r1, k)
+             : chunk_combine_mode<false>(src, C, r0, r1, k);
 }
 
 // The whole node on the CPU: pass 1 (moments, one chunk of rows per thread,
@@ -333,13 +348,11 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
       B * C < kParallelGrain ? 1 : std::max<int64_t>(1, std::min<int64_t>(B / V, at::get_num_threads()));
   const auto bound = [&](int64_t c) { return c == nchunks ? B : B * c / nchunks / V * V; };
   std::vector<Moments> chunks(nchunks, Moments(GC));
-  std::vector<char> valid(nchunks, 1), slow(nchunks, 0);
+  std::vector<char> valid(nchunks, 1);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      bool s = false;
-      valid[c] = check_valid ? chunk_moments<true>(src, C, bound(c), bound(c + 1), chunks[c], s)
-                             : chunk_moments<false>(src, C, bound(c), bound(c + 1), chunks[c], s);
-      slow[c] = s;
+      valid[c] = check_valid ? chunk_moments<true>(src, C, bound(c), bound(c + 1), chunks[c])
+                             : chunk_moments<false>(src, C, bound(c), bound(c + 1), chunks[c]);
     }
   });
   if (std::any_of(valid.begin(), valid.end(), [](char v) { return v == 0; })) {
@@ -372,10 +385,8 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
   }
   *buf.nonfinite.data_ptr<int64_t>() = both_bad;
 
-  // The fast reciprocal again, unless pass 1 met a sigma outside its range.
-  const bool fast = std::none_of(slow.begin(), slow.end(), [](char s) { return s != 0; });
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) chunk_combine(src, C, bound(c), bound(c + 1), k, fast, mix);
+    for (int64_t c = c0; c < c1; ++c) chunk_combine(src, C, bound(c), bound(c + 1), k, mix);
   });
 }
 

@@ -44,6 +44,9 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
                                const std::optional<at::Tensor>& running_var_rp,
                                std::optional<double> fixed_weight);
 
+// adv [B] as a contiguous float64 tensor (the kernels read the advantages in double).
+at::Tensor advantages_as_double(const at::Tensor& adv);
+
 // Writes the updated running statistics back into the caller's buffers.
 void finish_running(CoordinateBuffers& buf, const std::optional<at::Tensor>& running_var_lr,
                     const std::optional<at::Tensor>& running_var_rp);
@@ -88,7 +91,7 @@ GaussianResult gaussian_tpx_backward_impl(const Runner& run, const at::Tensor& d
   const int64_t B = d.size(0), D = d.size(1);
   check_options(op, d, 2 * D, running_var_lr, running_var_rp, momentum, fixed_weight);
   const at::Tensor dc = d.contiguous(), ec = eps.contiguous(), sc = sigma.contiguous();
-  const at::Tensor ac = adv.to(at::kDouble).contiguous();
+  const at::Tensor ac = advantages_as_double(adv);
   at::Tensor grad_mu = run.new_output({B, D}, dc);
   at::Tensor grad_sigma = run.new_output({B, D}, dc);
   CoordinateBuffers buf = make_buffers(dc, 2 * D, running_var_lr, running_var_rp, fixed_weight);
