@@ -92,6 +92,30 @@ TPX_HD void merge_shifted(double n, double nb, V s1, V s2, V& mean, V& m2) {
   m2 += (s2 - s1 * delta) + delta * (delta * w);
 }
 
+// Merge of k streams that hold n samples each (stream i: mean[i * stride],
+// m2[i * stride]): the CPU kernel's lanes of one column. Chan's formula
+// with equal counts reduces to a two-pass over the means, here shifted by
+// the first one, so that equal means add exactly their m2 (a constant column
+// stays exactly 0) and means beyond sqrt(DBL_MAX) are never squared unless
+// they differ that much. No division per stream, unlike k - 1 chan_merge.
+TPX_HD void merge_equal_streams(const double* mean, const double* m2, int64_t stride, int64_t k,
+                                double n, double& mean_out, double& m2_out) {
+  const double m0 = mean[0];
+  double sum_d = 0.0, sum_m2 = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    sum_d += mean[i * stride] - m0;
+    sum_m2 += m2[i * stride];
+  }
+  const double d_bar = sum_d / static_cast<double>(k);
+  double q = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double t = (mean[i * stride] - m0) - d_bar;
+    q += t * t;
+  }
+  mean_out = m0 + d_bar;
+  m2_out = sum_m2 + n * q;
+}
+
 // A stream is bad when it saw a non-finite sample, or when its moments
 // overflowed double (finite float64 inputs near 1e154 and beyond): either
 // way its variance is not representable and it is treated as +inf.

@@ -58,12 +58,22 @@ Moments shifted_lane(const std::vector<double>& x, size_t b, size_t stride, size
 
 // The CPU kernel's pattern within one chunk of rows [b, e): whole blocks of
 // V rows, where lane v sees rows b + v, b + v + V, ... (shifted_lane); the V
-// lanes merged in turn into an empty stream; then the leftover rows as one
-// more lane (itself merged into an empty stream first).
+// lanes merged at once (merge_equal_streams); then the leftover rows as one
+// more lane (itself merged the same way, as one stream, then Chan-merged).
 Moments lanes(const std::vector<double>& x, size_t b, size_t e, size_t V, size_t P) {
   const size_t blocks = (e - b) / V;
   Moments out;
-  for (size_t v = 0; v < V && blocks > 0; ++v) merge(out, shifted_lane(x, b + v, V, blocks, P));
+  if (blocks > 0) {
+    std::vector<double> mean(V), m2(V);
+    for (size_t v = 0; v < V; ++v) {
+      const Moments lane = shifted_lane(x, b + v, V, blocks, P);
+      mean[v] = lane.mean;
+      m2[v] = lane.m2;
+    }
+    tpx::merge_equal_streams(mean.data(), m2.data(), 1, static_cast<int64_t>(V),
+                             static_cast<double>(blocks), out.mean, out.m2);
+    out.n = static_cast<double>(blocks * V);
+  }
   if (b + blocks * V < e) {
     Moments tail;
     merge(tail, shifted_lane(x, b + blocks * V, 1, e - b - blocks * V, P));
@@ -698,6 +708,44 @@ void test_shifted_sums() {
   std::printf("  shifted sums: %d long-stream cases match the two-pass reference\n", cases);
 }
 
+// merge_equal_streams is k - 1 Chan merges of equal-count streams, in one go.
+void test_merge_equal_streams() {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> normal;
+  for (double offset : {0.0, 1e5, -1e160}) {
+    for (int64_t k : {1, 2, 5, 64}) {
+      for (double n : {1.0, 3.0, 16.0}) {
+        std::vector<double> mean(2 * k), m2(2 * k);
+        for (int64_t i = 0; i < k; ++i) {
+          mean[2 * i] = offset + normal(rng) * (offset == 0.0 ? 1.0 : 1e-3 * std::fabs(offset));
+          m2[2 * i] = std::fabs(normal(rng)) * n;
+        }
+        Moments seq;
+        for (int64_t i = 0; i < k; ++i) merge(seq, Moments{n, mean[2 * i], m2[2 * i]});
+        double got_mean, got_m2;
+        tpx::merge_equal_streams(mean.data(), m2.data(), 2, k, n, got_mean, got_m2);
+        TEST_CHECK_NEAR(got_mean, seq.mean, 1e-14, "offset=%g k=%lld n=%g", offset, (long long)k, n);
+        TEST_CHECK_NEAR(got_m2, seq.m2, 1e-12, "offset=%g k=%lld n=%g", offset, (long long)k, n);
+      }
+    }
+  }
+  // Equal means: exactly the sum of the m2 (a constant column stays 0).
+  const double same[] = {-1.7e308, -1.7e308, -1.7e308}, zeros[] = {0.0, 0.0, 0.0};
+  double m, q;
+  tpx::merge_equal_streams(same, zeros, 1, 3, 10.0, m, q);
+  TEST_CHECK(m == -1.7e308 && q == 0.0);
+  // A non-finite lane makes the result bad.
+  for (double bad : {kInf, -kInf, kNaN}) {
+    const double means[] = {1.0, bad, 2.0}, m2s[] = {0.5, 0.5, 0.5};
+    tpx::merge_equal_streams(means, m2s, 1, 3, 4.0, m, q);
+    TEST_CHECK(tpx::moments_bad(m, q), "bad=%g", bad);
+    const double m2bad[] = {0.5, bad == -kInf ? kInf : bad, 0.5}, ok[] = {1.0, 1.5, 2.0};
+    tpx::merge_equal_streams(ok, m2bad, 1, 3, 4.0, m, q);
+    TEST_CHECK(tpx::moments_bad(m, q), "m2 bad=%g", bad);
+  }
+  std::printf("  merge_equal_streams: equals sequential Chan merges\n");
+}
+
 // The float reciprocal refined in double: relative error <= 2^-48 + 2^-53
 // over the whole range where the float reciprocal is normal, for float
 // values of sigma (every magnitude, both signs, mantissas at random and at
@@ -767,6 +815,7 @@ int main() {
   test_coordinate_weight();
   test_sources();
   test_shifted_sums();
+  test_merge_equal_streams();
   test_refine_reciprocal();
   test_mix_and_gaussian_per_sample();
   std::printf("test_tpx_math: all checks passed\n");
