@@ -3,6 +3,11 @@
     python bench/ops.py            # print the table
     python bench/ops.py --write    # also rewrite the results section of docs/BENCHMARKS.md
 
+Variants of every row: "fused" (the tpx_ext op), "eager" (the same math composed of
+eager PyTorch ops in the input dtype), "compiled" (that eager composition under
+torch.compile, default inductor backend, compiled for each shape before timing) and
+"reference f64" (tpx_ext.reference).
+
 For every row: median time over many repeats after warm-up (CUDA: CUDA events),
 the bytes the op must move (each input read once, each output written once),
 the achieved bandwidth and the time relative to this machine's copy-bandwidth
@@ -42,6 +47,20 @@ def eager_gaussian(d, eps, sigma, adv):
     g_mu, k_mu = eager_ivw(lr_mu, d)
     g_sigma, k_sigma = eager_ivw(lr_sigma, rp_sigma)
     return g_mu, g_sigma, torch.cat([k_mu, k_sigma])
+
+
+def compiled(fn):
+    """fn under torch.compile with static shapes: each new shape (and dtype) compiles its
+    own graph on first call, which the warm-up of time_alternating triggers before timing."""
+    import torch._dynamo
+
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
+    return torch.compile(fn, dynamic=False)
+
+
+compiled_ivw = compiled(eager_ivw)
+compiled_gaussian = compiled(eager_gaussian)
 
 
 # --- timing -------------------------------------------------------------------
@@ -93,29 +112,45 @@ def copy_bandwidth(device, nbytes=256 << 20):
 
 # --- the table ----------------------------------------------------------------
 
-def rows(device, dtypes, quick):
-    sizes = [(800, 1), (800, 12), (2500, 1), (2500, 12), (2500, 60)]
-    sizes += [(100_000, 100)] if quick else [(100_000, 100), (1_000_000, 12)]
+SIZES = [(800, 1), (800, 12), (2500, 1), (2500, 12), (2500, 60), (100_000, 100), (1_000_000, 12)]
+OPS = ("ivw_combine", "gaussian_tpx_backward")
+VARIANTS = ("fused", "eager", "compiled", "reference f64")
+
+
+def rows(device, dtypes, sizes, ops):
+    """One dict per table row: the op's inputs bound into one callable per variant."""
     for dtype in dtypes:
         for B, C in sizes:
             gen = torch.Generator().manual_seed(0)
             g_lr = torch.randn(B, C, generator=gen).to(dtype).to(device)
             g_rp = torch.randn(B, C, generator=gen).to(dtype).to(device)
             item = g_lr.element_size()
-            yield dict(op="ivw_combine", B=B, C=C, dtype=dtype, bytes=3 * B * C * item + 24 * C,
-                       fns={"fused": lambda a=g_lr, b=g_rp: tpx_ext.ivw_combine(a, b),
-                            "eager": lambda a=g_lr, b=g_rp: eager_ivw(a, b),
-                            "reference f64": lambda a=g_lr, b=g_rp: reference.ivw_combine(a, b)})
+            pair = (g_lr, g_rp)
+            ivw = dict(op="ivw_combine", B=B, C=C, dtype=dtype, bytes=3 * B * C * item + 24 * C,
+                       fns={"fused": lambda a=pair: tpx_ext.ivw_combine(*a),
+                            "eager": lambda a=pair: eager_ivw(*a),
+                            "compiled": lambda a=pair: compiled_ivw(*a),
+                            "reference f64": lambda a=pair: reference.ivw_combine(*a)})
             D = max(1, C // 2)  # a Gaussian node over D dims has C = 2D coordinates
             d, eps = (torch.randn(B, D, generator=gen).to(dtype).to(device) for _ in range(2))
             sigma = (torch.rand(B, D, generator=gen) + 0.1).to(dtype).to(device)
             adv = torch.randn(B, generator=gen).to(device)
-            args = (d, eps, sigma, adv)
-            yield dict(op="gaussian_tpx_backward", B=B, C=2 * D, dtype=dtype,
-                       bytes=5 * B * D * item + 4 * B + 48 * D,
-                       fns={"fused": lambda a=args: tpx_ext.gaussian_tpx_backward(*a),
-                            "eager": lambda a=args: eager_gaussian(*a),
-                            "reference f64": lambda a=args: reference.gaussian_tpx_backward(*a)})
+            node = (d, eps, sigma, adv)
+            gauss = dict(op="gaussian_tpx_backward", B=B, C=2 * D, dtype=dtype,
+                         bytes=5 * B * D * item + 4 * B + 48 * D,
+                         fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_backward(*a),
+                              "eager": lambda a=node: eager_gaussian(*a),
+                              "compiled": lambda a=node: compiled_gaussian(*a),
+                              "reference f64": lambda a=node: reference.gaussian_tpx_backward(*a)})
+            yield from (row for row in (ivw, gauss) if row["op"] in ops)
+
+
+def fmt_ms(t):
+    return "-" if t is None else f"{t * 1e3:.3f} ms"
+
+
+def fmt_ratio(a, b):
+    return "-" if a is None or b is None else f"{a / b:.1f}x"
 
 
 def main(argv=None):
@@ -123,26 +158,41 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--quick", action="store_true", help="skip the largest sizes")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated BxC to run instead of the default sizes, e.g. 2500x60,100000x100")
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops to run")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated variants to time (fused is always timed)")
     p.add_argument("--write", action="store_true", help="rewrite docs/BENCHMARKS.md's results section")
     args = p.parse_args(argv)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    if args.sizes:
+        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    else:
+        sizes = SIZES[:-1] if args.quick else SIZES  # quick: without 1e6 x 12
+    variants = ["fused"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "fused"]
 
     bw = copy_bandwidth(args.device)
     header = (f"Machine: {machine_description(args.device)}\n"
               f"Copy bandwidth (device {args.device}, 256 MiB, read + write): {bw / 1e9:.1f} GB/s\n")
-    lines = ["| op | B | C | dtype | fused | eager | reference f64 | eager / fused | fused GB/s | fused / copy floor |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| op | B | C | dtype | fused | eager | compiled | reference f64 | eager / fused "
+             "| compiled / fused | fused GB/s | fused / copy floor |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     print(header)
     print(lines[0])
-    for row in rows(args.device, dtypes, args.quick):
-        t = time_alternating(row["fns"], args.device)
+    start = time.perf_counter()
+    for row in rows(args.device, dtypes, sizes, args.ops.split(",")):
+        t = time_alternating({v: row["fns"][v] for v in variants}, args.device)
+        t = {v: t.get(v) for v in VARIANTS}
         floor = row["bytes"] / bw
         line = (f"| {row['op']} | {row['B']} | {row['C']} | {str(row['dtype']).removeprefix('torch.')} "
-                f"| {t['fused'] * 1e3:.3f} ms | {t['eager'] * 1e3:.3f} ms | {t['reference f64'] * 1e3:.3f} ms "
-                f"| {t['eager'] / t['fused']:.1f}x | {row['bytes'] / t['fused'] / 1e9:.1f} "
-                f"| {t['fused'] / floor:.1f}x |")
+                f"| {fmt_ms(t['fused'])} | {fmt_ms(t['eager'])} | {fmt_ms(t['compiled'])} "
+                f"| {fmt_ms(t['reference f64'])} "
+                f"| {fmt_ratio(t['eager'], t['fused'])} | {fmt_ratio(t['compiled'], t['fused'])} "
+                f"| {row['bytes'] / t['fused'] / 1e9:.1f} | {t['fused'] / floor:.1f}x |")
         lines.append(line)
         print(line, flush=True)
+    print(f"({time.perf_counter() - start:.0f} s)")
 
     if args.write:
         cmd = "python bench/ops.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -170,6 +170,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 struct CudaRunner {
+  at::Tensor new_output(at::IntArrayRef sizes, const at::Tensor& like) const {
+    return at::empty(sizes, like.options());  // the caching allocator's
+  }
+
   template <typename Source>
   void operator()(const Source& src, int64_t B, int64_t C, CoordinateBuffers& buf,
                   double momentum, bool check_valid) const {

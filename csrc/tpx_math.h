@@ -21,6 +21,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define TPX_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined: the CPU kernel instantiates the templates below on vector
+// types inside functions compiled for different ISAs (baseline and AVX2),
+// and a vector passed to an out-of-line copy would cross that ABI boundary.
+#define TPX_HD inline __attribute__((always_inline))
 #else
 #define TPX_HD inline
 #endif
@@ -46,17 +51,6 @@ TPX_HD void welford_add(double x, double inv_n, double& mean, double& m2) {
   m2 += delta * (delta * (1.0 - inv_n));
 }
 
-// Two values at once, the (n+1)-th and (n+2)-th of a stream that holds n:
-// they are paired first, then Chan-merged in (w_mean = 2 / (n + 2),
-// w_m2 = 2n / (n + 2)). Half the dependency chain of two welford_add calls.
-TPX_HD void welford_add_pair(double x1, double x2, double w_mean, double w_m2, double& mean,
-                             double& m2) {
-  const double d12 = x1 - x2;
-  const double delta = 0.5 * (x1 + x2) - mean;
-  mean += delta * w_mean;
-  m2 += 0.5 * d12 * d12 + delta * (delta * w_m2);
-}
-
 // Chan et al. merge of stream b (n_b samples) into stream a (n_a samples).
 TPX_HD void chan_merge(double n_a, double& mean_a, double& m2_a, double n_b, double mean_b,
                        double m2_b) {
@@ -67,6 +61,59 @@ TPX_HD void chan_merge(double n_a, double& mean_a, double& m2_a, double n_b, dou
   // delta * (delta * w), not delta * delta * w: merging into an empty stream
   // (w = 0) must not turn a mean beyond sqrt(DBL_MAX) into inf * 0 = NaN.
   m2_a += m2_b + delta * (delta * (n_a * n_b / n));
+}
+
+// Shifted block sums: the CPU kernel's accumulation. A stream's state is
+// (n, mean, m2). A block of nb further samples is summed relative to the
+// stream's current mean (its shift): s1 = sum(y), s2 = sum(y^2), y = x - mean,
+// which costs one add and one multiply-add per sample and keeps s1, s2 in
+// registers; merge_shifted then folds the block in (Chan's formula with the
+// block's mean = shift + s1 / nb and m2 = s2 - s1^2 / nb). Because the shift
+// is the stream's own running mean, y is of the order of the spread, not of
+// the magnitude, so the subtraction s2 - s1^2 / nb stays well conditioned
+// (relative error ~ nb * eps of the stream's variance). The stream starts
+// with n = 0 and mean = its first sample, so a constant stream
+// has y = 0 exactly and variance exactly 0, and magnitudes beyond
+// sqrt(DBL_MAX) never get squared unless the spread is that large (then the
+// variance is not representable and the stream turns bad, as with Welford).
+// V is double, or on the CPU a vector of doubles (GCC vector extension).
+template <typename V>
+TPX_HD void shifted_add(V y, V& s1, V& s2) {
+  s1 += y;
+  s2 += y * y;
+}
+
+template <typename V>
+TPX_HD void merge_shifted(double n, double nb, V s1, V s2, V& mean, V& m2) {
+  const double inv_nb = 1.0 / nb, inv_total = 1.0 / (n + nb), w = n * nb * inv_total;
+  const V delta = s1 * inv_nb;  // block mean minus the shift
+  mean += s1 * inv_total;       // shift + delta * nb / (n + nb)
+  // delta * (delta * w): w = 0 (first block) must not meet an infinite delta^2.
+  m2 += (s2 - s1 * delta) + delta * (delta * w);
+}
+
+// Merge of k streams that hold n samples each (stream i: mean[i * stride],
+// m2[i * stride]): the CPU kernel's lanes of one column. Chan's formula
+// with equal counts reduces to a two-pass over the means, here shifted by
+// the first one, so that equal means add exactly their m2 (a constant column
+// stays exactly 0) and means beyond sqrt(DBL_MAX) are never squared unless
+// they differ that much. No division per stream, unlike k - 1 chan_merge.
+TPX_HD void merge_equal_streams(const double* mean, const double* m2, int64_t stride, int64_t k,
+                                double n, double& mean_out, double& m2_out) {
+  const double m0 = mean[0];
+  double sum_d = 0.0, sum_m2 = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    sum_d += mean[i * stride] - m0;
+    sum_m2 += m2[i * stride];
+  }
+  const double d_bar = sum_d / static_cast<double>(k);
+  double q = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    const double t = (mean[i * stride] - m0) - d_bar;
+    q += t * t;
+  }
+  mean_out = m0 + d_bar;
+  m2_out = sum_m2 + n * q;
 }
 
 // A stream is bad when it saw a non-finite sample, or when its moments
@@ -137,13 +184,51 @@ TPX_HD CoordinateResult coordinate_weight(double n, double m2_lr, bool bad_lr, d
 // Combined per-sample gradient. k == 0 and k == 1 return one estimator
 // exactly (so rp/lr are reproduced and the discarded estimator's inf/NaN
 // never leaks through 0 * inf); NaN k means "zero this coordinate". Written
-// as two masked terms, without branches, so the CPU loop vectorises.
-TPX_HD double combine(double k, double g_lr, double g_rp) {
-  const bool use_lr = (k != 0.0) & (k == k);
-  const bool use_rp = (k != 1.0) & (k == k);
-  const double t_lr = use_lr ? k * g_lr : 0.0;
-  const double t_rp = use_rp ? (1.0 - k) * g_rp : 0.0;
+// as two masked terms, without branches, so the CPU loop vectorises (V is
+// double, or a vector of doubles whose comparisons give lane masks).
+template <typename V>
+TPX_HD V combine(V k, V g_lr, V g_rp) {
+  const V zero{};
+  const auto use_lr = (k != 0.0) & (k == k);
+  const auto use_rp = (k != 1.0) & (k == k);
+  const V t_lr = use_lr ? k * g_lr : zero;
+  const V t_rp = use_rp ? (1.0 - k) * g_rp : zero;
   return t_lr + t_rp;
+}
+
+// combine() for a weight strictly inside (0, 1), with k_rp = 1 - k given:
+// then both terms are used and no masking is needed.
+template <typename V>
+TPX_HD V mix(V k, V k_rp, V g_lr, V g_rp) {
+  return k * g_lr + k_rp * g_rp;
+}
+
+// The per-sample gradients of a Gaussian node (TPX.md sec. 1) from
+// a_over_s = A / sigma, eps and d:
+//   LR:  A * eps / sigma,     A * (eps^2 - 1) / sigma
+//   RP:  d,                   d * eps
+template <typename V>
+TPX_HD void gaussian_per_sample(V a_over_s, V x, V dv, V* lr, V* rp) {
+  lr[0] = a_over_s * x;
+  rp[0] = dv;
+  lr[1] = a_over_s * (x * x - 1.0);
+  rp[1] = dv * x;
+}
+
+// 1 / s from r0 = the float reciprocal of s (s a float value, in double),
+// with one Newton step in double: r0 (2 - s r0). s and r0 have 24-bit
+// significands, so s * r0 is exact in double and 2 - s * r0 is exact too
+// (Sterbenz), whether or not the compiler fuses it; with r0 = (1 + d) / s,
+// |d| <= 2^-24, the result is (1 - d^2) / s rounded once: relative error
+// <= 2^-48 + 2^-53 (vs 2^-53 for a correctly rounded 1 / s). Valid while the
+// float reciprocal is a normal float: s in [kFastRecipMin, kFastRecipMax)
+// (otherwise r0 is 0, inf or subnormal); callers check the range and divide
+// outside it.
+constexpr double kFastRecipMin = 1.1754943508222875e-38;  // 2^-126
+constexpr double kFastRecipMax = 8.507059173023462e37;    // 2^126
+template <typename V>
+TPX_HD V refine_reciprocal(V s, V r0) {
+  return r0 * (2.0 - s * r0);
 }
 
 // ---------------------------------------------------------------------------
@@ -207,11 +292,7 @@ struct GaussianSource {
   TPX_HD double row_value(int64_t i) const { return adv[i]; }
   TPX_HD void read(int64_t e, double a, double* lr, double* rp) const {
     const double dv = load(d, e), x = load(eps, e), s = load(sigma, e);
-    const double a_over_s = a / s;
-    lr[0] = a_over_s * x;
-    rp[0] = dv;
-    lr[1] = a_over_s * (x * x - 1.0);
-    rp[1] = dv * x;
+    gaussian_per_sample(a / s, x, dv, lr, rp);
   }
   // sigma must be finite and > 0 (NaN fails both comparisons).
   TPX_HD bool valid(int64_t e) const {

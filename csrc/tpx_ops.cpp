@@ -1,8 +1,9 @@
 // Op schemas, argument validation and the CPU kernels.
 //
 // Each op is two passes over the batch: (1) per-coordinate moments of the
-// per-sample LR and RP gradients (Welford within a chunk of rows, Chan merge
-// across chunks), then per-coordinate weights; (2) the combined gradient.
+// per-sample LR and RP gradients (shifted block sums within a chunk of rows,
+// Chan merge across lanes and chunks), then per-coordinate weights; (2) the
+// combined gradient.
 // The per-sample gradients are formed in registers in both passes and never
 // stored. All the math lives in tpx_math.h, shared with the CUDA kernels.
 #ifndef TPX_NO_PYTHON_MODULE
@@ -10,12 +11,30 @@
 #endif
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <mutex>
+#include <numeric>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
 #include <vector>
+
+// The CPU kernel passes GCC vector types between always-inlined functions
+// only (TPX_HOT, TPX_HD), so the ABI note on vector arguments does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "tpx_math.h"
 #include "tpx_ops.h"
@@ -117,8 +136,15 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
   buf.k = at::empty({coords}, f64);
   buf.var_lr = at::empty({coords}, f64);
   buf.var_rp = at::empty({coords}, f64);
-  buf.nonfinite = at::zeros({}, like.options().dtype(at::kLong));
-  buf.invalid = at::zeros({}, like.options().dtype(at::kInt));
+  if (like.is_cpu()) {  // at::zeros would dispatch a fill for one element
+    buf.nonfinite = at::empty({}, like.options().dtype(at::kLong));
+    buf.invalid = at::empty({}, like.options().dtype(at::kInt));
+    *buf.nonfinite.data_ptr<int64_t>() = 0;
+    *buf.invalid.data_ptr<int>() = 0;
+  } else {
+    buf.nonfinite = at::zeros({}, like.options().dtype(at::kLong));
+    buf.invalid = at::zeros({}, like.options().dtype(at::kInt));
+  }
   if (running_var_lr.has_value()) {
     // A float64 contiguous buffer is updated in place; others via a copy.
     buf.run_lr = running_var_lr->to(at::kDouble).contiguous();
@@ -126,6 +152,19 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
   }
   if (fixed_weight.has_value()) buf.fixed_k = *fixed_weight;
   return buf;
+}
+
+at::Tensor advantages_as_double(const at::Tensor& adv) {
+  if (adv.scalar_type() == at::kDouble || !adv.is_cpu()) return adv.to(at::kDouble).contiguous();
+  // On the CPU a plain loop: a conversion op costs more than the op's small cases.
+  at::Tensor out = at::empty({adv.size(0)}, adv.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const int64_t n = adv.size(0), stride = adv.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, adv.scalar_type(), "advantages", [&] {
+    const scalar_t* a = adv.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) o[i] = static_cast<double>(a[i * stride]);
+  });
+  return out;
 }
 
 void finish_running(CoordinateBuffers& buf, const std::optional<at::Tensor>& running_var_lr,
@@ -145,14 +184,27 @@ void raise_if_invalid_sigma(const CoordinateBuffers& buf) {
 
 namespace {
 
+// ---- Layout -------------------------------------------------------------------
 // Rows are processed in blocks of V consecutive rows read as one flat run of
-// L = V * C "lanes" (flat indices e0 .. e0 + L), so the inner loop is long and
-// contiguous, and vectorises, even for C = 1 (Dreamer's action nodes have
-// C of 1 to 40). Each lane keeps its own Welford moments; the V lanes of a
-// column are Chan-merged at the end of the chunk.
+// L = V * C "lanes" (flat indices e0 .. e0 + L), so the inner loops are long and
+// contiguous, and vectorise, even for C = 1 (Dreamer's action nodes have C of
+// 1 to 40). V makes L >= 64 and, where C allows, a multiple of the vector
+// width W; leftover lanes (L % W) take the same code one lane at a time.
+// Pass 1 keeps the moments (mean, m2) of every lane and stream and, per tile
+// of W lanes, sums kPanel blocks at a time in registers (shifted sums,
+// tpx_math.h) before merging them in; the lanes of a column are Chan-merged
+// at the end of the chunk. Pass 2 walks the same blocks, last panel first.
+// The hot code is in tpx_cpu_kernels.inc.
 constexpr int64_t kMinLanes = 64;
+constexpr int W = 4;        // lanes per vector: 4 doubles, one AVX2 register
+constexpr int kPanel = 16;  // blocks summed in registers between two merges
 
-int64_t rows_per_block(int64_t C) { return std::max<int64_t>(1, kMinLanes / C); }
+int64_t rows_per_block(int64_t C) {
+  if (C >= 256) return 1;  // long rows: no need to pad L to a multiple of W
+  const int64_t v = (kMinLanes + C - 1) / C;
+  const int64_t m = W / std::gcd<int64_t>(C, W);  // V a multiple of m: L a multiple of W
+  return (v + m - 1) / m * m;
+}
 
 // Moments of G*C coordinates, four streams (mean/m2 of LR and RP).
 struct Moments {
@@ -169,211 +221,138 @@ struct Moments {
   }
 };
 
-// The two hot loops are compiled twice: for the baseline x86-64 ISA and for
-// AVX2+FMA (4 doubles per instruction instead of 2), picked at run time, so
-// the wheel stays portable. TPX_HOT marks the shared bodies (always inlined
-// into each variant, which is then compiled for that variant's ISA).
+// ---- Lanes: W at a time (vd) or one (double) -------------------------------------
+// GCC vector extensions: the same source compiles to SSE2 for the baseline
+// ISA and to AVX2 in the second copy of tpx_cpu_kernels.inc.
+typedef double vd __attribute__((vector_size(8 * W)));
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+
+#define TPX_HOT inline __attribute__((always_inline))
+
+template <typename VT>
+struct Lane;
+template <>
+struct Lane<double> {
+  using F = float;    // the lanes' float values
+  using I = int32_t;  // their bit patterns
+};
+template <>
+struct Lane<vd> {
+  using F = vf;
+  using I = vi;
+};
+
+// Sources whose sigma holds float values (float32, bfloat16, float16): they
+// divide through the float reciprocal refined in double (tpx_math.h).
+template <typename Source>
+constexpr bool kFastRecipSource = false;
+template <typename T>
+constexpr bool kFastRecipSource<GaussianSource<T>> = !std::is_same_v<T, double>;
+
+// Float bit patterns of [kFastRecipMin, kFastRecipMax): 2^-126 and 2^126.
+// As signed integers every other value (0, subnormal, negative, huge, inf,
+// NaN) lies outside [kRecipLoBits, kRecipHiBits).
+constexpr int32_t kRecipLoBits = 0x00800000;
+constexpr int32_t kRecipHiBits = 0x7E800000;
+
+// Per-lane weights of L = V * C lanes: k and 1 - k of each group, [2G][L].
+std::vector<double> lane_weights(const double* k, int G, int64_t C, int64_t V) {
+  const int64_t L = V * C;
+  std::vector<double> out(2 * G * L);
+  for (int g = 0; g < G; ++g) {
+    for (int64_t l = 0; l < L; ++l) {
+      out[2 * g * L + l] = k[g * C + l % C];
+      out[(2 * g + 1) * L + l] = 1.0 - k[g * C + l % C];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace tpx
+
+// The hot code, once per ISA (tpx_cpu_kernels.inc).
+#define TPX_ISA base
+#define TPX_ISA_AVX2 0
+#include "tpx_cpu_kernels.inc"
+#undef TPX_ISA
+#undef TPX_ISA_AVX2
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TPX_MULTIVERSION 1
-#define TPX_HOT inline __attribute__((always_inline))
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define TPX_ISA avx2
+#define TPX_ISA_AVX2 1
+#include "tpx_cpu_kernels.inc"
+#undef TPX_ISA
+#undef TPX_ISA_AVX2
+#pragma GCC pop_options
+#else
+#define TPX_MULTIVERSION 0
+#endif
+
+namespace tpx {
+namespace {
+
+#if TPX_MULTIVERSION
 const bool kHaveAvx2 = [] {
   __builtin_cpu_init();  // static initialisers may run before libgcc's
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }();
-#else
-#define TPX_MULTIVERSION 0
-#define TPX_HOT inline
 #endif
 
-// Pass 1's hot loop over R consecutive blocks of L lanes (R = 2: both blocks'
-// values are paired and merged in one step, welford_add_pair). Every
-// accumulator array has its own __restrict__ pointer (group g's arrays start
-// at g * L), so the compiler vectorises without aliasing checks. row_val
-// holds R * L per-lane row values; n is the count before these blocks.
-template <bool Check, int R, typename Source>
-TPX_HOT void accumulate_block_body(const Source& src, int64_t e0, int64_t L,
-                                   const double* __restrict__ row_val, double n,
-                                   double* __restrict__ ml0, double* __restrict__ vl0,
-                                   double* __restrict__ mr0, double* __restrict__ vr0,
-                                   double* __restrict__ ml1, double* __restrict__ vl1,
-                                   double* __restrict__ mr1, double* __restrict__ vr1,
-                                   double* __restrict__ invalid) {
-  constexpr int G = Source::G;
-  static_assert(G == 1 || G == 2, "sources have one or two groups");
-  static_assert(R == 1 || R == 2, "one or two blocks at a time");
-  const double inv_n = 1.0 / (n + 1.0);                        // R = 1
-  const double w_mean = 2.0 / (n + 2.0), w_m2 = n * w_mean;  // R = 2
-  for (int64_t l = 0; l < L; ++l) {
-    double lr[R][G], rp[R][G];
-    for (int r = 0; r < R; ++r) src.read(e0 + r * L + l, row_val[r * L + l], lr[r], rp[r]);
-    if constexpr (R == 1) {
-      welford_add(lr[0][0], inv_n, ml0[l], vl0[l]);
-      welford_add(rp[0][0], inv_n, mr0[l], vr0[l]);
-      if constexpr (G == 2) {
-        welford_add(lr[0][1], inv_n, ml1[l], vl1[l]);
-        welford_add(rp[0][1], inv_n, mr1[l], vr1[l]);
-      }
-    } else {
-      welford_add_pair(lr[0][0], lr[1][0], w_mean, w_m2, ml0[l], vl0[l]);
-      welford_add_pair(rp[0][0], rp[1][0], w_mean, w_m2, mr0[l], vr0[l]);
-      if constexpr (G == 2) {
-        welford_add_pair(lr[0][1], lr[1][1], w_mean, w_m2, ml1[l], vl1[l]);
-        welford_add_pair(rp[0][1], rp[1][1], w_mean, w_m2, mr1[l], vr1[l]);
-      }
-    }
-    if (Check) {
-      double bad = 0.0;
-      for (int r = 0; r < R; ++r) bad += src.valid(e0 + r * L + l) ? 0.0 : 1.0;
-      invalid[l] += bad;
-    }
-  }
-}
-
-#if TPX_MULTIVERSION
-template <bool Check, int R, typename Source>
-__attribute__((target("avx2,fma"))) void accumulate_block_avx2(
-    const Source& src, int64_t e0, int64_t L, const double* __restrict__ row_val, double n,
-    double* __restrict__ ml0, double* __restrict__ vl0, double* __restrict__ mr0,
-    double* __restrict__ vr0, double* __restrict__ ml1, double* __restrict__ vl1,
-    double* __restrict__ mr1, double* __restrict__ vr1, double* __restrict__ invalid) {
-  accumulate_block_body<Check, R>(src, e0, L, row_val, n, ml0, vl0, mr0, vr0, ml1, vl1, mr1, vr1,
-                                  invalid);
-}
-#endif
-
-// Adds blocks b (and b + 1 when R = 2) of L lanes, flat indices from e0 on.
-template <bool Check, int R, typename Source>
-void accumulate_block(const Source& src, int64_t e0, int64_t L, const double* row_val, int64_t b,
-                      Moments& lanes, double* invalid) {
-  const int64_t g1 = Source::G == 2 ? L : 0;  // offset of group 1's lanes
-  const double n = static_cast<double>(b);
-  double* ml = lanes.mean_lr.data();
-  double* vl = lanes.m2_lr.data();
-  double* mr = lanes.mean_rp.data();
-  double* vr = lanes.m2_rp.data();
-#if TPX_MULTIVERSION
-  if (kHaveAvx2)
-    return accumulate_block_avx2<Check, R>(src, e0, L, row_val, n, ml, vl, mr, vr, ml + g1,
-                                           vl + g1, mr + g1, vr + g1, invalid);
-#endif
-  accumulate_block_body<Check, R>(src, e0, L, row_val, n, ml, vl, mr, vr, ml + g1, vl + g1,
-                                  mr + g1, vr + g1, invalid);
-}
-
-// Moments of `blocks` blocks of V rows from row r0 on; false if an input was
-// invalid (only looked at when Check).
-template <bool Check, typename Source>
-bool block_moments(const Source& src, int64_t C, int64_t r0, int64_t blocks, int64_t V,
-                   Moments& out) {
-  constexpr int G = Source::G;
-  const int64_t L = V * C;
-  Moments lanes(G * L);
-  std::vector<double> row_val(2 * L), invalid(L, 0.0);
-  for (int64_t b = 0; b < blocks; b += 2) {
-    const int64_t row0 = r0 + b * V, rows = std::min<int64_t>(2, blocks - b) * V;
-    for (int64_t v = 0; v < rows; ++v) std::fill_n(row_val.data() + v * C, C, src.row_value(row0 + v));
-    if (b + 1 < blocks)
-      accumulate_block<Check, 2>(src, row0 * C, L, row_val.data(), b, lanes, invalid.data());
-    else
-      accumulate_block<Check, 1>(src, row0 * C, L, row_val.data(), b, lanes, invalid.data());
-  }
-  // Fold the V lanes of each column (each saw `blocks` samples) into out.
-  out = Moments(G * C);
-  const double n_lane = static_cast<double>(blocks);
-  for (int64_t v = 0; v < V; ++v) {
-    for (int g = 0; g < G; ++g) {
-      for (int64_t j = 0; j < C; ++j) {
-        const int64_t lane = g * L + v * C + j, q = g * C + j;
-        chan_merge(out.n, out.mean_lr[q], out.m2_lr[q], n_lane, lanes.mean_lr[lane], lanes.m2_lr[lane]);
-        chan_merge(out.n, out.mean_rp[q], out.m2_rp[q], n_lane, lanes.mean_rp[lane], lanes.m2_rp[lane]);
-      }
-    }
-    out.n += n_lane;
-  }
-  return !Check || std::all_of(invalid.begin(), invalid.end(), [](double x) { return x == 0.0; });
-}
-
-// Moments of rows [r0, r1): whole blocks of V rows, then the leftover rows.
+// Both passes divide float-valued sigma through the float reciprocal where
+// it is in range (kFastRecipSource), by division otherwise.
 template <bool Check, typename Source>
 bool chunk_moments(const Source& src, int64_t C, int64_t r0, int64_t r1, Moments& out) {
-  const int64_t V = rows_per_block(C);
-  const int64_t blocks = (r1 - r0) / V;
-  bool ok = block_moments<Check>(src, C, r0, blocks, V, out);
-  if (r0 + blocks * V < r1) {
-    Moments tail(Source::G * C);
-    ok &= block_moments<Check>(src, C, r0 + blocks * V, r1 - r0 - blocks * V, 1, tail);
-    out.merge(tail);
-  }
-  return ok;
-}
-
-// Pass 2's hot loop over `lanes` lanes of one block; k0/k1 are the per-lane
-// weights of groups 0 and 1.
-template <typename Source>
-TPX_HOT void combine_block_body(const Source& src, int64_t e0, int64_t lanes,
-                                const double* __restrict__ row_val,
-                                const double* __restrict__ k0, const double* __restrict__ k1) {
-  constexpr int G = Source::G;
-  for (int64_t l = 0; l < lanes; ++l) {
-    double lr[G], rp[G], out[G];
-    src.read(e0 + l, row_val[l], lr, rp);
-    out[0] = combine(k0[l], lr[0], rp[0]);
-    if constexpr (G == 2) out[1] = combine(k1[l], lr[1], rp[1]);
-    src.write(e0 + l, out);
-  }
-}
-
+  constexpr bool Fast = kFastRecipSource<Source>;
 #if TPX_MULTIVERSION
-template <typename Source>
-__attribute__((target("avx2,fma"))) void combine_block_avx2(const Source& src, int64_t e0,
-                                                            int64_t lanes, const double* row_val,
-                                                            const double* k0, const double* k1) {
-  combine_block_body(src, e0, lanes, row_val, k0, k1);
-}
+  if (kHaveAvx2) return avx2::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out);
 #endif
+  return base::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out);
+}
 
-template <typename Source>
-void combine_block(const Source& src, int64_t e0, int64_t lanes, int64_t L,
-                   const double* row_val, const double* k_lane) {
-  const double* k1 = k_lane + (Source::G == 2 ? L : 0);
+// mix: every weight inside (0, 1).
+template <bool Mix, typename Source>
+void chunk_combine_mode(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* k) {
+  constexpr bool Fast = kFastRecipSource<Source>;
 #if TPX_MULTIVERSION
-  if (kHaveAvx2) return combine_block_avx2(src, e0, lanes, row_val, k_lane, k1);
+  if (kHaveAvx2) return avx2::chunk_combine_isa<Fast, Mix>(src, C, r0, r1, k);
 #endif
-  combine_block_body(src, e0, lanes, row_val, k_lane, k1);
+  base::chunk_combine_isa<Fast, Mix>(src, C, r0, r1, k);
 }
 
-// Combined gradients of rows [r0, r1), in blocks of V rows as in pass 1.
 template <typename Source>
-void combine_rows(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* k) {
-  constexpr int G = Source::G;
-  const int64_t V = rows_per_block(C), L = V * C;
-  std::vector<double> k_lane(G * L), row_val(L);
-  for (int g = 0; g < G; ++g)
-    for (int64_t l = 0; l < L; ++l) k_lane[g * L + l] = k[g * C + l % C];
-  for (int64_t row0 = r0; row0 < r1; row0 += V) {
-    const int64_t v_here = std::min(V, r1 - row0);
-    for (int64_t v = 0; v < v_here; ++v) std::fill_n(row_val.data() + v * C, C, src.row_value(row0 + v));
-    combine_block(src, row0 * C, v_here * C, L, row_val.data(), k_lane.data());
-  }
+void chunk_combine(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* k,
+                   bool mix) {
+  return mix ? chunk_combine_mode<true>(src, C, r0, r1, k)
+             : chunk_combine_mode<false>(src, C, r0, r1, k);
 }
 
 // The whole node on the CPU: pass 1 (moments, one chunk of rows per thread,
-// Chan merge), weights, pass 2 (combined gradients). See tpx_math.h.
+// Chan merge), weights, pass 2 (combined gradients, same chunks). See tpx_math.h.
 template <typename Source>
 void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& buf,
                   double momentum, bool check_valid) {
   constexpr int G = Source::G;
   const int64_t GC = G * C;
 
+  // Chunk boundaries on whole blocks of V rows, so that only the last chunk
+  // has leftover rows.
+  const int64_t V = rows_per_block(C);
   const int64_t nchunks =
-      B * C < kParallelGrain ? 1 : std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
+      B * C < kParallelGrain ? 1 : std::max<int64_t>(1, std::min<int64_t>(B / V, at::get_num_threads()));
+  const auto bound = [&](int64_t c) { return c == nchunks ? B : B * c / nchunks / V * V; };
   std::vector<Moments> chunks(nchunks, Moments(GC));
   std::vector<char> valid(nchunks, 1);
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = B * c / nchunks, r1 = B * (c + 1) / nchunks;
-      valid[c] = check_valid ? chunk_moments<true>(src, C, r0, r1, chunks[c])
-                             : chunk_moments<false>(src, C, r0, r1, chunks[c]);
+      valid[c] = check_valid ? chunk_moments<true>(src, C, bound(c), bound(c + 1), chunks[c])
+                             : chunk_moments<false>(src, C, bound(c), bound(c + 1), chunks[c]);
     }
   });
   if (std::any_of(valid.begin(), valid.end(), [](char v) { return v == 0; })) {
@@ -390,6 +369,7 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
   double* var_lr = buf.var_lr.data_ptr<double>();
   double* var_rp = buf.var_rp.data_ptr<double>();
   int64_t both_bad = 0;
+  bool mix = true;  // every weight inside (0, 1)
   for (int64_t q = 0; q < GC; ++q) {
     double unused_lr = kNaN, unused_rp = kNaN;
     const CoordinateResult r = coordinate_weight(
@@ -401,14 +381,111 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
     var_lr[q] = r.var_lr;
     var_rp[q] = r.var_rp;
     both_bad += r.both_bad;
+    mix &= r.k > 0.0 && r.k < 1.0;
   }
   *buf.nonfinite.data_ptr<int64_t>() = both_bad;
 
-  at::parallel_for(0, B, std::max<int64_t>(1, kParallelGrain / C),
-                   [&](int64_t r0, int64_t r1) { combine_rows(src, C, r0, r1, k); });
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) chunk_combine(src, C, bound(c), bound(c + 1), k, mix);
+  });
 }
 
+// Large CPU outputs, recycled. A CPU tensor of more than a few hundred KiB
+// from the default allocator is typically a fresh mmap, so each call
+// page-faults and zeroes its outputs anew: for 1e7-element outputs that took
+// longer than both passes of the kernel (1e5 x 50 float32, one thread: 15 ms
+// of kernel, 25 ms more of page faults). Blocks of kMinCachedBytes and more
+// are kept when their tensor dies, up to TPX_CPU_CACHE_MB MiB in all
+// (default 256; 0 turns the cache off) and kMaxCachedBlocks blocks, and
+// reused for the next output of exactly that size, as the CUDA caching
+// allocator does for the CUDA path. The tensors are ordinary resizable CPU
+// tensors; only their storage comes from here.
+class OutputCache final : public c10::Allocator {
+ public:
+  static constexpr size_t kMinCachedBytes = size_t{1} << 20;
+  static constexpr size_t kMaxCachedBlocks = 16;
+
+  // Never destroyed: tensors may be freed during interpreter shutdown.
+  static OutputCache& get() {
+    static OutputCache* cache = new OutputCache();
+    return *cache;
+  }
+
+  size_t capacity() const { return capacity_; }
+
+  c10::DataPtr allocate(size_t n) override {
+    void* p = nullptr;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = free_.size(); i-- > 0;) {  // the most recently freed first
+        if (free_[i].second == n) {
+          p = free_[i].first;
+          cached_ -= n;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          break;
+        }
+      }
+    }
+    if (p == nullptr && n > 0) p = c10::alloc_cpu(n);
+    if (p != nullptr) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      live_[p] = n;
+    }
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  OutputCache() {
+    const char* env = std::getenv("TPX_CPU_CACHE_MB");
+    capacity_ = (env != nullptr ? std::strtoull(env, nullptr, 10) : 256) << 20;
+  }
+
+  static void release(void* p) { get().put(p); }
+
+  void put(void* p) {
+    std::vector<void*> drop;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = live_.find(p);
+      const size_t n = it->second;
+      live_.erase(it);
+      if (n < kMinCachedBytes || n > capacity_) {
+        drop.push_back(p);
+      } else {
+        free_.emplace_back(p, n);
+        cached_ += n;
+      }
+      while (cached_ > capacity_ || free_.size() > kMaxCachedBlocks) {  // the oldest go
+        drop.push_back(free_.front().first);
+        cached_ -= free_.front().second;
+        free_.erase(free_.begin());
+      }
+    }
+    for (void* q : drop) c10::free_cpu(q);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<void*, size_t> live_;
+  std::vector<std::pair<void*, size_t>> free_;  // oldest first
+  size_t cached_ = 0;
+  size_t capacity_ = 0;
+};
+
 struct CpuRunner {
+  at::Tensor new_output(at::IntArrayRef sizes, const at::Tensor& like) const {
+    OutputCache& cache = OutputCache::get();
+    const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * like.element_size();
+    if (nbytes < OutputCache::kMinCachedBytes || nbytes > cache.capacity()) {
+      return at::empty(sizes, like.options());
+    }
+    return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     like.scalar_type(), std::nullopt);
+  }
+
   template <typename Source>
   void operator()(const Source& src, int64_t B, int64_t C, CoordinateBuffers& buf,
                   double momentum, bool check_valid) const {

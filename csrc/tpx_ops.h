@@ -44,6 +44,9 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
                                const std::optional<at::Tensor>& running_var_rp,
                                std::optional<double> fixed_weight);
 
+// adv [B] as a contiguous float64 tensor (the kernels read the advantages in double).
+at::Tensor advantages_as_double(const at::Tensor& adv);
+
 // Writes the updated running statistics back into the caller's buffers.
 void finish_running(CoordinateBuffers& buf, const std::optional<at::Tensor>& running_var_lr,
                     const std::optional<at::Tensor>& running_var_rp);
@@ -52,7 +55,8 @@ void finish_running(CoordinateBuffers& buf, const std::optional<at::Tensor>& run
 void raise_if_invalid_sigma(const CoordinateBuffers& buf);
 
 // The host-side body of each op, shared by the backends. `run` is the
-// backend's node runner: run(source, B, C, buffers, momentum, check_valid).
+// backend's node runner: run(source, B, C, buffers, momentum, check_valid),
+// and run.new_output(sizes, like) allocates a [B, C] output.
 template <typename Runner>
 IvwResult ivw_combine_impl(const Runner& run, const at::Tensor& g_lr, const at::Tensor& g_rp,
                            const std::optional<at::Tensor>& running_var_lr,
@@ -63,7 +67,7 @@ IvwResult ivw_combine_impl(const Runner& run, const at::Tensor& g_lr, const at::
   const int64_t B = g_lr.size(0), C = g_lr.size(1);
   check_options(op, g_lr, C, running_var_lr, running_var_rp, momentum, fixed_weight);
   const at::Tensor lr = g_lr.contiguous(), rp = g_rp.contiguous();
-  at::Tensor g = at::empty({B, C}, lr.options());
+  at::Tensor g = run.new_output({B, C}, lr);
   CoordinateBuffers buf = make_buffers(lr, C, running_var_lr, running_var_rp, fixed_weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "ivw_combine", [&] {
     const IvwSource<scalar_t> src{lr.data_ptr<scalar_t>(), rp.data_ptr<scalar_t>(),
@@ -87,9 +91,9 @@ GaussianResult gaussian_tpx_backward_impl(const Runner& run, const at::Tensor& d
   const int64_t B = d.size(0), D = d.size(1);
   check_options(op, d, 2 * D, running_var_lr, running_var_rp, momentum, fixed_weight);
   const at::Tensor dc = d.contiguous(), ec = eps.contiguous(), sc = sigma.contiguous();
-  const at::Tensor ac = adv.to(at::kDouble).contiguous();
-  at::Tensor grad_mu = at::empty({B, D}, dc.options());
-  at::Tensor grad_sigma = at::empty({B, D}, dc.options());
+  const at::Tensor ac = advantages_as_double(adv);
+  at::Tensor grad_mu = run.new_output({B, D}, dc);
+  at::Tensor grad_sigma = run.new_output({B, D}, dc);
   CoordinateBuffers buf = make_buffers(dc, 2 * D, running_var_lr, running_var_rp, fixed_weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "gaussian_tpx_backward", [&] {
     const GaussianSource<scalar_t> src{dc.data_ptr<scalar_t>(),      ec.data_ptr<scalar_t>(),

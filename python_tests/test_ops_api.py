@@ -147,3 +147,35 @@ def test_cuda_compiled_matches_the_build():
         assert tpx_ext.cuda_compiled(), "a GPU is present but the CUDA kernels were not built"
         assert torch._C._dispatch_has_kernel_for_dispatch_key("tpx_ext::ivw_combine", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("tpx_ext::ivw_combine", "CPU")
+
+
+# --- recycled CPU outputs (outputs of 1 MiB and more come from a cache of freed blocks) --
+
+@pytest.mark.skipif(os.environ.get("TPX_CPU_CACHE_MB") == "0", reason="output cache turned off")
+def test_cpu_outputs_are_recycled_only_once_freed():
+    B, D = 40_000, 16  # 2.5 MiB per float32 output
+    node = random_gaussian_node(B, D, torch.float32, "cpu", seed=30)
+    ref = reference.gaussian_tpx_backward(*node)
+    first = tpx_ext.gaussian_tpx_backward(*node)
+    second = tpx_ext.gaussian_tpx_backward(*node)  # `first` alive: fresh blocks
+    ptrs = {first.grad_mu.data_ptr(), first.grad_sigma.data_ptr()}
+    assert not ptrs & {second.grad_mu.data_ptr(), second.grad_sigma.data_ptr()}
+    for got in (first, second):
+        torch.testing.assert_close(got.grad_mu, ref.grad_mu.float(), rtol=2e-7, atol=1e-30)
+        torch.testing.assert_close(got.grad_sigma, ref.grad_sigma.float(), rtol=2e-7, atol=1e-30)
+    first.grad_mu.fill_(float("nan"))  # garbage left in the blocks must not matter
+    first.grad_sigma.fill_(float("nan"))
+    del first
+    third = tpx_ext.gaussian_tpx_backward(*node)
+    assert {third.grad_mu.data_ptr(), third.grad_sigma.data_ptr()} == ptrs, "freed blocks reused"
+    assert torch.equal(third.grad_mu, second.grad_mu) and torch.equal(third.grad_sigma, second.grad_sigma)
+    g = tpx_ext.ivw_combine(*random_pair(B, 2 * D, torch.float32, "cpu", seed=31)).g
+    g.resize_(2 * B, 2 * D).fill_(1.0)  # an ordinary resizable tensor
+    assert g.sum().item() == 4 * B * D
+    del g, second, third
+
+
+def test_small_cpu_outputs_use_the_default_allocator():
+    got = tpx_ext.ivw_combine(*random_pair(100, 8, torch.float32, "cpu", seed=32))
+    assert got.g.untyped_storage().nbytes() == 100 * 8 * 4
+    got.g.resize_(1000, 8)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import (
     DEVICES,
+    GRAD_RTOL,
     assert_combined_close,
     assert_stats_close,
     random_gaussian_node,
@@ -262,3 +263,82 @@ def test_cpu_and_cuda_agree(B, C):
     for name, a, b in zip(cpu._fields, cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-6 if a.dtype == torch.float32 else 1e-9,
                                    atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+# --- the float reciprocal of sigma (CPU: float-valued inputs divide by sigma through
+# the float reciprocal refined by a Newton step in double, and by plain division where
+# sigma is outside [2^-126, 2^126)) ---------------------------------------------------
+
+SIGMA_EXTREMES = {
+    torch.float32: [1.4e-45, 1e-40, 1.1754942e-38, 1.1754944e-38, 2.5e-38, 1e-20, 0.3, 7.0,
+                    1e20, 8.5e37, 8.6e37, 1e38, 3.4e38],
+    torch.bfloat16: [1e-40, 1.2e-38, 0.3, 7.0, 1e37, 8.5e37, 3.3e38],
+    torch.float16: [6e-8, 1e-5, 0.3, 7.0, 1000.0, 65504.0],
+}
+
+
+def _sigma_node(B, D, dtype, seed):
+    """A Gaussian node whose sigma has ordinary values with extremes mixed in: a few
+    single entries (in different rows, columns and blocks) and whole columns."""
+    d, eps, sigma, adv = random_gaussian_node(B, D, torch.float64, "cpu", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    extremes = torch.tensor(SIGMA_EXTREMES[dtype], dtype=torch.float64)
+    rows = torch.randint(0, B, (40,), generator=gen)
+    cols = torch.randint(0, D, (40,), generator=gen)
+    sigma[rows, cols] = extremes[torch.arange(40) % len(extremes)]
+    sigma[:, 0] = extremes[0]  # one column tiny, one huge
+    sigma[:, D - 1] = extremes[-1]
+    return d.to(dtype), eps.to(dtype), sigma.to(dtype), adv
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("B,D", [(3, 5), (257, 7), (3001, 13)])
+def test_gaussian_sigma_magnitudes(B, D, dtype):
+    """Subnormal, near the reciprocal's range limits and huge sigma: the same statistics
+    and combined gradients as the float64 reference (one output ulp, 1e-9 for k)."""
+    d, eps, sigma, adv = _sigma_node(B, D, dtype, seed=B + D)
+    assert bool((sigma > 0).all() and torch.isfinite(sigma).all())
+    check_gaussian(d, eps, sigma, adv)
+    # A fixed weight passes LR gradients of up to ~1e46 through, beyond float32.
+    _check_against_rounded_reference(d, eps, sigma, adv, dtype, fixed_weight=0.3)
+
+
+def _check_against_rounded_reference(d, eps, sigma, adv, dtype, **kw):
+    """The op against the float64 reference rounded to dtype (so that overflow to inf in
+    dtype is expected, not an error): same non-finite pattern, 2 ulp elsewhere."""
+    got = tpx_ext.gaussian_tpx_backward(d, eps, sigma, adv, **kw)
+    ref = reference.gaussian_tpx_backward(d, eps, sigma, adv, **kw)
+    assert_stats_close(got.k, ref.k, "k")
+    assert_stats_close(got.var_lr, ref.var_lr, "var_lr")
+    assert_stats_close(got.var_rp, ref.var_rp, "var_rp")
+    assert got.nonfinite.item() == ref.nonfinite.item()
+    for name in ("grad_mu", "grad_sigma"):
+        a, b = getattr(got, name).double(), getattr(ref, name).to(dtype).double()
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(a[torch.isinf(a)], b[torch.isinf(a)]), name
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), name
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], rtol=2 * GRAD_RTOL[dtype], atol=1e-30)
+
+
+def test_gaussian_reciprocal_is_accurate():
+    """Ordinary sigma (the fast path throughout): LR statistics to 1e-12, not just 1e-9."""
+    d, eps, sigma, adv = random_gaussian_node(2500, 30, torch.float32, "cpu", seed=21)
+    got = tpx_ext.gaussian_tpx_backward(d, eps, sigma, adv)
+    ref = reference.gaussian_tpx_backward(d, eps, sigma, adv)
+    torch.testing.assert_close(got.var_lr, ref.var_lr, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.k, ref.k, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("bad", (0.0, -0.0, float("inf"), float("-inf"), float("nan"), -2.0))
+def test_gaussian_unchecked_invalid_sigma(bad, dtype):
+    """check_sigma=False: an invalid sigma is used as it is, as the float64 reference
+    does (a / 0 = inf, a / inf = 0, NaN stays NaN); with a fixed weight its inf/NaN
+    reaches the output, with the inverse-variance weight the other estimator takes over."""
+    B, D = 600, 6
+    d, eps, sigma, adv = random_gaussian_node(B, D, dtype, "cpu", seed=22)
+    sigma[17, 2] = bad
+    sigma[:, 4] = bad  # a whole column
+    for kw in ({}, {"fixed_weight": 0.3}):
+        _check_against_rounded_reference(d, eps, sigma, adv, dtype, check_sigma=False, **kw)

@@ -423,15 +423,18 @@ void case_gaussian(const at::Device& dev) {
   }
 }
 
-// The CPU kernel reads V = max(1, 64 / C) rows at a time as flat lanes, then
-// the leftover rows, and splits large batches (B * C >= 8192) into one chunk
-// per thread: shapes around those boundaries (B < V, B = V, B = V + 1, one
-// row, C = 64 / 65 / 100, chunks that are not a multiple of V), both ops, in
-// float32 and float64.
+// The CPU kernel reads V rows at a time as L = V * C flat lanes (V >= 64 / C,
+// L a multiple of 4 for C < 256, V = 1 from C = 256 on, leftover lanes one at
+// a time), sums panels of 16 such blocks in registers, then the leftover
+// rows, and splits large batches (B * C >= 8192) into one chunk per thread:
+// shapes around those boundaries (B < V, B = V, B = V + 1, one row, C = 64 /
+// 65 / 100 / 255 / 256 / 257, whole and partial panels, chunks), both ops,
+// in float32 and float64.
 void case_shapes(const at::Device& dev) {
   const std::pair<int64_t, int64_t> shapes[] = {
-      {1, 1},  {1, 5},   {2, 1},   {63, 1},  {64, 1},   {65, 1},   {130, 1},  {200, 3},
-      {7, 21}, {50, 64}, {33, 65}, {20, 100}, {3, 300}, {20000, 1}, {3001, 3}, {170, 97}};
+      {1, 1},   {1, 5},    {2, 1},    {63, 1},   {64, 1},   {65, 1},    {130, 1},
+      {200, 3}, {7, 21},   {50, 64},  {33, 65},  {20, 100}, {3, 300},   {20000, 1},
+      {3001, 3}, {170, 97}, {389, 6},  {33, 7},   {37, 255}, {19, 256},  {40, 257}};
   const int threads = at::get_num_threads();
   at::set_num_threads(4);
   int cases = 0;

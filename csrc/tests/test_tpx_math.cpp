@@ -1,5 +1,6 @@
 // Unit tests of csrc/tpx_math.h, the math the CPU and CUDA kernels share.
 // Pure header: no torch. Run by ctest (test_tpx_math).
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -38,35 +39,58 @@ void merge(Moments& a, const Moments& b) {
   a.n += b.n;
 }
 
-// The CPU kernel's pattern within one chunk of rows [b, e) (tpx_ops.cpp,
-// chunk_moments): whole blocks of V rows, where lane v sees rows b + v,
-// b + v + V, ...; the V lanes merged in turn into an empty stream; then the
-// leftover rows as one more stream (itself merged into an empty one first).
-Moments lanes(const std::vector<double>& x, size_t b, size_t e, size_t V) {
+// One CPU-kernel lane (tpx_ops.cpp / tpx_cpu_kernels.inc, lanes_moments):
+// the samples x[b], x[b + stride], ... (count of them) as shifted sums in
+// panels of P samples, the shift starting at the first sample.
+Moments shifted_lane(const std::vector<double>& x, size_t b, size_t stride, size_t count, size_t P) {
+  Moments m;
+  if (count == 0) return m;
+  m.mean = x[b];  // n = 0: only the shift
+  for (size_t k0 = 0; k0 < count; k0 += P) {
+    const size_t nb = std::min(P, count - k0);
+    double s1 = 0.0, s2 = 0.0;
+    for (size_t k = k0; k < k0 + nb; ++k) tpx::shifted_add(x[b + k * stride] - m.mean, s1, s2);
+    tpx::merge_shifted(m.n, static_cast<double>(nb), s1, s2, m.mean, m.m2);
+    m.n += static_cast<double>(nb);
+  }
+  return m;
+}
+
+// The CPU kernel's pattern within one chunk of rows [b, e): whole blocks of
+// V rows, where lane v sees rows b + v, b + v + V, ... (shifted_lane); the V
+// lanes merged at once (merge_equal_streams); then the leftover rows as one
+// more lane (itself merged the same way, as one stream, then Chan-merged).
+Moments lanes(const std::vector<double>& x, size_t b, size_t e, size_t V, size_t P) {
   const size_t blocks = (e - b) / V;
   Moments out;
-  for (size_t v = 0; v < V; ++v) {
-    Moments lane;
-    for (size_t k = 0; k < blocks; ++k) {
-      lane.n += 1.0;
-      tpx::welford_add(x[b + k * V + v], 1.0 / lane.n, lane.mean, lane.m2);
+  if (blocks > 0) {
+    std::vector<double> mean(V), m2(V);
+    for (size_t v = 0; v < V; ++v) {
+      const Moments lane = shifted_lane(x, b + v, V, blocks, P);
+      mean[v] = lane.mean;
+      m2[v] = lane.m2;
     }
-    merge(out, lane);
+    tpx::merge_equal_streams(mean.data(), m2.data(), 1, static_cast<int64_t>(V),
+                             static_cast<double>(blocks), out.mean, out.m2);
+    out.n = static_cast<double>(blocks * V);
   }
   if (b + blocks * V < e) {
     Moments tail;
-    merge(tail, welford(x, b + blocks * V, e));
+    merge(tail, shifted_lane(x, b + blocks * V, 1, e - b - blocks * V, P));
     merge(out, tail);
   }
   return out;
 }
 
-// The CPU kernel's chunks (rows n*k/c .. n*(k+1)/c), each through `lanes`,
-// merged in turn into chunk 0.
-Moments kernel_pattern(const std::vector<double>& x, size_t c, size_t V) {
+// The CPU kernel's chunks (rows n*k/c .. n*(k+1)/c rounded down to whole
+// blocks of V, the last chunk to n), each through `lanes`, merged in turn
+// into chunk 0. P: blocks per panel (the kernel's is 16; smaller ones merge
+// more often).
+Moments kernel_pattern(const std::vector<double>& x, size_t c, size_t V, size_t P = 3) {
   const size_t n = x.size();
-  Moments acc = lanes(x, 0, n / c, V);
-  for (size_t k = 1; k < c; ++k) merge(acc, lanes(x, n * k / c, n * (k + 1) / c, V));
+  const auto bound = [&](size_t k) { return k == c ? n : n * k / c / V * V; };
+  Moments acc = lanes(x, 0, bound(1), V, P);
+  for (size_t k = 1; k < c; ++k) merge(acc, lanes(x, bound(k), bound(k + 1), V, P));
   return acc;
 }
 
@@ -142,18 +166,22 @@ void test_welford_chan() {
         }
 
         // The CPU kernel's pattern: c chunks of rows, each read in blocks of
-        // V rows as V lanes plus leftover rows (V > n: no whole block at all).
+        // V rows as V lanes plus leftover rows (V > n: no whole block at
+        // all), shifted sums over panels of P blocks.
         for (size_t c = 1; c <= n; ++c) {
           for (size_t V : {size_t{1}, size_t{2}, size_t{3}, size_t{5}, n, n + 1}) {
-            const Moments acc = kernel_pattern(x, c, V);
-            TEST_CHECK(acc.n == static_cast<double>(n));
-            TEST_CHECK_NEAR(acc.mean, ref_mean, tol, "n=%zu chunks=%zu V=%zu", n, c, V);
-            TEST_CHECK(std::fabs(acc.m2 - ref_m2) <= m2_tol, "n=%zu chunks=%zu V=%zu", n, c, V);
-            TEST_CHECK(!acc.bad(), "n=%zu chunks=%zu V=%zu", n, c, V);
-            const double var = acc.variance();
-            TEST_CHECK(std::fabs(var - ref_var) <= var_tol, "var %.17g vs %.17g n=%zu chunks=%zu V=%zu",
-                  var, ref_var, n, c, V);
-            ++cases;
+            for (size_t P : {size_t{1}, size_t{2}, size_t{16}}) {
+              const Moments acc = kernel_pattern(x, c, V, P);
+              TEST_CHECK(acc.n == static_cast<double>(n));
+              TEST_CHECK_NEAR(acc.mean, ref_mean, tol, "n=%zu chunks=%zu V=%zu P=%zu", n, c, V, P);
+              TEST_CHECK(std::fabs(acc.m2 - ref_m2) <= m2_tol, "m2 %.17g vs %.17g n=%zu chunks=%zu V=%zu P=%zu",
+                         acc.m2, ref_m2, n, c, V, P);
+              TEST_CHECK(!acc.bad(), "n=%zu chunks=%zu V=%zu P=%zu", n, c, V, P);
+              const double var = acc.variance();
+              TEST_CHECK(std::fabs(var - ref_var) <= var_tol,
+                         "var %.17g vs %.17g n=%zu chunks=%zu V=%zu P=%zu", var, ref_var, n, c, V, P);
+              ++cases;
+            }
           }
         }
       }
@@ -616,6 +644,159 @@ void test_sources() {
   std::printf("  GaussianSource/IvwSource: flat-index read/write formulas, row_value, valid\n");
 }
 
+// Shifted block sums (the CPU kernel's accumulation) on long streams, also
+// where the mean is far from zero relative to the spread (a plain sum of
+// squares loses every digit there): within Welford's bound, a few ulps times
+// n times the condition number 1 + |mean| / sd, of the two-pass reference.
+void test_shifted_sums() {
+  std::mt19937_64 rng(777);
+  std::normal_distribution<double> normal;
+  int cases = 0;
+  for (double scale : {1e-30, 1.0, 1e30, 1e150}) {
+    for (double offset : {0.0, 0.5, 1e6, -1e9}) {
+      for (size_t n : {size_t{17}, size_t{1000}, size_t{4099}}) {
+        std::vector<double> x(n);
+        for (double& v : x) v = (offset + normal(rng)) * scale;
+        double ref_mean, ref_m2;
+        two_pass(x, &ref_mean, &ref_m2);
+        const double sd = std::sqrt(ref_m2 / static_cast<double>(n));
+        const double cond = 1.0 + std::fabs(ref_mean) / sd;
+        const double m2_tol = 8.0 * DBL_EPSILON * static_cast<double>(n) * cond;
+        for (size_t P : {size_t{1}, size_t{7}, size_t{16}}) {
+          for (size_t V : {size_t{1}, size_t{12}, size_t{64}}) {
+            const Moments m = kernel_pattern(x, 2, V, P);
+            TEST_CHECK(!m.bad() && m.n == static_cast<double>(n));
+            TEST_CHECK_NEAR(m.m2, ref_m2, m2_tol, "scale=%g offset=%g n=%zu P=%zu V=%zu", scale,
+                            offset, n, P, V);
+            TEST_CHECK_NEAR(m.mean, ref_mean, 1e-13, "scale=%g offset=%g n=%zu P=%zu V=%zu", scale,
+                            offset, n, P, V);
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  // Constant streams of any magnitude: exactly zero spread, the mean exact.
+  for (double c : {0.0, -2.5, 1e-300, 1e200, -1.7e308}) {
+    const std::vector<double> x(100, c);
+    for (size_t P : {size_t{1}, size_t{16}}) {
+      const Moments m = kernel_pattern(x, 2, 12, P);
+      TEST_CHECK(m.m2 == 0.0 && m.mean == c && m.variance() == 0.0, "c=%g P=%zu", c, P);
+    }
+  }
+  // A mean beyond sqrt(DBL_MAX) with a representable spread stays finite
+  // (condition number 1e10: the same bound as above, ~1e-3).
+  std::vector<double> x(500);
+  for (double& v : x) v = 1e160 + 1e150 * normal(rng);
+  double ref_mean, ref_m2;
+  two_pass(x, &ref_mean, &ref_m2);
+  const Moments big = kernel_pattern(x, 2, 4, 16);
+  TEST_CHECK(!big.bad());
+  TEST_CHECK_NEAR(big.m2, ref_m2, 8.0 * DBL_EPSILON * 500 * 1e10);
+  // A non-finite sample anywhere, in the first panel, a later one or the
+  // leftover rows, makes the stream bad; so does a spread beyond the range.
+  for (double bad : {kInf, -kInf, kNaN}) {
+    for (size_t pos : {size_t{0}, size_t{5}, size_t{250}, size_t{499}}) {
+      std::vector<double> y(500, 1.0);
+      y[pos] = bad;
+      TEST_CHECK(kernel_pattern(y, 2, 12, 16).variance() == kInf, "bad=%g pos=%zu", bad, pos);
+    }
+  }
+  std::vector<double> wide(64);
+  for (size_t i = 0; i < wide.size(); ++i) wide[i] = i % 2 ? 1e308 : -1e308;
+  TEST_CHECK(kernel_pattern(wide, 1, 4, 16).variance() == kInf);
+  std::printf("  shifted sums: %d long-stream cases match the two-pass reference\n", cases);
+}
+
+// merge_equal_streams is k - 1 Chan merges of equal-count streams, in one go.
+void test_merge_equal_streams() {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> normal;
+  for (double offset : {0.0, 1e5, -1e160}) {
+    for (int64_t k : {1, 2, 5, 64}) {
+      for (double n : {1.0, 3.0, 16.0}) {
+        std::vector<double> mean(2 * k), m2(2 * k);
+        for (int64_t i = 0; i < k; ++i) {
+          mean[2 * i] = offset + normal(rng) * (offset == 0.0 ? 1.0 : 1e-3 * std::fabs(offset));
+          m2[2 * i] = std::fabs(normal(rng)) * n;
+        }
+        Moments seq;
+        for (int64_t i = 0; i < k; ++i) merge(seq, Moments{n, mean[2 * i], m2[2 * i]});
+        double got_mean, got_m2;
+        tpx::merge_equal_streams(mean.data(), m2.data(), 2, k, n, got_mean, got_m2);
+        TEST_CHECK_NEAR(got_mean, seq.mean, 1e-14, "offset=%g k=%lld n=%g", offset, (long long)k, n);
+        TEST_CHECK_NEAR(got_m2, seq.m2, 1e-12, "offset=%g k=%lld n=%g", offset, (long long)k, n);
+      }
+    }
+  }
+  // Equal means: exactly the sum of the m2 (a constant column stays 0).
+  const double same[] = {-1.7e308, -1.7e308, -1.7e308}, zeros[] = {0.0, 0.0, 0.0};
+  double m, q;
+  tpx::merge_equal_streams(same, zeros, 1, 3, 10.0, m, q);
+  TEST_CHECK(m == -1.7e308 && q == 0.0);
+  // A non-finite lane makes the result bad.
+  for (double bad : {kInf, -kInf, kNaN}) {
+    const double means[] = {1.0, bad, 2.0}, m2s[] = {0.5, 0.5, 0.5};
+    tpx::merge_equal_streams(means, m2s, 1, 3, 4.0, m, q);
+    TEST_CHECK(tpx::moments_bad(m, q), "bad=%g", bad);
+    const double m2bad[] = {0.5, bad == -kInf ? kInf : bad, 0.5}, ok[] = {1.0, 1.5, 2.0};
+    tpx::merge_equal_streams(ok, m2bad, 1, 3, 4.0, m, q);
+    TEST_CHECK(tpx::moments_bad(m, q), "m2 bad=%g", bad);
+  }
+  std::printf("  merge_equal_streams: equals sequential Chan merges\n");
+}
+
+// The float reciprocal refined in double: relative error <= 2^-48 + 2^-53
+// over the whole range where the float reciprocal is normal, for float
+// values of sigma (every magnitude, both signs, mantissas at random and at
+// the extremes).
+void test_refine_reciprocal() {
+  std::mt19937_64 rng(99);
+  std::uniform_int_distribution<uint32_t> mant(0, (1u << 23) - 1);
+  const double bound = std::ldexp(1.0, -48) + std::ldexp(1.0, -53);
+  double worst = 0.0;
+  int cases = 0;
+  for (int e = -126; e < 126; ++e) {
+    for (int k = 0; k < 40; ++k) {
+      const uint32_t m = k == 0 ? 0u : k == 1 ? (1u << 23) - 1 : mant(rng);
+      for (float sign : {1.0f, -1.0f}) {
+        const float s = sign * std::ldexp(1.0f + static_cast<float>(m) * 0x1p-23f, e);
+        const double sd = s;
+        TEST_CHECK(sd >= tpx::kFastRecipMin || sd <= -tpx::kFastRecipMin);
+        TEST_CHECK(std::fabs(sd) < tpx::kFastRecipMax);
+        const double r = tpx::refine_reciprocal(sd, static_cast<double>(1.0f / s));
+        const long double exact = 1.0L / static_cast<long double>(sd);
+        const double rel = static_cast<double>(std::fabs((r - exact) / exact));
+        worst = std::fmax(worst, rel);
+        TEST_CHECK(rel <= bound, "s=%a: 1/s=%a, got %a (relative error %g)", sd, (double)exact, r, rel);
+        ++cases;
+      }
+    }
+  }
+  // The range limits are exactly where the float reciprocal stops being a
+  // normal float; powers of two are exact.
+  TEST_CHECK(tpx::kFastRecipMin == std::ldexp(1.0, -126) && tpx::kFastRecipMax == std::ldexp(1.0, 126));
+  TEST_CHECK(tpx::refine_reciprocal(4.0, 0.25) == 0.25 && tpx::refine_reciprocal(1.0, 1.0) == 1.0);
+  std::printf("  refine_reciprocal: %d float sigmas, worst relative error %.3g (bound %.3g)\n", cases,
+              worst, bound);
+}
+
+// mix (the combine of a weight inside (0, 1)) is combine there; the per-sample
+// gradients of a Gaussian node are the TPX.md formulas.
+void test_mix_and_gaussian_per_sample() {
+  for (double k : {1e-300, 0.25, 0.5, 0.999999, 1.0 - DBL_EPSILON / 2}) {
+    for (double lr : {-3.0, 0.0, 1e30, kInf, kNaN}) {
+      for (double rp : {2.0, -1e-30, -kInf}) {
+        TEST_CHECK_SAME(tpx::mix(k, 1.0 - k, lr, rp), tpx::combine(k, lr, rp));
+      }
+    }
+  }
+  double lr[2], rp[2];
+  tpx::gaussian_per_sample(2.0 / 0.5, 1.5, -0.25, lr, rp);
+  TEST_CHECK(lr[0] == 6.0 && lr[1] == 4.0 * (1.5 * 1.5 - 1.0) && rp[0] == -0.25 && rp[1] == -0.375);
+  std::printf("  mix = combine inside (0, 1); gaussian_per_sample\n");
+}
+
 }  // namespace
 
 int main() {
@@ -633,6 +814,10 @@ int main() {
   test_combine();
   test_coordinate_weight();
   test_sources();
+  test_shifted_sums();
+  test_merge_equal_streams();
+  test_refine_reciprocal();
+  test_mix_and_gaussian_per_sample();
   std::printf("test_tpx_math: all checks passed\n");
   return 0;
 }
