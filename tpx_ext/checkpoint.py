@@ -8,24 +8,16 @@ replay file is named by step and written first, so a crash at any point leaves a
 
 import glob
 import os
-import tempfile
 
 import torch
+
+from .atomic import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save(run_dir: str, state: dict, replay, step: int) -> None:

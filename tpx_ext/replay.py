@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 from collections import deque
 
 import numpy as np
+
+from .atomic import atomic_write
 
 _FIELDS = ("obs", "action", "reward", "discount")
 
@@ -178,17 +178,7 @@ class ReplayBuffer:
     def save(self, path) -> None:
         """Write state_dict() to one .npz file atomically: a temporary file in the same
         directory, then os.replace, so a crash mid-write leaves the previous file intact."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.state_dict())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: np.savez(f, **self.state_dict()), suffix=".npz.tmp")
 
     def load(self, path) -> None:
         with np.load(path, allow_pickle=False) as data:
