@@ -3,6 +3,7 @@
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -27,9 +28,12 @@ def machine_description(device) -> str:
     return desc
 
 
-def write_section(name: str, body: str) -> Path:
+def write_section(name: str, argv, body: str) -> Path:
     """Replace the text between <!-- name:begin --> and <!-- name:end --> in BENCHMARKS.md
-    (appending the markers if they are missing)."""
+    (appending the markers if they are missing) with the command `python <name> <argv>`
+    (argv None: sys.argv[1:]) and `body`."""
+    cmd = f"python {name} " + " ".join(sys.argv[1:] if argv is None else argv)
+    body = f"Command: `{cmd.strip()}`\n\n{body}"
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     if begin not in text:

@@ -22,7 +22,6 @@ import os
 # cores that torch's and the fused op's OpenMP threads wait for; no BLAS is timed here.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import statistics
-import sys
 import time
 
 import torch
@@ -195,8 +194,7 @@ def main(argv=None):
     print(f"({time.perf_counter() - start:.0f} s)")
 
     if args.write:
-        cmd = "python bench/ops.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = write_section("bench/ops.py", f"Command: `{cmd.strip()}`\n\n{header}\n" + "\n".join(lines))
+        path = write_section("bench/ops.py", argv, header + "\n" + "\n".join(lines))
         print(f"wrote {path}")
 
 

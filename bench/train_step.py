@@ -16,7 +16,6 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see bench/ops.py
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -102,8 +101,7 @@ def main(argv=None):
             lines.append(line)
             print(line, flush=True)
     if a.write:
-        cmd = "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = write_section("bench/train_step.py", f"Command: `{cmd.strip()}`\n\n{header}\n" + "\n".join(lines))
+        path = write_section("bench/train_step.py", argv, header + "\n" + "\n".join(lines))
         print(f"wrote {path}")
 
 
