@@ -231,6 +231,19 @@ void compare(const char* what, const at::Tensor& g, const at::Tensor& k, const a
 
 // Random per-sample gradients with a different scale per column, so that k
 // varies across (0, 1).
+// The running-variance buffers after a call, against the reference's.
+void check_running(const std::string& what, const at::Tensor& run_lr, const at::Tensor& run_rp,
+                   const std::vector<double>& ref_lr, const std::vector<double>& ref_rp,
+                   double tol) {
+  const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
+  for (size_t j = 0; j < got_lr.size(); ++j) {
+    TEST_CHECK_NEAR(got_lr[j], ref_lr[j], tol, "%s: running_var_lr[%lld]", what.c_str(),
+                    (long long)j);
+    TEST_CHECK_NEAR(got_rp[j], ref_rp[j], tol, "%s: running_var_rp[%lld]", what.c_str(),
+                    (long long)j);
+  }
+}
+
 void fill(std::vector<double>& v, int64_t B, int64_t C, std::mt19937_64& rng, double scale) {
   std::normal_distribution<double> normal;
   v.resize(B * C);
@@ -336,13 +349,7 @@ void case_running(const at::Device& dev, at::ScalarType run_dtype) {
     compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, at::kFloat);
     // The caller's buffers are updated in place (rounded to their dtype).
     const double tol = run_dtype == at::kDouble ? 1e-12 : 1e-6;
-    const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
-    for (int64_t j = 0; j < C; ++j) {
-      TEST_CHECK_NEAR(got_lr[j], ref_run_lr[j], tol, "%s: running_var_lr[%lld]", what.c_str(),
-                 (long long)j);
-      TEST_CHECK_NEAR(got_rp[j], ref_run_rp[j], tol, "%s: running_var_rp[%lld]", what.c_str(),
-                 (long long)j);
-    }
+    check_running(what, run_lr, run_rp, ref_run_lr, ref_run_rp, tol);
   }
 }
 
@@ -456,13 +463,7 @@ void case_shapes(const at::Device& dev) {
       const auto [g, k, var_lr, var_rp, nonfinite] =
           ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.9, std::nullopt);
       compare(("ivw " + what).c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, dtype);
-      const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
-      for (int64_t j = 0; j < C; ++j) {
-        TEST_CHECK_NEAR(got_lr[j], ref_run_lr[j], 1e-10, "%s: running_var_lr[%lld]", what.c_str(),
-                        (long long)j);
-        TEST_CHECK_NEAR(got_rp[j], ref_run_rp[j], 1e-10, "%s: running_var_rp[%lld]", what.c_str(),
-                        (long long)j);
-      }
+      check_running(what, run_lr, run_rp, ref_run_lr, ref_run_rp, 1e-10);
 
       // gaussian_tpx_backward: the advantage is per row, so a wrong row in a
       // block shows up in the LR gradients.
@@ -521,13 +522,7 @@ void case_overflow(const at::Device& dev) {
       ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.5, std::nullopt);
   const std::string what = "overflow float64 " + dev.str();
   compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr, rp, C, at::kDouble);
-  const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
-  for (int64_t j = 0; j < C; ++j) {
-    TEST_CHECK_NEAR(got_lr[j], ref_run_lr[j], 1e-12, "%s: running_var_lr[%lld]", what.c_str(),
-                    (long long)j);
-    TEST_CHECK_NEAR(got_rp[j], ref_run_rp[j], 1e-12, "%s: running_var_rp[%lld]", what.c_str(),
-                    (long long)j);
-  }
+  check_running(what, run_lr, run_rp, ref_run_lr, ref_run_rp, 1e-12);
 
   // The same magnitudes in float32 (+-3e38) square to ~1e77: no overflow in
   // the double statistics, a finite variance.
