@@ -86,18 +86,24 @@ def _timer(device):
     return run
 
 
-def time_alternating(fns, device, budget_s=1.0, min_reps=3):
-    """Median seconds per call of each fn, timed in rounds that alternate between them."""
+def time_alternating(fns, device, budget_s=1.0, rounds=5):
+    """Median seconds per call of each fn, timed in `rounds` rounds that alternate between them.
+
+    Each variant gets about the same time per round (budget_s / rounds / len(fns)), so a
+    slow variant (the float64 reference at 1e7 elements) runs once per round while a fast
+    one repeats many times; every variant still has samples from every round.
+    """
     run = _timer(device)
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    probe = {name: statistics.median(run(fn, 3)) for name, fn in fns.items()}
-    reps = max(min_reps, int(budget_s / max(sum(probe.values()), 1e-7) / 5))
+    probe = {}
+    for name, fn in fns.items():
+        fn()  # first call: torch.compile compiles here
+        probe[name] = statistics.median(run(fn, 2))
+    share = budget_s / rounds / len(fns)
+    reps = {name: max(1, int(share / max(t, 1e-7))) for name, t in probe.items()}
     samples = {name: [] for name in fns}
-    for _ in range(5):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name] += run(fn, reps)
+            samples[name] += run(fn, reps[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

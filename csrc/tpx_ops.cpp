@@ -75,7 +75,7 @@ void check_running(const char* op, const char* name, const at::Tensor& run, cons
 }
 
 // Below this many elements one thread is faster than waking the pool.
-constexpr int64_t kParallelGrain = 8192;
+constexpr int64_t kParallelGrain = 4096;
 
 }  // namespace
 

@@ -433,7 +433,7 @@ void case_gaussian(const at::Device& dev) {
 // The CPU kernel reads V rows at a time as L = V * C flat lanes (V >= 64 / C,
 // L a multiple of 4 for C < 256, V = 1 from C = 256 on, leftover lanes one at
 // a time), sums panels of 16 such blocks in registers, then the leftover
-// rows, and splits large batches (B * C >= 8192) into one chunk per thread:
+// rows, and splits large batches (B * C >= 4096) into one chunk per thread:
 // shapes around those boundaries (B < V, B = V, B = V + 1, one row, C = 64 /
 // 65 / 100 / 255 / 256 / 257, whole and partial panels, chunks), both ops,
 // in float32 and float64.
