@@ -3,6 +3,7 @@ failing trial, resuming a stopped run, skipping finished ones, the summary again
 own files, and the refusals."""
 
 import csv
+import json
 import os
 import re
 import sys
@@ -98,9 +99,26 @@ def test_sweep_fails_resumes_skips_and_summarizes(tmp_path, capsys):
     assert seconds < 10, f"a sweep with nothing to do took {seconds:.1f} s"
     assert snapshot(out) == before
 
-    with pytest.raises(SystemExit, match=r"holds a different sweep .*horizons: \[5\] -> \[5, 15\]"):
-        sweep.main([*argv, "--horizons", "5", "15"])
+    # Part of the grid: nothing to run, and the summaries still cover the whole grid.
+    assert sweep.main([*argv, "--estimators", "tpx"]) == 0
+    assert "1/1 trials already finished, skipped" in capsys.readouterr().out
     assert snapshot(out) == before
+
+    # Other shared settings would mix configs under the same run dir names: refused.
+    with pytest.raises(SystemExit, match=r"other settings .*steps: 400 -> 500"):
+        sweep.main([*argv, "--steps", "500"])
+    assert snapshot(out) == before
+
+    # The grid grows: only the new trial runs, and OUT's grid becomes the union.
+    assert sweep.main([*argv, "--estimators", "lr"]) == 0
+    assert "[1/1] cartpole_balance_lr_h5_s0: eval return" in capsys.readouterr().out
+    assert json.load(open(os.path.join(out, "sweep.json")))["estimators"] == ["rp", "tpx", "lr"]
+    after = snapshot(out)
+    assert all(after[p] == t for p, t in before.items()
+               if os.path.basename(p) not in (*SUMMARIES, "sweep.json")), "finished trials touched"
+    rows = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
+    assert [(r["estimator"], r["status"]) for r in rows] == [("rp", "done"), ("tpx", "done"),
+                                                             ("lr", "done")]
 
 
 @pytest.mark.parametrize("args,match", [

@@ -24,6 +24,7 @@ import time
 from typing import Dict, List, Optional
 
 from . import configs
+from .atomic import atomic_write
 
 SPEC_FILE = "sweep.json"
 INSTALL_HINT = 'pip install --no-build-isolation ".[sweep]"'
@@ -116,22 +117,31 @@ def build_spec(args) -> Dict:
             "seeds": args.seeds, "configs": args.configs, "set": overrides, "steps": base.steps}
 
 
-def check_spec(out: str, spec: Dict) -> None:
-    """Write OUT/sweep.json on the first run; refuse a different sweep in the same OUT, whose
-    trials would mix configs under the same run dir names."""
+GRID_AXES = ("tasks", "estimators", "horizons", "seeds")
+
+
+def check_spec(out: str, spec: Dict) -> Dict:
+    """Record the sweep in OUT/sweep.json and return the grid OUT now holds. The grid may grow
+    (or a re-run may name part of it): OUT's grid becomes the union of the axes. The settings
+    every trial shares (presets, --set keys, steps) are pinned: a change would mix configs
+    under the same run dir names."""
     path = os.path.join(out, SPEC_FILE)
+    merged = spec
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved != spec:
-            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {spec.get(k)!r}"
-                             for k in sorted(set(saved) | set(spec)) if saved.get(k) != spec.get(k))
-            sys.exit(f"{out} holds a different sweep ({path}); differences: {diff}. Re-run it with "
-                     "its own arguments, or pick another --out")
-        return
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {spec.get(k)!r}" for k in sorted(set(saved) | set(spec))
+                         if k not in GRID_AXES and saved.get(k) != spec.get(k))
+        if diff:
+            sys.exit(f"{out} holds a sweep with other settings ({path}); differences: {diff}. "
+                     "Re-run it with its own settings, or pick another --out")
+        merged = {**saved, **{a: saved[a] + [v for v in spec[a] if v not in saved[a]]
+                              for a in GRID_AXES}}
+        if merged == saved:
+            return saved
     os.makedirs(out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(spec, f, indent=2)
+    atomic_write(path, lambda f: f.write(json.dumps(merged, indent=2).encode()))
+    return merged
 
 
 def trials_of(spec: Dict) -> List[Trial]:
@@ -376,14 +386,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     ray = import_ray()
     spec = build_spec(args)
-    check_spec(args.out, spec)
+    held = check_spec(args.out, spec)  # the grid OUT holds, of which this command may name a part
     trials = trials_of(spec)
     todo = [t for t in trials if not is_complete(os.path.join(args.out, t.name), spec["steps"])]
     total, finished = len(trials), len(trials) - len(todo)
     if finished:
         print(f"{finished}/{total} trials already finished, skipped", flush=True)
     failed = run_trials(ray, args, spec, todo, finished, total) if todo else {}
-    print(summarize(args.out, spec, trials), flush=True)
+    print(summarize(args.out, held, trials_of(held)), flush=True)
     print(f"summary: {os.path.join(args.out, 'summary.md')}, summary.csv, summary_groups.csv, "
           "curves_<task>.png", flush=True)
     if failed:
