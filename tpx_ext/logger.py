@@ -7,6 +7,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -64,10 +66,7 @@ def read_metrics(path: str):
 
 def truncate_after(path: str, step: int) -> None:
     keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
 def save_gif(path: str, frames: Sequence[np.ndarray], fps: int = 25) -> None:
@@ -75,7 +74,6 @@ def save_gif(path: str, frames: Sequence[np.ndarray], fps: int = 25) -> None:
     from PIL import Image  # matplotlib depends on pillow
 
     images = [Image.fromarray(f.transpose(1, 2, 0) if f.shape[0] == 3 else f) for f in frames]
-    tmp = path + ".tmp"
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True,
+                                                append_images=images[1:],
+                                                duration=int(1000 / fps), loop=0))
