@@ -139,6 +139,8 @@ def test_plot_horizon_profile(tmp_path):
     np.testing.assert_allclose(plot.profile(a, "k_action", last=1e-9), recs[-1])
     out = plot.plot_profiles([a], str(tmp_path / "k.png"))
     assert os.path.getsize(out) > 1000
+    log_out = plot.plot_profiles([a], str(tmp_path / "k_log.png"), log=True)
+    assert open(log_out, "rb").read() != open(out, "rb").read(), "--log drew the same axis"
     rp, _ = run(tmp_path, "rp", "--steps", "400", "--estimator", "rp")
     with pytest.raises(ValueError, match="rp runs have no"):
         plot.profile(rp, "k_action")

@@ -92,7 +92,7 @@ def profile(run_dir: str, metric: str, last: float = 0.1) -> np.ndarray:
 
 
 def plot_profiles(run_dirs, out: str, metric: str = "k_action", last: float = 0.1, labels=None,
-                  title=None) -> str:
+                  title=None, log: bool = False) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,6 +110,8 @@ def plot_profiles(run_dirs, out: str, metric: str = "k_action", last: float = 0.
             ax.fill_between(np.arange(H), ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("imagination step t")
     ax.set_ylabel(metric)
+    if log:  # TPX weights span orders of magnitude over the horizon
+        ax.set_yscale("log")
     ax.set_title(title or f"{metric}, mean over the last {last:.0%} of training")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -130,6 +132,7 @@ def main(argv=None):
                    help="plot a per-horizon-step metric (e.g. k_action) instead of curves")
     p.add_argument("--last", type=float, default=0.1,
                    help="--profile: fraction of the last training records averaged")
+    p.add_argument("--log", action="store_true", help="--profile: logarithmic y axis")
     p.add_argument("--labels", nargs="+", help="one label per run (default from config.json)")
     p.add_argument("--title")
     a = p.parse_args(argv)
@@ -137,7 +140,7 @@ def main(argv=None):
         sys.exit(f"--labels: got {len(a.labels)} labels for {len(a.runs)} runs")
     try:
         if a.profile:
-            print(plot_profiles(a.runs, a.out, a.profile, a.last, a.labels, a.title))
+            print(plot_profiles(a.runs, a.out, a.profile, a.last, a.labels, a.title, a.log))
         else:
             print(plot(a.runs, a.out, a.metrics, a.labels, a.title))
     except (FileNotFoundError, ValueError) as e:
