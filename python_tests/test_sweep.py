@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -46,6 +47,8 @@ def check_summary(out, runs):
         assert last_train["updates"] > 0
         assert float(row["actor_skipped_frac"]) == last_train["actor_skipped"] / last_train["updates"]
         assert float(row["actor_clipped_frac"]) == last_train["actor_clipped"] / last_train["updates"]
+        norms = [r["actor_grad_norm"] for r in recs if "actor_grad_norm" in r]
+        assert norms and float(row["actor_grad_norm"]) == statistics.median(norms)
         ks = [r["k_action"] for r in recs if "k_action" in r]
         if row["estimator"] == "rp":
             assert not ks and row["k_lr_first"] == row["k_lr_last"] == ""

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional
@@ -35,7 +36,8 @@ RESERVED_KEYS = ("task", "estimator", "horizon", "seed", "steps", "threads")
 LAST_RECORDS_FRACTION = 0.1
 
 TRIAL_COLUMNS = ("task", "estimator", "horizon", "seed", "status", "eval_return", "env_steps",
-                 "actor_skipped_frac", "actor_clipped_frac", "k_lr_first", "k_lr_last")
+                 "actor_skipped_frac", "actor_clipped_frac", "actor_grad_norm", "k_lr_first",
+                 "k_lr_last")
 GROUP_COLUMNS = ("task", "estimator", "horizon", "eval_return_mean", "eval_return_std", "seeds")
 
 
@@ -292,7 +294,12 @@ def trial_row(out: str, trial: Trial, steps: int) -> Dict:
     if c["updates"]:
         row.update(actor_skipped_frac=c["actor_skipped"] / c["updates"],
                    actor_clipped_frac=c["actor_clipped"] / c["updates"])
-    ks = [r["k_action"] for r in read_metrics(os.path.join(run_dir, METRICS_FILE)) if "k_action" in r]
+    records = read_metrics(os.path.join(run_dir, METRICS_FILE))
+    norms = sorted(r["actor_grad_norm"] for r in records
+                   if math.isfinite(r.get("actor_grad_norm", math.nan)))
+    if norms:
+        row["actor_grad_norm"] = statistics.median(norms)
+    ks = [r["k_action"] for r in records if "k_action" in r]
     if ks:
         last = ks[-max(1, math.ceil(len(ks) * LAST_RECORDS_FRACTION)):]
         row.update(k_lr_first=finite_mean([k[0] for k in last]),
@@ -333,10 +340,11 @@ def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
 
     trials = table(
         ["task", "estimator", "H", "seed", "status", "eval return", "env steps", "actor skipped",
-         "actor clipped", "k_LR first", "k_LR last"],
+         "actor clipped", "actor grad norm", "k_LR first", "k_LR last"],
         [[r["task"], r["estimator"], str(r["horizon"]), str(r["seed"]), r["status"],
           fmt(r["eval_return"], ".1f"), fmt(r["env_steps"], "d"), fmt(r["actor_skipped_frac"], ".3f"),
-          fmt(r["actor_clipped_frac"], ".3f"), fmt(r["k_lr_first"], ".3g"), fmt(r["k_lr_last"], ".3g")]
+          fmt(r["actor_clipped_frac"], ".3f"), fmt(r["actor_grad_norm"], ".3g"),
+          fmt(r["k_lr_first"], ".3g"), fmt(r["k_lr_last"], ".3g")]
          for r in rows])
     grouped = table(
         ["task", "estimator", "H", "eval return (mean +- std over seeds)", "seeds"],
@@ -349,7 +357,8 @@ def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
     pct = round(LAST_RECORDS_FRACTION * 100)
     return (f"# Sweep summary\n\npresets: {presets}; --set: {sets}; {spec['steps']} env steps "
             f"per trial.\n\n## Trials\n\nactor skipped / clipped: fraction of the actor updates "
-            f"skipped as non-finite / with a clipped gradient norm. k_LR first / last: mean TPX "
+            f"skipped as non-finite / with a clipped gradient norm. actor grad norm: median over the "
+            f"training records of the actor gradient's norm before clipping. k_LR first / last: mean TPX "
             f"weight on LR (0 = all RP, 1 = all LR) at the first / last horizon step over the "
             f"last {pct}% of the training records. status: done; incomplete (stopped after a "
             f"checkpoint: a re-run resumes it); failed (no checkpoint); not run.\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
