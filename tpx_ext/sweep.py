@@ -34,6 +34,7 @@ RESERVED_KEYS = ("task", "estimator", "horizon", "seed", "steps", "threads")
 # The TPX weights in the summary are averaged over this final fraction of the training
 # records: the weights drift during training, and the end is what the final return reflects.
 LAST_RECORDS_FRACTION = 0.1
+GRID_AXES = ("tasks", "estimators", "horizons", "seeds")  # a grid may grow along these
 
 TRIAL_COLUMNS = ("task", "estimator", "horizon", "seed", "status", "eval_return", "env_steps",
                  "actor_skipped_frac", "actor_clipped_frac", "actor_grad_norm", "k_lr_first",
@@ -85,7 +86,7 @@ def parse_args(argv: Optional[List[str]]):
 def build_spec(args) -> Dict:
     """The sweep's identity, checked on re-runs. Exits with the reason on an invalid grid, so
     that nothing is written and no trial is started for a sweep that cannot run."""
-    for axis in ("tasks", "estimators", "horizons", "seeds"):
+    for axis in GRID_AXES:
         values = getattr(args, axis)
         if len(set(values)) != len(values):
             sys.exit(f"--{axis}: duplicate values in {values}")
@@ -117,9 +118,6 @@ def build_spec(args) -> Dict:
         sys.exit(f"--tasks: unknown {unknown}; valid: {', '.join(sorted(task_names()))}")
     return {"tasks": args.tasks, "estimators": args.estimators, "horizons": args.horizons,
             "seeds": args.seeds, "configs": args.configs, "set": overrides, "steps": base.steps}
-
-
-GRID_AXES = ("tasks", "estimators", "horizons", "seeds")
 
 
 def check_spec(out: str, spec: Dict) -> Dict:
@@ -295,8 +293,8 @@ def trial_row(out: str, trial: Trial, steps: int) -> Dict:
         row.update(actor_skipped_frac=c["actor_skipped"] / c["updates"],
                    actor_clipped_frac=c["actor_clipped"] / c["updates"])
     records = read_metrics(os.path.join(run_dir, METRICS_FILE))
-    norms = sorted(r["actor_grad_norm"] for r in records
-                   if math.isfinite(r.get("actor_grad_norm", math.nan)))
+    norms = [r["actor_grad_norm"] for r in records
+             if math.isfinite(r.get("actor_grad_norm", math.nan))]
     if norms:
         row["actor_grad_norm"] = statistics.median(norms)
     ks = [r["k_action"] for r in records if "k_action" in r]
