@@ -193,7 +193,7 @@ namespace {
 // Pass 1 keeps the moments (mean, m2) of every lane and stream and, per tile
 // of W lanes, sums kPanel blocks at a time in registers (shifted sums,
 // tpx_math.h) before merging them in; the lanes of a column are Chan-merged
-// at the end of the chunk. Pass 2 walks the same blocks, last panel first.
+// at the end of the chunk. Pass 2 walks the same blocks in the same order.
 // The hot code is in tpx_cpu_kernels.inc.
 constexpr int64_t kMinLanes = 64;
 constexpr int W = 4;        // lanes per vector: 4 doubles, one AVX2 register
