@@ -230,6 +230,14 @@ typedef int32_t vi __attribute__((vector_size(4 * W)));
 typedef uint32_t vu __attribute__((vector_size(4 * W)));
 typedef uint16_t vh __attribute__((vector_size(2 * W)));
 
+// Pass 2 of bfloat16 inputs runs on floats, W2 per vector (see
+// tpx_cpu_kernels.inc, "Pass 2 in float").
+constexpr int W2 = 8;
+typedef float vf2 __attribute__((vector_size(4 * W2)));
+typedef int32_t vi2 __attribute__((vector_size(4 * W2)));
+typedef uint32_t vu2 __attribute__((vector_size(4 * W2)));
+typedef uint16_t vh2 __attribute__((vector_size(2 * W2)));
+
 #define TPX_HOT inline __attribute__((always_inline))
 
 template <typename VT>
@@ -259,16 +267,42 @@ constexpr int32_t kRecipLoBits = 0x00800000;
 constexpr int32_t kRecipHiBits = 0x7E800000;
 
 // Per-lane weights of L = V * C lanes: k and 1 - k of each group, [2G][L].
-std::vector<double> lane_weights(const double* k, int G, int64_t C, int64_t V) {
+template <typename F = double>
+std::vector<F> lane_weights(const double* k, int G, int64_t C, int64_t V) {
   const int64_t L = V * C;
-  std::vector<double> out(2 * G * L);
+  std::vector<F> out(2 * G * L);
   for (int g = 0; g < G; ++g) {
     for (int64_t l = 0; l < L; ++l) {
-      out[2 * g * L + l] = k[g * C + l % C];
-      out[(2 * g + 1) * L + l] = 1.0 - k[g * C + l % C];
+      out[2 * g * L + l] = static_cast<F>(k[g * C + l % C]);
+      out[(2 * g + 1) * L + l] = static_cast<F>(1.0 - k[g * C + l % C]);
     }
   }
   return out;
+}
+
+// The float path's range (pass 2 in float): weights and their complements
+// are 0 or normal floats, advantages 0 or in [2^-60, 2^60], and sigma in
+// [2^-60, 2^60] (checked per panel, on its float bits), so that A / sigma
+// is a normal float. Outside it the double path runs.
+constexpr double kFloatPathMin = 0x1p-60, kFloatPathMax = 0x1p60;
+constexpr int32_t kFloatPathLoBits = 0x21800000;  // 2^-60
+constexpr int32_t kFloatPathHiBits = 0x5D800000;  // 2^60
+
+bool weights_in_float_range(const double* k, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) {
+    const double a = k[q], b = 1.0 - k[q];
+    if (!(a != a || a == 0.0 || b == 0.0 || (a >= 0x1p-126 && b >= 0x1p-126))) return false;
+  }
+  return true;
+}
+
+bool advantages_in_float_range(const double* adv, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) {
+    const double a = std::fabs(adv[i]);
+    ok &= (a == 0.0) | ((a >= kFloatPathMin) & (a <= kFloatPathMax));
+  }
+  return ok;
 }
 
 }  // namespace

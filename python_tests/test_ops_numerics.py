@@ -123,7 +123,7 @@ def test_gaussian_exploding_downstream_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
 def test_nonfinite_rows(dtype, device):
     """A non-finite sample gives its estimator +inf variance there; both bad -> 0, counted."""
     B, C = 300, 8
@@ -342,3 +342,63 @@ def test_gaussian_unchecked_invalid_sigma(bad, dtype):
     sigma[:, 4] = bad  # a whole column
     for kw in ({}, {"fixed_weight": 0.3}):
         _check_against_rounded_reference(d, eps, sigma, adv, dtype, check_sigma=False, **kw)
+
+
+# On the CPU, pass 2 of bfloat16 inputs computes in float (csrc/tpx_cpu_kernels.inc, "Pass 2
+# in float") and falls back to double per panel or per call; each fallback must give the
+# float64 reference's result within the same tolerance.
+
+
+@pytest.mark.parametrize("B,C", [(3001, 50), (100003, 6), (64, 1)])
+def test_bfloat16_float_path_matches_reference(B, C):
+    """Ordinary bf16 inputs (the float path throughout; C = 50 leaves 4 lanes per block to
+    the one-lane code): the contract of every dtype, one bf16 ulp."""
+    check_ivw(*random_pair(B, C, torch.bfloat16, seed=30))
+    check_gaussian(*random_gaussian_node(B, C, torch.bfloat16, seed=31))
+
+
+def test_bfloat16_float_overflow_falls_back_to_double():
+    """d * eps beyond the float range, where (1 - k) d eps is not: the panel is computed
+    again in double, so those rows stay finite (in float they would be inf)."""
+    d, eps, sigma, adv = random_gaussian_node(3000, 6, torch.float64, seed=32)
+    d[1000:1010] = 1e30
+    eps[1000:1010] = 1e10 * eps[1000:1010].sign()
+    d, eps, sigma = (t.to(torch.bfloat16) for t in (d, eps, sigma))
+    got = tpx_ext.gaussian_tpx_backward(d, eps, sigma, adv, fixed_weight=0.999)
+    assert torch.isfinite(got.grad_sigma[1000:1010].float()).all()
+    _check_against_rounded_reference(d, eps, sigma, adv, torch.bfloat16, fixed_weight=0.999)
+
+
+def test_bfloat16_weights_below_float_range_fall_back_to_double():
+    """k = 3e-45 is a subnormal float (7% off): such weights send the call to the double
+    path. The LR term dominates the output, so those 7% would show against the reference
+    rounded to bf16 (2 ulp)."""
+    g_lr, g_rp = random_pair(2500, 6, torch.float64, seed=33)
+    g_lr, g_rp = (g_lr * 1e30).to(torch.bfloat16), (g_rp * 1e-20).to(torch.bfloat16)
+    got = tpx_ext.ivw_combine(g_lr, g_rp, fixed_weight=3e-45)
+    ref = reference.ivw_combine(g_lr, g_rp, fixed_weight=3e-45)
+    torch.testing.assert_close(got.g.double(), ref.g.to(torch.bfloat16).double(),
+                               rtol=2 * GRAD_RTOL[torch.bfloat16], atol=0)
+
+
+def test_bfloat16_advantages_beyond_float_range_fall_back_to_double():
+    """Advantages of ~1e-44 are subnormal floats (a few % off), sigma = 2^-59 within the
+    float path's range: the chunk takes the double path."""
+    d, eps, sigma, adv = random_gaussian_node(2500, 6, torch.bfloat16, seed=34)
+    adv = adv.double() * 1e-44
+    sigma = torch.full_like(sigma, 2.0**-59)
+    _check_against_rounded_reference(d, eps, sigma, adv, torch.bfloat16, fixed_weight=1.0)
+
+
+def test_bfloat16_sigma_beyond_float_range_falls_back_to_double():
+    """sigma = 2^120 in some rows (one panel): A / sigma = 2^-170 underflows float, so that
+    panel is computed in double (the others in float); LR = A eps / sigma ~ 2^-110 survives."""
+    d, eps, sigma, adv = random_gaussian_node(2500, 6, torch.float64, seed=35)
+    gen = torch.Generator().manual_seed(35)
+    adv = 2.0**-50 * (1 + torch.rand(2500, generator=gen, dtype=torch.float64))
+    sigma[100:110] = 2.0**120
+    eps[100:110] = 2.0**60 * eps[100:110]
+    d, eps, sigma = (t.to(torch.bfloat16) for t in (d, eps, sigma))
+    got = tpx_ext.gaussian_tpx_backward(d, eps, sigma, adv, fixed_weight=1.0)
+    assert (got.grad_mu[100:110] != 0).all()
+    _check_against_rounded_reference(d, eps, sigma, adv, torch.bfloat16, fixed_weight=1.0)
