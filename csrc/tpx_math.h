@@ -2,6 +2,9 @@
 //
 // Everything here is a plain function usable on host and device, so the CPU
 // tests exercise exactly the code the GPU runs. Spec: docs/TPX.md sec. 1-3.
+// One difference in precision, not in code: the CPU's pass 2 of bfloat16
+// inputs runs the per-sample and combine templates below on floats
+// (tpx_cpu_kernels.inc, "Pass 2 in float"); the GPU runs them in double.
 //
 // Vocabulary (see docs/tensor_shapes.md):
 //   B      batch size (independent samples at one node)
