@@ -290,8 +290,8 @@ constexpr int32_t kFloatPathHiBits = 0x5D800000;  // 2^60
 
 bool weights_in_float_range(const double* k, int64_t n) {
   for (int64_t q = 0; q < n; ++q) {
-    const double a = k[q], b = 1.0 - k[q];
-    if (!(a != a || a == 0.0 || b == 0.0 || (a >= 0x1p-126 && b >= 0x1p-126))) return false;
+    const double a = k[q], b = 1.0 - k[q], normal = std::numeric_limits<float>::min();
+    if (!(a != a || a == 0.0 || b == 0.0 || (a >= normal && b >= normal))) return false;
   }
   return true;
 }
