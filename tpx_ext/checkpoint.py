@@ -33,10 +33,29 @@ def exists(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, CHECKPOINT_FILE))
 
 
+def read_state(run_dir: str, map_location="cpu") -> dict:
+    """The state saved in the run's checkpoint.pt (config, agent, counters, RNG states, the
+    name of the replay file). The one place that reads a checkpoint file."""
+    path = os.path.join(run_dir, CHECKPOINT_FILE)
+    if not os.path.exists(path):
+        why = ("no such directory" if not os.path.isdir(run_dir) else
+               "not a run directory, or the run stopped before its first checkpoint")
+        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT_FILE} ({why})")
+    # Our own file, holding numpy RNG states: not loadable with weights_only=True.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def replay_path(run_dir: str, state: dict) -> str:
+    """The replay file that the checkpoint `state` (from read_state) names."""
+    path = os.path.join(run_dir, state["replay_file"])
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: {CHECKPOINT_FILE} names {state['replay_file']}, "
+                                "which is missing")
+    return path
+
+
 def load(run_dir: str, replay, map_location="cpu") -> dict:
     """The checkpoint's state; fills `replay` from its replay file."""
-    # Our own file, holding numpy RNG states: not loadable with weights_only=True.
-    state = torch.load(os.path.join(run_dir, CHECKPOINT_FILE), map_location=map_location,
-                       weights_only=False)
-    replay.load(os.path.join(run_dir, state["replay_file"]))
+    state = read_state(run_dir, map_location)
+    replay.load(replay_path(run_dir, state))
     return state

@@ -161,14 +161,11 @@ def train_argv(spec: Dict, trial: Trial, run_dir: str, threads: int) -> List[str
 
 def read_checkpoint(run_dir: str) -> Optional[Dict]:
     """The checkpoint's counters and last evaluation, or None before the first checkpoint."""
-    import torch
-
     from . import checkpoint
 
     if not checkpoint.exists(run_dir):
         return None
-    state = torch.load(os.path.join(run_dir, checkpoint.CHECKPOINT_FILE), map_location="cpu",
-                       weights_only=False)
+    state = checkpoint.read_state(run_dir)
     return {"counters": state["counters"], "last_eval": state["last_eval"]}
 
 
