@@ -7,7 +7,7 @@ import torch
 from tpx_ext.configs import build
 from tpx_ext.dreamer import Dreamer
 from tpx_ext.dreamer.behavior import finite_step, objective_weights
-from tpx_ext.dreamer.rssm import gaussian_kl
+from tpx_ext.dreamer.rssm import LatentState, balanced_kl, gaussian_kl
 from tpx_ext.estimators import lambda_return_terms, lambda_returns
 
 B, T, A = 3, 6, 2
@@ -117,18 +117,133 @@ def actor_grad(estimator, **kw):
     return grads
 
 
-@pytest.mark.parametrize("latent_nodes", [False, True])
-def test_mix_endpoints_reproduce_rp_and_lr(latent_nodes):
+@pytest.mark.parametrize("latent_nodes,state_grad", [(False, True), (True, True), (True, False)])
+def test_mix_endpoints_reproduce_rp_and_lr(latent_nodes, state_grad):
     """mix with rho = 0 must give Dreamer's dynamics backprop gradient, rho = 1 the LR one:
     the per-step objective terms, baselines and node wiring are the same in every mode."""
-    rp = actor_grad("rp", latent_nodes=latent_nodes)
-    lr = actor_grad("lr", latent_nodes=latent_nodes)
-    mix0 = actor_grad("mix", mix_rho=0.0, latent_nodes=latent_nodes)
-    mix1 = actor_grad("mix", mix_rho=1.0, latent_nodes=latent_nodes)
+    kw = dict(latent_nodes=latent_nodes, actor_state_grad=state_grad)
+    rp = actor_grad("rp", **kw)
+    lr = actor_grad("lr", **kw)
+    mix0 = actor_grad("mix", mix_rho=0.0, **kw)
+    mix1 = actor_grad("mix", mix_rho=1.0, **kw)
     for name in rp:
         torch.testing.assert_close(mix0[name], rp[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(mix1[name], lr[name], rtol=1e-5, atol=1e-7)
         assert not torch.allclose(rp[name], lr[name])
+
+
+def test_actor_state_grad_false_detaches_the_actors_input():
+    """DreamerV1 feeds the actor a detached state: the RP gradient then reaches the actor
+    only through its actions, and differs from the one through its input state too."""
+    seen = {}
+    for state_grad in (True, False):
+        torch.manual_seed(0)
+        agent = Dreamer((5,), A, small_cfg(estimator="rp", actor_state_grad=state_grad))
+        beh = agent.behavior
+        forward, inputs = beh.actor.forward, []
+        beh.actor.forward = lambda feat: inputs.append(feat.requires_grad) or forward(feat)
+        data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+        post = agent.world_model.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+        beh.actor_gradient(agent.world_model, post, beh.estimator, 4)
+        # inputs: the H imagined states, then the entropy's (detached) states.
+        seen[state_grad] = inputs[:4]
+        grads = [p.grad.clone() for p in beh.actor.parameters()]
+        seen[state_grad, "grad"] = grads
+    assert seen[True] == [False, True, True, True]  # the start states are detached
+    assert seen[False] == [False] * 4
+    assert any(not torch.allclose(a, b) for a, b in zip(seen[True, "grad"], seen[False, "grad"]))
+
+
+def test_exploration_noise_is_added_clipped_and_carried():
+    obs = np.linspace(-1, 1, 5).astype(np.float32)
+    torch.manual_seed(0)
+    plain = Dreamer((5,), A, small_cfg())
+    for noise in (0.3, 10.0):
+        torch.manual_seed(0)
+        noisy = Dreamer((5,), A, small_cfg(expl_noise=noise))  # the same initial weights
+        torch.manual_seed(1)
+        a0, _ = plain.act(obs, None, explore=True)
+        eps = torch.randn(1, A)  # the draw that follows the actor's sample
+        torch.manual_seed(1)
+        a1, state = noisy.act(obs, None, explore=True)
+        expected = torch.clamp(torch.as_tensor(a0) + noise * eps[0], -1, 1).numpy()
+        np.testing.assert_allclose(a1, expected, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(a1, a0) and np.all(np.abs(a1) <= 1)
+        np.testing.assert_array_equal(state[1][0].numpy(), a1)  # the executed action is carried
+        # The mean action (evaluation) has no noise.
+        torch.manual_seed(2)
+        m0, _ = plain.act(obs, None, explore=False)
+        torch.manual_seed(2)
+        m1, _ = noisy.act(obs, None, explore=False)
+        np.testing.assert_array_equal(m0, m1)
+    # Noise of std 10 saturates: over many steps most actions sit at the bounds, none beyond.
+    acts, state = [], None
+    for _ in range(50):
+        a, state = noisy.act(obs, state, explore=True)
+        acts.append(a)
+    acts = np.abs(np.array(acts))
+    assert acts.max() <= 1 and (acts == 1).mean() > 0.5
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_target_critic(every):
+    """slow_critic_every 0 (DreamerV1): the imagined values are the critic's own; otherwise
+    a copy refreshed every `every` updates."""
+    agent = Dreamer((5,), A, small_cfg(slow_critic_every=every))
+    beh = agent.behavior
+    assert (beh.slow_critic is None) == (every == 0)
+    assert (beh.target_critic is beh.critic) == (every == 0)
+    assert any(k.startswith("behavior.slow_critic.") for k in agent.state_dict()) == (every > 0)
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    for i in range(4):
+        agent.update(batch((5,), seed=i))
+        post = agent.world_model.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+        im = beh.actor_gradient(agent.world_model, post, beh.estimator, 4)
+        beh.actor_opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            own = beh.critic(im.feats)
+        # (A batched evaluation of the same network rounds differently in the last bit.)
+        if every == 0 or (i + 1) % every == 0:  # no slow critic, or just copied
+            torch.testing.assert_close(im.values, own, rtol=1e-6, atol=1e-6)
+        else:
+            assert not torch.allclose(im.values, own)
+
+
+def _kl_inputs():
+    g = torch.Generator().manual_seed(0)
+    leaf = lambda *shape: torch.randn(*shape, generator=g).requires_grad_(True)  # noqa: E731
+    mq, rq, mp, rp = leaf(B, T, 4), leaf(B, T, 4), leaf(B, T, 4), leaf(B, T, 4)
+    q = LatentState(mq, torch.nn.functional.softplus(rq) + 0.1, mq, mq)
+    p = LatentState(mp, torch.nn.functional.softplus(rp) + 0.1, mp, mp)
+    return (mq, rq, mp, rp), q, p
+
+
+@pytest.mark.parametrize("free_nats", [0.0, 1e3])
+def test_kl_balance_zero_is_plain_kl(free_nats):
+    """kl_balance 0: DreamerV1's max(KL(q || p), free nats) with gradients into q and p;
+    balance 0.5 has the same value and half that gradient."""
+    leaves, q, p = _kl_inputs()
+    loss, kl = balanced_kl(q, p, 0.0, free_nats)
+    D = torch.distributions
+    ref_kl = D.kl_divergence(D.Normal(q.mean, q.std), D.Normal(p.mean, p.std)).sum(-1).mean()
+    ref = torch.maximum(ref_kl, torch.tensor(free_nats))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(kl, ref_kl.detach())
+    g_plain = torch.autograd.grad(loss, leaves, retain_graph=True)
+    g_ref = torch.autograd.grad(ref, leaves, retain_graph=True)
+    half, _ = balanced_kl(q, p, 0.5, free_nats)
+    torch.testing.assert_close(half, ref)
+    g_half = torch.autograd.grad(half, leaves, retain_graph=True)
+    for a, b, h in zip(g_plain, g_ref, g_half):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(2 * h, a)
+        assert bool((a == 0).all()) == (free_nats > 0)
+    # Balancing 0.8 trains the prior 4x as hard as the posterior.
+    loss8, _ = balanced_kl(q, p, 0.8, 0.0)
+    g8 = torch.autograd.grad(loss8, leaves, retain_graph=True)
+    if free_nats == 0.0:
+        torch.testing.assert_close(g8[0], 0.2 * g_ref[0])
+        torch.testing.assert_close(g8[2], 0.8 * g_ref[2])
 
 
 def test_finite_step_skips_non_finite_gradients():

@@ -64,11 +64,15 @@ class Dreamer(nn.Module):
     @torch.no_grad()
     def act(self, obs: np.ndarray, state: Optional[PolicyState], explore: bool):
         """One environment step: obs [*obs_shape] -> (action [A] float32 numpy, next state).
-        state None starts a new episode."""
+        state None starts a new episode. explore: sample the actor, then add `expl_noise`
+        Gaussian noise and clip to [-1, 1] (DreamerV1's additive exploration; the noise comes
+        from torch's RNG, which checkpoints save); else the mean action."""
         latent, prev_action = self.initial_policy_state() if state is None else state
         obs_t = torch.as_tensor(np.asarray(obs)[None], device=self.device)
         latent, _ = self.world_model.rssm.obs_step(latent, prev_action, self.world_model.embed(obs_t))
         action = self.behavior.act(latent.feat, explore)
+        if explore and self.cfg.expl_noise > 0:
+            action = (action + self.cfg.expl_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
         return action[0].cpu().numpy().astype(np.float32), (latent, action)
 
     # ----------------------------------------------------------------- checkpoints

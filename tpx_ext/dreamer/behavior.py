@@ -3,7 +3,7 @@
 Time indices (TPX.md sec. 4), for t = 0 .. H-1 from N start states s_0:
     (mu_t, sigma_t) = actor(s_t);  a_t = tanh(u_t), u_t ~ N(mu_t, sigma_t)     node "action", step t
     h_{t+1} = GRU(z_t, a_t, h_t);   z_{t+1} ~ prior(h_{t+1})        node "latent", step t (optional)
-    r_t = reward(s_{t+1});  v_t = slow_critic(s_t) for t = 0 .. H
+    r_t = reward(s_{t+1});  v_t = target_critic(s_t) for t = 0 .. H
 J = sum_t w_t V_t (lambda-returns V_t) is split into per-step terms rho_k
 (`lambda_return_terms`), so each node is credited with the terms after it; the LR
 baseline of step t is kappa_t v_t (`baseline_coefficients`).
@@ -25,7 +25,7 @@ ESTIMATORS = ("rp", "lr", "mix", "tpx")
 
 class Imagination(NamedTuple):
     """What one imagined rollout leaves behind (detached): feats [H+1, N, F], values
-    [H+1, N] (slow critic), rewards [H, N], the actor's sigma [H, N, A] and mean entropy
+    [H+1, N] (target critic), rewards [H, N], the actor's sigma [H, N, A] and mean entropy
     (from detached states), and the per-node estimator diagnostics."""
 
     feats: Tensor
@@ -81,10 +81,15 @@ class ActorCritic(nn.Module):
         if not 1 <= cfg.horizon:
             raise ValueError(f"horizon must be >= 1, got {cfg.horizon}")
         self.cfg, self.action_dim = cfg, action_dim
-        self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.mlp_layers,
+        self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.actor_layers or cfg.mlp_layers,
                                cfg.actor_init_std, cfg.actor_min_std, cfg.actor_mean_scale)
-        self.critic = ScalarHead(feat_dim, cfg.hidden, cfg.mlp_layers)
-        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.critic = ScalarHead(feat_dim, cfg.hidden, cfg.critic_layers or cfg.mlp_layers)
+        if cfg.slow_critic_every < 0:
+            raise ValueError(f"slow_critic_every must be >= 0, got {cfg.slow_critic_every}")
+        # The values of imagined states (the actor's objective and the critic's targets)
+        # come from a slow copy of the critic, or from the critic itself (DreamerV1).
+        self.slow_critic = (copy.deepcopy(self.critic).requires_grad_(False)
+                            if cfg.slow_critic_every > 0 else None)
         self.estimator = Estimator(
             cfg.estimator, rho=cfg.mix_rho if cfg.estimator == "mix" else None,
             momentum=cfg.tpx_momentum if cfg.estimator == "tpx" else 0.0)
@@ -94,6 +99,12 @@ class ActorCritic(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
         self._coefficients: Dict = {}  # (horizon, device) -> (w [H], kappa [H])
         self.updates = 0
+
+    @property
+    def target_critic(self) -> nn.Module:
+        """The critic whose values enter the lambda-returns: the slow critic, or the critic
+        itself when slow_critic_every is 0."""
+        return self.critic if self.slow_critic is None else self.slow_critic
 
     def coefficients(self, horizon: int, device) -> Tuple[Tensor, Tensor]:
         """(w_t, kappa_t) [H] of the objective and the baselines (float32, cached)."""
@@ -111,13 +122,14 @@ class ActorCritic(nn.Module):
         +dJ/dtheta into .grad with `estimator` (world model and critic frozen)."""
         cfg, H = self.cfg, horizon
         weights, kappa = self.coefficients(H, start.deter.device)
-        rssm = world_model.rssm
+        rssm, target = world_model.rssm, self.target_critic
         with frozen(world_model, self.critic):
             graph = estimator.graph()
             state, feats, values = start, [start.feat], []
             for t in range(H):
-                mu, sigma = self.actor(graph.cut(state.feat))
-                values.append(self.slow_critic(state.feat))
+                actor_in = state.feat if cfg.actor_state_grad else state.feat.detach()
+                mu, sigma = self.actor(graph.cut(actor_in))
+                values.append(target(state.feat))
                 baseline = kappa[t] * values[-1].detach()
                 action = graph.sample_tanh(mu, sigma, t, name="action", baseline=baseline)
                 deter = rssm.deter_step(state.stoch, action, state.deter)
@@ -128,7 +140,7 @@ class ActorCritic(nn.Module):
                     stoch = mean + std * torch.randn_like(mean)
                 state = LatentState(mean, std, stoch, deter)
                 feats.append(state.feat)
-            values.append(self.slow_critic(state.feat))
+            values.append(target(state.feat))
             feats, values = torch.stack(feats), torch.stack(values)  # [H+1, N, F], [H+1, N]
             rewards = world_model.reward(feats[1:])                    # [H, N]
             rho = lambda_return_terms(rewards, values, cfg.gamma, cfg.lam, weights)
@@ -150,7 +162,8 @@ class ActorCritic(nn.Module):
         feats, values, rewards, sigma_d, entropy, stats = im
         actor_norm, actor_ok = finite_step(self.actor_opt, self.actor.parameters(), cfg.grad_clip)
 
-        # Critic: regress v(s_t) on lambda-returns built from the slow critic's values.
+        # Critic: regress v(s_t) on lambda-returns built from the target critic's values
+        # (computed before this step).
         targets = lambda_returns(rewards, values, cfg.gamma, cfg.lam)  # [H, N]
         disc = self.cfg.gamma ** torch.arange(H, device=feats.device, dtype=feats.dtype)
         err = self.critic(feats[:-1]) - targets
@@ -159,7 +172,7 @@ class ActorCritic(nn.Module):
         critic_norm, critic_ok = finite_step(self.critic_opt, self.critic.parameters(), cfg.grad_clip)
 
         self.updates += 1
-        if self.updates % cfg.slow_critic_every == 0:
+        if self.slow_critic is not None and self.updates % cfg.slow_critic_every == 0:
             self.slow_critic.load_state_dict(self.critic.state_dict())
         metrics = {
             "actor_grad_norm": actor_norm, "actor_skipped": torch.tensor(float(not actor_ok)),

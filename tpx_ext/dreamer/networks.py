@@ -16,15 +16,19 @@ def mlp(inp: int, out: int, hidden: int, layers: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-class ConvEncoder(nn.Module):
-    """uint8-range pixels [..., 3, 64, 64] -> embedding [..., 32 * depth] (4 stride-2 convs)."""
+ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU}
 
-    def __init__(self, depth: int = 32):
+
+class ConvEncoder(nn.Module):
+    """uint8-range pixels [..., 3, 64, 64] -> embedding [..., 32 * depth] (4 stride-2 convs).
+    act: "relu" (DreamerV1) or "elu"."""
+
+    def __init__(self, depth: int = 32, act: str = "relu"):
         super().__init__()
-        d = depth
+        d, Act = depth, ACTIVATIONS[act]
         self.net = nn.Sequential(
-            nn.Conv2d(3, d, 4, 2), nn.ELU(), nn.Conv2d(d, 2 * d, 4, 2), nn.ELU(),
-            nn.Conv2d(2 * d, 4 * d, 4, 2), nn.ELU(), nn.Conv2d(4 * d, 8 * d, 4, 2), nn.ELU(),
+            nn.Conv2d(3, d, 4, 2), Act(), nn.Conv2d(d, 2 * d, 4, 2), Act(),
+            nn.Conv2d(2 * d, 4 * d, 4, 2), Act(), nn.Conv2d(4 * d, 8 * d, 4, 2), Act(),
         )
         self.out_dim = 32 * depth  # 8d channels x 2 x 2
 
@@ -35,16 +39,17 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """features [..., F] -> mean image [..., 3, 64, 64] in the encoder's [-0.5, 0.5] scale."""
+    """features [..., F] -> mean image [..., 3, 64, 64] in the encoder's [-0.5, 0.5] scale.
+    act: "relu" (DreamerV1) or "elu"."""
 
-    def __init__(self, feat_dim: int, depth: int = 32):
+    def __init__(self, feat_dim: int, depth: int = 32, act: str = "relu"):
         super().__init__()
-        d = depth
+        d, Act = depth, ACTIVATIONS[act]
         self.fc = nn.Linear(feat_dim, 32 * d)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(32 * d, 4 * d, 5, 2), nn.ELU(),
-            nn.ConvTranspose2d(4 * d, 2 * d, 5, 2), nn.ELU(),
-            nn.ConvTranspose2d(2 * d, d, 6, 2), nn.ELU(),
+            nn.ConvTranspose2d(32 * d, 4 * d, 5, 2), Act(),
+            nn.ConvTranspose2d(4 * d, 2 * d, 5, 2), Act(),
+            nn.ConvTranspose2d(2 * d, d, 6, 2), Act(),
             nn.ConvTranspose2d(d, 3, 6, 2),
         )
 
@@ -63,7 +68,8 @@ class ActorHead(nn.Module):
     """features [N, F] -> (mu, sigma) [N, A] of the pre-tanh Gaussian u; the action is tanh(u).
 
     mu = mean_scale * tanh(raw / mean_scale) keeps the pre-tanh mean bounded (DreamerV1);
-    sigma = softplus(raw + shift) + min_std, with shift making sigma = init_std at raw = 0.
+    sigma = softplus(raw + shift) + min_std, with shift making sigma = init_std at raw = 0
+    (DreamerV1's shift makes it init_std + min_std).
     """
 
     def __init__(self, feat_dim: int, action_dim: int, hidden: int, layers: int,

@@ -107,11 +107,17 @@ def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) ->
 
 
 def balanced_kl(post: LatentState, prior: LatentState, balance: float, free_nats: float):
-    """DreamerV2's KL balancing: balance * KL(sg(q) || p) + (1 - balance) * KL(q || sg(p)),
-    each term clamped below at free_nats after averaging over the batch.
-    Returns (loss, mean KL value)."""
-    sg = lambda s: s.map(torch.Tensor.detach)  # noqa: E731
+    """The KL term of the world-model loss; returns (loss, mean KL value).
+
+    0 < balance < 1: DreamerV2's KL balancing, balance * max(KL(sg(q) || p), free_nats) +
+    (1 - balance) * max(KL(q || sg(p)), free_nats), the KLs averaged over the batch.
+    balance 0: no balancing, DreamerV1's max(KL(q || p), free_nats) with gradients into both
+    q and p. (Balance 0.5 is not that: it halves the gradient.)"""
     q, p = post, prior
+    if balance == 0:
+        kl = gaussian_kl(*q[:2], *p[:2]).mean()
+        return torch.maximum(kl, torch.tensor(free_nats, device=kl.device)), kl.detach()
+    sg = lambda s: s.map(torch.Tensor.detach)  # noqa: E731
     kl_prior = gaussian_kl(*sg(q)[:2], *p[:2]).mean()   # trains the prior towards q
     kl_post = gaussian_kl(*q[:2], *sg(p)[:2]).mean()    # regularises the posterior
     free = torch.tensor(free_nats, device=kl_prior.device)

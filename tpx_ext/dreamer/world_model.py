@@ -17,16 +17,17 @@ class WorldModel(nn.Module):
         if self.pixels:
             if tuple(obs_shape) != (3, 64, 64):
                 raise ValueError(f"the conv encoder needs 3x64x64 pixels, got {tuple(obs_shape)}")
-            self.encoder = ConvEncoder(cfg.cnn_depth)
+            self.encoder = ConvEncoder(cfg.cnn_depth, cfg.cnn_act)
             embed_dim = self.encoder.out_dim
         else:
             embed_dim = cfg.hidden
             self.encoder = mlp(obs_shape[0], embed_dim, cfg.hidden, cfg.mlp_layers - 1)
-        self.rssm = RSSM(action_dim, embed_dim, cfg.stoch, cfg.deter, cfg.hidden, cfg.latent_min_std)
+        self.rssm = RSSM(action_dim, embed_dim, cfg.stoch, cfg.deter,
+                         cfg.rssm_hidden or cfg.hidden, cfg.latent_min_std)
         feat = self.rssm.feat_dim
-        self.decoder = (ConvDecoder(feat, cfg.cnn_depth) if self.pixels
+        self.decoder = (ConvDecoder(feat, cfg.cnn_depth, cfg.cnn_act) if self.pixels
                         else mlp(feat, obs_shape[0], cfg.hidden, cfg.mlp_layers))
-        self.reward = ScalarHead(feat, cfg.hidden, cfg.mlp_layers)
+        self.reward = ScalarHead(feat, cfg.hidden, cfg.reward_layers or cfg.mlp_layers)
         self.kl_balance, self.free_nats, self.kl_scale = cfg.kl_balance, cfg.free_nats, cfg.kl_scale
 
     def embed(self, obs: Tensor) -> Tensor:

@@ -1,0 +1,120 @@
+"""The presets against the setups they claim to be, and the validation of config values."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from tpx_ext import configs
+
+# DreamerV1's DMC setup (danijar/dreamer: dreamer.py define_config, models.py), written out
+# here independently of tpx_ext/configs.py, as this project's keys: a preset that drifts
+# from it fails. V1's name of each value is in the comment.
+DREAMERV1 = {
+    "estimator": "rp",             # dynamics backprop
+    "action_repeat": 2,            # action_repeat
+    "episode_length": 0,           # time_limit 1000 (0: the suite's 1000)
+    "steps": 5_000_000,            # steps 5e6
+    "prefill": 5_000,              # prefill
+    "train_every": 1_000,          # train_every
+    "train_steps": 100,            # train_steps
+    "pretrain": 100,               # pretrain
+    "batch_size": 50,              # batch_size
+    "seq_len": 50,                 # batch_length
+    "stoch": 30,                   # stoch_size
+    "deter": 200,                  # deter_size
+    "hidden": 400,                 # num_units
+    "rssm_hidden": 200,            # RSSM(stoch_size, deter_size, deter_size)
+    "reward_layers": 2,            # DenseDecoder((), 2, num_units)
+    "critic_layers": 3,            # value: DenseDecoder((), 3, num_units)
+    "actor_layers": 4,             # ActionDecoder(actdim, 4, num_units)
+    "cnn_depth": 32,               # cnn_depth
+    "cnn_act": "relu",             # cnn_act
+    "latent_min_std": 0.1,         # softplus(std) + 0.1
+    "kl_balance": 0.0,             # kl_divergence(post, prior): no balancing
+    "free_nats": 3.0,              # free_nats
+    "kl_scale": 1.0,               # kl_scale
+    "model_lr": 6e-4,              # model_lr
+    "actor_lr": 8e-5,              # actor_lr
+    "critic_lr": 8e-5,             # value_lr
+    "adam_eps": 1e-7,              # tf.optimizers.Adam's default epsilon
+    "grad_clip": 100.0,            # grad_clip
+    "horizon": 15,                 # horizon
+    "gamma": 0.99,                 # discount (pcont False: a constant)
+    "lam": 0.95,                   # disclam
+    "actor_weights": "discount",   # actor_loss = -mean(discount * returns)
+    "imag_starts": 0,              # imagines from every posterior state
+    "latent_nodes": False,
+    "actor_entropy": 0.0,          # no entropy term
+    "actor_init_std": 5.0,         # action_init_std
+    "actor_min_std": 1e-4,         # ActionDecoder min_std
+    "actor_mean_scale": 5.0,       # ActionDecoder mean_scale
+    "actor_state_grad": False,     # actor(tf.stop_gradient(feat))
+    "expl_noise": 0.3,             # expl additive_gaussian, expl_amount (expl_decay, expl_min 0)
+    "slow_critic_every": 0,        # the value net's own predictions are the targets
+}
+
+
+@pytest.mark.parametrize("preset,obs", [("dmc_vision", "pixels"), ("dmc_proprio", "state")])
+def test_dmc_presets_are_dreamerv1(preset, obs):
+    cfg = configs.build([preset], {})
+    assert cfg.obs == obs
+    drift = {k: (getattr(cfg, k), v) for k, v in DREAMERV1.items() if getattr(cfg, k) != v}
+    assert not drift, f"{preset} differs from DreamerV1 in (preset, V1): {drift}"
+    # V1 keeps every episode: the replay must hold the whole run (one extra step per episode).
+    episodes = cfg.steps // 1000
+    assert cfg.replay_capacity >= cfg.steps // cfg.action_repeat + episodes
+
+
+def test_dreamerv2_choices_are_the_cpu_defaults():
+    """The preset holds the DreamerV2-style values of the CPU default, so stacking it on a
+    dmc preset reproduces those choices at that scale."""
+    default = configs.Config()
+    preset = configs.PRESETS["dreamerv2_choices"]
+    assert {k: getattr(default, k) for k in preset} == preset
+    stacked = configs.build(["dmc_vision", "dreamerv2_choices"], {})
+    assert stacked.kl_balance == 0.8 and stacked.slow_critic_every == 100
+    assert stacked.batch_size == 50 and stacked.obs == "pixels"
+
+
+def test_cpu_default_matches_its_documented_run():
+    """docs/results/cpu_default/ holds the config of the documented run (794 evaluation
+    return): the defaults must still be that config, and every key added since must default
+    to the behaviour that run had."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "cpu_default",
+                        "config.json")
+    with open(path) as f:
+        documented = json.load(f)
+    default = dataclasses.asdict(configs.Config())
+    assert {k: default[k] for k in documented} == documented
+    neutral = {"pretrain": 0, "expl_noise": 0.0, "rssm_hidden": 0, "reward_layers": 0,
+               "actor_layers": 0, "critic_layers": 0, "actor_state_grad": True, "imag_starts": 0}
+    added = set(default) - set(documented)
+    # cnn_act only shapes the pixel encoder and decoder; the CPU default reads states.
+    assert added - {"cnn_act"} == set(neutral)
+    assert {k: default[k] for k in neutral} == neutral
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("kl_balance", "1.0", "kl_balance must be 0"),
+    ("kl_balance", "-0.2", "kl_balance must be 0"),
+    ("slow_critic_every", "-1", "slow_critic_every must be >= 0"),
+    ("expl_noise", "-0.1", "expl_noise must be"),
+    ("expl_noise", "nan", "expl_noise must be"),
+    ("pretrain", "-5", "pretrain must be >= 0"),
+    ("cnn_act", "tanh", "cnn_act must be"),
+    ("actor_min_std", "2.0", "need actor_init_std > actor_min_std"),
+    ("actor_layers", "-1", "actor_layers"),
+    ("mlp_layers", "0", "mlp_layers must be >= 1"),
+])
+def test_invalid_values_are_refused(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        configs.build(["debug"], {key: value})
+
+
+@pytest.mark.parametrize("key,value", [("kl_balance", "0"), ("kl_balance", "0.5"),
+                                       ("slow_critic_every", "0"), ("expl_noise", "0.3"),
+                                       ("pretrain", "100")])
+def test_valid_edge_values_are_accepted(key, value):
+    configs.build(["debug"], {key: value})
