@@ -13,7 +13,8 @@ import torch
 
 from tpx_ext import checkpoint, configs, plot
 from tpx_ext.logger import read_metrics
-from tpx_ext.train import main
+from tpx_ext.sweep import read_checkpoint
+from tpx_ext.train import load_run, main
 
 TIMING = {"env_steps_per_second", "update_seconds"}  # the only fields allowed to differ
 
@@ -30,7 +31,7 @@ def records(logdir):
 
 
 def weights(logdir):
-    state = torch.load(os.path.join(logdir, checkpoint.CHECKPOINT_FILE), weights_only=False)
+    state = checkpoint.read_state(logdir)
     return state["agent"]["modules"], state["counters"]
 
 
@@ -66,13 +67,20 @@ def test_smoke_pixels_with_latent_nodes_and_gif(tmp_path):
     assert any(f.startswith("events") for f in os.listdir(os.path.join(logdir, "tb")))
 
 
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+# DreamerV1's features: exploration noise (torch's RNG), a first phase of `pretrain`
+# updates (which a resume must not repeat), no slow critic, plain KL, detached actor input.
+V1_FEATURES = ["--expl_noise", "0.3", "--pretrain", "7", "--slow_critic_every", "0",
+               "--kl_balance", "0", "--actor_state_grad", "false"]
+
+
+@pytest.mark.parametrize("extra", [[], V1_FEATURES], ids=["default", "v1_features"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
     """SIGKILL a run right after its first checkpoint, resume it, and compare with a run that
     was never interrupted: same weights, same counters, same metrics records."""
-    full, _ = run(tmp_path, "full")
+    full, _ = run(tmp_path, "full", *extra)
     killed = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "tpx_ext.train", "--configs", "debug", "--logdir", killed,
-           "--quiet", "--threads", "1"]
+           "--quiet", "--threads", "1", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not checkpoint.exists(killed):
@@ -90,6 +98,45 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(w_full[k], w_res[k]), k
     assert records(full) == records(killed)
     assert len([f for f in os.listdir(killed) if f.startswith("replay-")]) == 1
+
+
+def test_pretrain_runs_its_updates_once_after_the_prefill(tmp_path):
+    # debug: prefill 400 env steps, one update per 20 env steps, 200-step episodes.
+    logdir, _ = run(tmp_path, "p", "--pretrain", "7", "--steps", "600")
+    trained = [r for r in read_metrics(os.path.join(logdir, "metrics.jsonl")) if "updates" in r]
+    assert [r["updates"] for r in trained] == [0, 7, 17]  # then 10 phases of 1 update
+    logdir, _ = run(tmp_path, "n", "--steps", "600")
+    trained = [r for r in read_metrics(os.path.join(logdir, "metrics.jsonl")) if "updates" in r]
+    assert [r["updates"] for r in trained] == [0, 1, 11]
+
+
+def test_exploration_noise_changes_the_collected_actions(tmp_path):
+    a, _ = run(tmp_path, "a", "--steps", "600")
+    b, _ = run(tmp_path, "b", "--steps", "600", "--expl_noise", "0.3")
+    actions = [load_run(logdir)[1].state_dict()["action"] for logdir in (a, b)]
+    assert len(actions[0]) == len(actions[1]) == 3 * 101  # 3 episodes of 100 steps + first
+    # The first two episodes are the random prefill: the same numpy draws in both runs.
+    np.testing.assert_array_equal(actions[0][:202], actions[1][:202])
+    assert not np.allclose(actions[0][202:], actions[1][202:])
+    assert np.abs(actions[1]).max() <= 1
+
+
+def test_missing_checkpoint_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where, why in ((empty, "stopped before its first checkpoint"),
+                       (tmp_path / "nowhere", "no such directory")):
+        with pytest.raises(FileNotFoundError, match=f"no checkpoint.pt \\(.*{why}"):
+            checkpoint.read_state(str(where))
+        with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+            load_run(str(where))
+        assert read_checkpoint(str(where)) is None  # a sweep's trial that has not started
+    logdir, _ = run(tmp_path, "r", "--steps", "400")
+    state = checkpoint.read_state(logdir)
+    assert state["counters"]["env_steps"] == 400
+    os.unlink(os.path.join(logdir, state["replay_file"]))
+    with pytest.raises(FileNotFoundError, match="which is missing"):
+        load_run(logdir)
 
 
 def test_resume_refusals(tmp_path):
