@@ -123,7 +123,9 @@ class Trainer:
             bar.update(cfg.action_repeat)
             if (c["env_steps"] >= cfg.prefill and self.replay.num_episodes > 0
                     and c["env_steps"] % cfg.train_every < cfg.action_repeat):
-                for _ in range(cfg.train_steps):
+                # The first phase (no update yet) takes `pretrain` updates when it is set.
+                updates = cfg.pretrain if cfg.pretrain and c["updates"] == 0 else cfg.train_steps
+                for _ in range(updates):
                     m = self.agent.update(self.replay.sample(cfg.batch_size, cfg.seq_len))
                     self._count(m)
                     n += 1
@@ -198,8 +200,7 @@ class Trainer:
     def _checkpoint_step(self) -> int:
         if not checkpoint.exists(self.run_dir):
             return 0
-        return torch.load(os.path.join(self.run_dir, checkpoint.CHECKPOINT_FILE),
-                          weights_only=False)["counters"]["env_steps"]
+        return checkpoint.read_state(self.run_dir)["counters"]["env_steps"]
 
     def close(self) -> None:
         self.env.close()
@@ -210,15 +211,13 @@ class Trainer:
 def load_run(run_dir: str, device="cpu"):
     """(agent, replay, config) of a run's checkpoint, for analysis (`python -m tpx_ext.gradvar
     --checkpoint`); no environment is created."""
-    if not checkpoint.exists(run_dir):
-        raise FileNotFoundError(f"{run_dir}: no {checkpoint.CHECKPOINT_FILE} (is it a run directory?)")
-    state = torch.load(os.path.join(run_dir, checkpoint.CHECKPOINT_FILE), map_location=device,
-                       weights_only=False)
+    state = checkpoint.read_state(run_dir, map_location=device)
     cfg = configs.build([], state["config"])
-    with np.load(os.path.join(run_dir, state["replay_file"])) as data:
+    replay_file = checkpoint.replay_path(run_dir, state)
+    with np.load(replay_file) as data:
         capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
     replay = ReplayBuffer(capacity, obs_shape, np.dtype(obs_dtype), action_dim, seed=cfg.seed)
-    replay.load(os.path.join(run_dir, state["replay_file"]))
+    replay.load(replay_file)
     agent = Dreamer(tuple(obs_shape), action_dim, cfg, device)
     agent.load_checkpoint_state(state["agent"])
     return agent, replay, cfg
