@@ -12,6 +12,7 @@ Switches (environment variables):
 
 import importlib.util
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -81,24 +82,51 @@ def _extension():
     # -fno-trapping-math: no FP exceptions are used; lets GCC if-convert the
     # selects in the hot loops so they vectorise.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    sources = ["csrc/tpx_ops.cpp"]
+    # python_module.cpp is the pybind11 module (build facts only; the ops are
+    # dispatcher ops registered by tpx_ops.cpp when the library loads).
+    sources = ["csrc/tpx_ops.cpp", "csrc/python_module.cpp"]
+    includes = _pybind11_includes() + [csrc]
     if not _want_cuda():
         return CppExtension(
-            "tpx_ext._C", sources, include_dirs=[csrc], extra_compile_args={"cxx": cxx},
+            "tpx_ext._C", sources, include_dirs=includes, extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # With no GPU to detect, torch's build crashes without an arch list.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    archs = ",".join(_cuda_arch_names())
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "tpx_ext._C",
         sources + ["csrc/tpx_cuda.cu"],
-        include_dirs=[csrc] + _nvidia_wheel_includes(),
+        include_dirs=includes + _nvidia_wheel_includes(),
         define_macros=[("TPX_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx + ["-DTPX_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx + ["-DTPX_WITH_CUDA", f"-DTPX_CUDA_ARCHS={archs}"],
+                            "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
     )
+
+
+def _pybind11_includes():
+    # pybind11 is a build requirement; torch also ships a copy of its headers,
+    # which the compiler finds when this one is not installed.
+    try:
+        import pybind11
+    except ImportError:
+        return []
+    return [pybind11.get_include()]
+
+
+def _cuda_arch_names():
+    """The architectures nvcc will compile for ("sm_80", "compute_90" for PTX), as torch's
+    build derives them from TORCH_CUDA_ARCH_LIST, for tpx_ext.build_info()."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    names = []
+    for flag in _get_cuda_arch_flags():
+        for name in re.findall(r"(?<![a-z])code=\[?([a-z0-9_,]+)\]?", flag):
+            names += [n for n in name.split(",") if n not in names]
+    return names
 
 
 if shutil.which("ninja") is None:

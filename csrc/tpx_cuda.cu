@@ -16,6 +16,7 @@
 
 #include <algorithm>
 
+#include "build_info.h"
 #include "tpx_math.h"
 #include "tpx_ops.h"
 
@@ -228,6 +229,18 @@ GaussianResult gaussian_tpx_backward_cuda(const at::Tensor& d, const at::Tensor&
 }
 
 }  // namespace
+
+int cuda_compiled_version() { return CUDART_VERSION; }
+
+int cuda_runtime_version() {
+  int v = 0;
+  return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int cuda_driver_version() {
+  int v = 0;  // 0 when no driver is installed
+  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
 
 TORCH_LIBRARY_IMPL(tpx_ext, CUDA, m) {
   m.impl("ivw_combine", &ivw_combine_cuda);

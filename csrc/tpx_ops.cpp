@@ -6,10 +6,6 @@
 // combined gradient.
 // The per-sample gradients are formed in registers in both passes and never
 // stored. All the math lives in tpx_math.h, shared with the CUDA kernels.
-#ifndef TPX_NO_PYTHON_MODULE
-#include <Python.h>
-#endif
-
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -36,24 +32,9 @@
 // only (TPX_HOT, TPX_HD), so the ABI note on vector arguments does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#include "build_info.h"
 #include "tpx_math.h"
 #include "tpx_ops.h"
-
-// `import tpx_ext._C` loads this library (and registers the ops). WITH_CUDA
-// tells Python whether the CUDA kernels were compiled in. The CMake build (a
-// plain C++ library, no Python) defines TPX_NO_PYTHON_MODULE to leave it out.
-#ifndef TPX_NO_PYTHON_MODULE
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* m = PyModule_Create(&module_def);
-#ifdef TPX_WITH_CUDA
-  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
-#else
-  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
-#endif
-  return m;
-}
-#endif  // TPX_NO_PYTHON_MODULE
 
 namespace tpx {
 
@@ -546,6 +527,15 @@ GaussianResult gaussian_tpx_backward_cpu(const at::Tensor& d, const at::Tensor& 
 }
 
 }  // namespace
+
+std::string cpu_kernel_isa() {
+#if TPX_MULTIVERSION
+  if (kHaveAvx2) return "avx2+fma";
+#endif
+  return "baseline";
+}
+
+int cpu_threads() { return at::get_num_threads(); }
 
 TORCH_LIBRARY(tpx_ext, m) {
   m.def(

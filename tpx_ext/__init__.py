@@ -1,7 +1,8 @@
 """tpx_ext: TPX (Total Propagation X) policy-gradient estimators with fused kernels.
 
-The compiled extension `tpx_ext._C` registers the ops `torch.ops.tpx_ext.*`;
-`tpx_ext.ops` wraps them, `tpx_ext.reference` is their float64 specification.
+Loading the compiled extension `tpx_ext._C` registers the ops `torch.ops.tpx_ext.*` in
+torch's dispatcher; `tpx_ext.ops` wraps them, `tpx_ext.reference` is their float64
+specification, and `build_info()` (bound with pybind11) says how the extension was built.
 """
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -27,9 +28,16 @@ from .ops import (  # noqa: E402
 )
 
 
+def build_info() -> "_C.BuildInfo":
+    """How the extension was built and what its kernels use here: torch version compiled
+    against, CUDA kernels and their architectures, CUDA toolkit/runtime/driver versions, the
+    CPU kernels' instruction set chosen for this CPU, and their thread count."""
+    return _C.build_info()
+
+
 def cuda_compiled() -> bool:
     """True when the CUDA kernels were compiled into the extension."""
-    return bool(_C.WITH_CUDA)
+    return _C.build_info().cuda_compiled
 
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "NodeStats",
     "StochasticGraph",
     "baseline_coefficients",
+    "build_info",
     "cuda_compiled",
     "gaussian_tpx_backward",
     "ivw_combine",

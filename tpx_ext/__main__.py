@@ -1,4 +1,4 @@
-"""`python -m tpx_ext`: build information and a self-check of the fused ops.
+"""`python -m tpx_ext`: the extension's build facts and a self-check of the fused ops.
 
 Runs one Dreamer-sized TPX node (B=2500 samples, D=60) through the fused op
 on every available device, compares it with the float64 reference and times
@@ -42,10 +42,23 @@ def _check(device: str, B: int = 2500, D: int = 60) -> bool:
     return ok
 
 
+def describe_build(info) -> str:
+    """The build facts of tpx_ext.build_info(), one per line."""
+    none = "none"
+    cuda = (f"compiled with CUDA {info.cuda_compiled_version} for {', '.join(info.cuda_archs)}; "
+            f"runtime {info.cuda_runtime_version or none}, driver {info.cuda_driver_version or none}"
+            if info.cuda_compiled else "not compiled")
+    return "\n".join([
+        f"  compiled against torch {info.torch_version} (running {torch.__version__}) by {info.compiler}",
+        f"  CUDA kernels: {cuda}",
+        f"  CPU kernels: {info.cpu_kernel_isa}, {info.cpu_threads} threads",
+    ])
+
+
 def main() -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"tpx_ext | torch {torch.__version__} | CUDA kernels compiled: "
-          f"{tpx_ext.cuda_compiled()} | devices: {', '.join(devices)}")
+    print(f"tpx_ext | devices: {', '.join(devices)}")
+    print(describe_build(tpx_ext.build_info()))
     print("self-check: gaussian_tpx_backward (B=2500, D=60, float32) vs the float64 reference")
     ok = all([_check(dev) for dev in devices])
     print("all checks passed" if ok else "SELF-CHECK FAILED")
