@@ -9,18 +9,40 @@ PY := $(VENV)/bin/python
 TORCH ?= 2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: setup run selfcheck test pytest ctest bench clean
+.PHONY: setup run selfcheck test pytest ctest bench clean FORCE
+
+# `make setup` is incremental, so that a second `make run` (the way to resume) starts
+# training at once: each step below runs only when its inputs changed.
+#   deps     the packages, when pyproject.toml or the requested torch changed
+#   built    the extension, when csrc/, setup.py or the installed torch changed;
+#            rebuilt in place with ninja in build/, so only changed sources recompile
+#   gl       headless OpenGL for pixel observations and evaluation GIFs (optional)
+STAMPS := $(VENV)/.tpx-stamps
+TORCH_VERSION_FILE = $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(PY)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q torch==$(TORCH) ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
-	$(PY) -c "import tpx_ext, torch; print('tpx_ext built: torch', torch.__version__, '| CUDA kernels compiled:', tpx_ext.cuda_compiled())"
+# Holds the requested torch version; rewritten (so newer) only when TORCH changes.
+$(STAMPS)/torch-request: FORCE | $(PY)
+	@mkdir -p $(STAMPS)
+	@echo "$(TORCH)" | cmp -s - $@ || echo "$(TORCH)" > $@
 
-# The CPU default training job (~30 min on 2 cores); a second `make run` resumes or, when
+$(STAMPS)/deps: $(STAMPS)/torch-request pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==$(TORCH) ninja pybind11
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
+	@touch $@ $(STAMPS)/built
+
+$(STAMPS)/built: $(STAMPS)/deps setup.py $(shell find csrc -type f) $(TORCH_VERSION_FILE)
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+setup: $(STAMPS)/built
+	@PYTHON=$(PY) scripts/ensure_gl.sh
+	@$(PY) -c "import tpx_ext, torch; print('tpx_ext built: torch', torch.__version__, '| CUDA kernels compiled:', tpx_ext.cuda_compiled())"
+
+# The CPU default training job (~25 min on 2 cores); a second `make run` resumes or, when
 # the run is complete, only prints its final evaluation. ARGS adds trainer options.
 RUN_DIR ?= runs/default
 run: setup
@@ -45,4 +67,4 @@ bench: setup
 	$(PY) bench/train_step.py
 
 clean:
-	rm -rf build build-cmake tpx_ext/_C*.so *.egg-info
+	rm -rf build build-cmake tpx_ext/_C*.so *.egg-info $(STAMPS)

@@ -7,7 +7,16 @@ import sys
 import numpy as np
 import pytest
 
-from tpx_ext.envs import choose_gl_backend, make_env, task_names
+from tpx_ext.envs import (
+    configure_rendering,
+    gl_backend_order,
+    make_env,
+    no_backend_message,
+    pick_gl_backend,
+    probe_gl_backend,
+    rendering_error,
+    task_names,
+)
 
 
 @pytest.mark.parametrize(
@@ -108,13 +117,23 @@ def test_bad_actions():
             env.step([np.inf, 0.0])
 
 
-def test_backend_choice_and_missing_library_error():
-    assert choose_gl_backend(True, find_library=lambda lib: f"lib{lib}.so") == "egl"
-    assert choose_gl_backend(False, find_library=lambda lib: f"lib{lib}.so") == "osmesa"
-    with pytest.raises(RuntimeError, match="apt-get install libosmesa6.*MUJOCO_GL=egl"):
-        choose_gl_backend(False, find_library=lambda lib: None)
-    with pytest.raises(RuntimeError, match="apt-get install libegl1.*MUJOCO_GL=osmesa"):
-        choose_gl_backend(True, find_library=lambda lib: None)
+def test_backend_order_and_choice():
+    assert gl_backend_order(gpu_present=True) == ["egl", "osmesa"]
+    assert gl_backend_order(gpu_present=False) == ["osmesa", "egl"]
+    fails = {"osmesa": "no libOSMesa"}
+    assert pick_gl_backend(["osmesa", "egl"], fails.get) == ("egl", {"osmesa": "no libOSMesa"})
+    assert pick_gl_backend(["egl"], fails.get) == ("egl", {})
+    backend, errors = pick_gl_backend(["osmesa", "egl"], lambda b: f"{b} broken")
+    assert backend is None and list(errors) == ["osmesa", "egl"]
+    msg = no_backend_message(errors)
+    assert "osmesa: osmesa broken" in msg and "apt-get install libosmesa6" in msg
+    assert "apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri" in msg
+
+
+def test_a_backend_that_loads_is_found_here():
+    """This machine renders (the pixel tests need it): the backend in use passes its probe."""
+    assert rendering_error() is None
+    assert probe_gl_backend(configure_rendering()) is None
 
 
 def test_pixel_observations_render():

@@ -4,13 +4,13 @@
         obs = env.reset()                                  # uint8 [3, 64, 64]
         obs, reward, done, info = env.step(action)         # action in [-1, 1]^action_dim
 
-Needs the optional extra `pip install .[dmc]`. Rendering (pixel observations) goes through
-MuJoCo's OpenGL backends; see `configure_rendering`.
+Needs the optional extra `pip install .[dmc]`. State observations need no OpenGL; drawing
+frames (pixel observations, `render`) goes through a headless MuJoCo OpenGL backend, chosen
+by `configure_rendering` among those that load here.
 """
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import shutil
 import subprocess
@@ -18,11 +18,23 @@ import sys
 
 import numpy as np
 
-# Debian packages that provide each headless backend's library, for the error message.
-_GL_PACKAGES = {
-    "egl": ("EGL", "libegl1 libegl-mesa0 libgl1-mesa-dri"),
-    "osmesa": ("OSMesa", "libosmesa6"),
-}
+# Headless OpenGL backends MuJoCo renders with, and the Debian packages that provide them.
+GL_PACKAGES = {"osmesa": "libosmesa6", "egl": "libegl1 libegl-mesa0 libgl1-mesa-dri"}
+# dm_control's and mujoco's MUJOCO_GL value for physics without rendering.
+NO_RENDERING = "disable"
+_NO_RENDERING_VALUES = ("off", "disable", "disabled", "false", "0")
+# Set by configure_rendering for this process and the processes it starts, so that the
+# backend is probed once per process tree: the MUJOCO_GL value found to work, and, when
+# rendering is off, why.
+_CHECKED_ENV = "TPX_MUJOCO_GL_CHECKED"
+_ERROR_ENV = "TPX_MUJOCO_GL_ERROR"
+_PROBE = ("from dm_control import _render\n"
+          "context = _render.Renderer(max_width=8, max_height=8)\n"
+          "context.free()\n")
+
+
+class RenderingUnavailable(RuntimeError):
+    """A frame was asked for where no OpenGL backend can render."""
 
 
 def _nvidia_gpu_present() -> bool:
@@ -37,28 +49,82 @@ def _nvidia_gpu_present() -> bool:
         return False
 
 
-def choose_gl_backend(gpu_present: bool, find_library=ctypes.util.find_library) -> str:
-    """EGL renders on the GPU when there is one; without one, OSMesa (software) is the
-    backend that needs no display and no GPU driver. Raises if its library is missing."""
-    backend = "egl" if gpu_present else "osmesa"
-    library, packages = _GL_PACKAGES[backend]
-    if find_library(library) is None:
-        other = "osmesa" if backend == "egl" else "egl"
-        raise RuntimeError(
-            f"MuJoCo rendering backend '{backend}' needs lib{library}, which is not installed. "
-            f"Install it with `apt-get install {packages}` (Debian/Ubuntu), or set "
-            f"MUJOCO_GL={other} (with `apt-get install {_GL_PACKAGES[other][1]}`) before "
-            f"starting Python."
-        )
-    return backend
+def gl_backend_order(gpu_present: bool) -> list[str]:
+    """Backends in the order they are tried: EGL renders on an NVIDIA GPU; without one,
+    OSMesa first (software rendering, as fast as Mesa's EGL and safe to fork after), then
+    EGL through Mesa."""
+    return ["egl", "osmesa"] if gpu_present else ["osmesa", "egl"]
+
+
+def probe_gl_backend(backend: str, timeout: float = 120.0) -> str | None:
+    """None when MuJoCo can create a `backend` context on this machine, else why not.
+    Probed in a child process: a backend whose import failed cannot be replaced in this
+    one (PyOpenGL fixes its platform at its first import)."""
+    env = {**os.environ, "MUJOCO_GL": backend}
+    env.pop("PYOPENGL_PLATFORM", None)
+    try:
+        result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"creating a context took more than {timeout:.0f} s"
+    if result.returncode == 0:
+        return None
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {result.returncode}"
+
+
+def pick_gl_backend(candidates, probe=probe_gl_backend) -> tuple[str | None, dict[str, str]]:
+    """The first candidate that loads (or None), and why each one before it did not."""
+    errors = {}
+    for backend in candidates:
+        why = probe(backend)
+        if why is None:
+            return backend, errors
+        errors[backend] = why
+    return None, errors
+
+
+def no_backend_message(errors: dict[str, str]) -> str:
+    tried = "; ".join(f"{backend}: {why}" for backend, why in errors.items())
+    installs = " or ".join(f"`apt-get install {GL_PACKAGES[b]}` ({b})"
+                           for b in errors if b in GL_PACKAGES) or "`apt-get install libosmesa6`"
+    return (f"MuJoCo cannot render on this machine: no headless OpenGL backend loads ({tried}). "
+            f"Pixel observations and evaluation GIFs need one: install it with {installs} on "
+            f"Debian/Ubuntu, then start Python again. State observations need none.")
 
 
 def configure_rendering() -> str:
-    """Set MUJOCO_GL if the user has not. dm_control and mujoco read it once, at import,
-    so this must run before either is imported; afterwards it cannot change anything."""
-    if "MUJOCO_GL" not in os.environ and "dm_control" not in sys.modules:
-        os.environ["MUJOCO_GL"] = choose_gl_backend(_nvidia_gpu_present())
-    return os.environ.get("MUJOCO_GL", "")
+    """Choose MuJoCo's OpenGL backend and return the MUJOCO_GL value in effect.
+
+    dm_control and mujoco read MUJOCO_GL once, at import, and a backend that fails to load
+    there breaks the import even for state observations. So, before their import, the
+    requested backend (MUJOCO_GL) or else each of `gl_backend_order` is probed, and the
+    first that works is used; if none does, rendering is turned off (MUJOCO_GL=disable)
+    and `rendering_error()` says why, so that physics and state observations still work.
+    After dm_control's import this changes nothing."""
+    current = os.environ.get("MUJOCO_GL", "")
+    if "dm_control" in sys.modules or current.strip().lower() in _NO_RENDERING_VALUES:
+        return current
+    if current and os.environ.get(_CHECKED_ENV) == current:
+        return current  # probed by this process or the one that started it
+    backend, errors = pick_gl_backend([current] if current else gl_backend_order(_nvidia_gpu_present()))
+    if backend is not None:
+        os.environ["MUJOCO_GL"] = os.environ[_CHECKED_ENV] = backend
+        return backend
+    os.environ["MUJOCO_GL"] = NO_RENDERING
+    os.environ[_ERROR_ENV] = no_backend_message(errors)
+    return NO_RENDERING
+
+
+def rendering_error() -> str | None:
+    """Why frames cannot be drawn in this process, or None when they can. Chooses the
+    backend first if dm_control has not been imported yet."""
+    configure_rendering()
+    if os.environ.get("MUJOCO_GL", "").strip().lower() not in _NO_RENDERING_VALUES:
+        return None
+    return os.environ.get(_ERROR_ENV) or (
+        f"rendering is turned off (MUJOCO_GL={os.environ['MUJOCO_GL']}); unset MUJOCO_GL or "
+        f"set it to osmesa or egl to draw frames")
 
 
 def _load_triton_first() -> None:
@@ -105,6 +171,8 @@ class DMCEnv:
         if action_repeat < 1:
             raise ValueError(f"action_repeat must be >= 1, got {action_repeat}")
         suite = _suite()
+        if obs == "pixels" and (why := rendering_error()) is not None:
+            raise RenderingUnavailable(f"{name}: pixel observations need rendering. {why}")
         # Domains such as ball_in_cup contain underscores, so match against the full list.
         tasks = {f"{d}_{t}": (d, t) for d, t in suite.ALL_TASKS}
         if name not in tasks:
@@ -143,7 +211,10 @@ class DMCEnv:
         return np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
 
     def render(self, size: int = 64) -> np.ndarray:
-        """The current frame as uint8 [3, size, size], from the task's usual camera."""
+        """The current frame as uint8 [3, size, size], from the task's usual camera.
+        Raises RenderingUnavailable where no OpenGL backend loads."""
+        if (why := rendering_error()) is not None:
+            raise RenderingUnavailable(why)
         frame = self._env.physics.render(size, size, camera_id=self._camera)
         return np.ascontiguousarray(frame.transpose(2, 0, 1))
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import checkpoint, configs
 from .dreamer import Dreamer
-from .envs import make_env
+from .envs import make_env, rendering_error
 from .logger import Logger, save_gif
 from .replay import ReplayBuffer
 
@@ -60,6 +60,7 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.seed)  # random actions while prefilling
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_eval: Optional[Dict] = None
+        self._gif_warned = False
         if resume:
             self._restore()
         else:
@@ -153,6 +154,7 @@ class Trainer:
         first is saved as a GIF. Uses its own torch RNG, so training is not perturbed."""
         cfg, c = self.cfg, self.counters
         returns, frames = [], []
+        gif = cfg.eval_gif and self._can_draw_frames()
         env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=cfg.seed + 10_000 + c["evals"],
                        episode_length=cfg.episode_length)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -160,7 +162,7 @@ class Trainer:
             torch.manual_seed(cfg.seed + 10_000 + c["evals"])
             for i in range(cfg.eval_episodes):
                 obs, state, done, ret = env.reset(), None, False, 0.0
-                record = cfg.eval_gif and i == 0
+                record = gif and i == 0
                 while not done:
                     if record:
                         frames.append(obs if cfg.obs == "pixels" else env.render(64))
@@ -174,6 +176,18 @@ class Trainer:
         self.last_eval = {"eval_return": float(np.mean(returns)),
                           "eval_return_std": float(np.std(returns)), "eval_episodes": len(returns)}
         self.logger.write(c["env_steps"], self.last_eval)
+
+    def _can_draw_frames(self) -> bool:
+        """Pixel runs render anyway; a state run's GIF is skipped where no OpenGL backend
+        loads, with one warning per run, since training itself needs no rendering."""
+        if self.cfg.obs == "pixels":
+            return True
+        why = rendering_error()
+        if why is not None and not self._gif_warned:
+            self._gif_warned = True
+            tqdm.write(f"warning: evaluation GIFs are skipped: {why} (--eval_gif false "
+                       f"silences this)", file=sys.stderr)
+        return why is None
 
     # ----------------------------------------------------------------- checkpoints
     def _save(self) -> None:
