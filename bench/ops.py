@@ -1,7 +1,8 @@
 """Kernel microbenchmarks: the fused ops against the same math composed of eager PyTorch ops.
 
-    python bench/ops.py            # print the table
-    python bench/ops.py --write    # also rewrite the results section of docs/BENCHMARKS.md
+    python bench/ops.py                  # print the table
+    python bench/ops.py --write          # also rewrite the results section of docs/BENCHMARKS.md
+    python bench/ops.py --device cuda    # on the GPU (--write: the CUDA section)
 
 Variants of every row: "fused" (the tpx_ext op), "eager" (the same math composed of
 eager PyTorch ops in the input dtype), "compiled" (that eager composition under
@@ -107,11 +108,11 @@ def time_alternating(fns, device, budget_s=1.0, rounds=5):
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def copy_bandwidth(device, nbytes=256 << 20):
+def copy_bandwidth(device, nbytes=256 << 20, budget_s=2.0):
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = time_alternating({"copy": lambda: dst.copy_(src)}, device, budget_s=2.0)["copy"]
+    t = time_alternating({"copy": lambda: dst.copy_(src)}, device, budget_s=budget_s)["copy"]
     return 2 * nbytes / t
 
 
@@ -168,8 +169,16 @@ def main(argv=None):
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops to run")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated variants to time (fused is always timed)")
-    p.add_argument("--write", action="store_true", help="rewrite docs/BENCHMARKS.md's results section")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="seconds of timing per row, shared by its variants (default 1.0); "
+                        "scripts/gpu_check.sh passes less to fit its time limit")
+    p.add_argument("--write", action="store_true",
+                   help="rewrite docs/BENCHMARKS.md's results section (the CUDA one for --device cuda)")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available to torch {torch.__version__}")
+    if not args.budget > 0:
+        p.error(f"--budget must be > 0, got {args.budget}")
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     if args.sizes:
         sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
@@ -177,9 +186,10 @@ def main(argv=None):
         sizes = SIZES[:-1] if args.quick else SIZES  # quick: without 1e6 x 12
     variants = ["fused"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "fused"]
 
-    bw = copy_bandwidth(args.device)
+    bw = copy_bandwidth(args.device, budget_s=2 * args.budget)
     header = (f"Machine: {machine_description(args.device)}\n"
-              f"Copy bandwidth (device {args.device}, 256 MiB, read + write): {bw / 1e9:.1f} GB/s\n")
+              f"Copy bandwidth (device {args.device}, 256 MiB, read + write): {bw / 1e9:.1f} GB/s\n"
+              + ("Timed with CUDA events\n" if args.device.startswith("cuda") else ""))
     lines = ["| op | B | C | dtype | fused | eager | compiled | reference f64 | eager / fused "
              "| compiled / fused | fused GB/s | fused / copy floor |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -187,7 +197,7 @@ def main(argv=None):
     print(lines[0])
     start = time.perf_counter()
     for row in rows(args.device, dtypes, sizes, args.ops.split(",")):
-        t = time_alternating({v: row["fns"][v] for v in variants}, args.device)
+        t = time_alternating({v: row["fns"][v] for v in variants}, args.device, args.budget)
         t = {v: t.get(v) for v in VARIANTS}
         floor = row["bytes"] / bw
         line = (f"| {row['op']} | {row['B']} | {row['C']} | {str(row['dtype']).removeprefix('torch.')} "
@@ -200,7 +210,7 @@ def main(argv=None):
     print(f"({time.perf_counter() - start:.0f} s)")
 
     if args.write:
-        path = write_section("bench/ops.py", argv, header + "\n" + "\n".join(lines))
+        path = write_section("bench/ops.py", argv, header + "\n" + "\n".join(lines), args.device)
         print(f"wrote {path}")
 
 
