@@ -83,8 +83,9 @@ def _extension():
     # selects in the hot loops so they vectorise.
     cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     # python_module.cpp is the pybind11 module (build facts only; the ops are
-    # dispatcher ops registered by tpx_ops.cpp when the library loads).
-    sources = ["csrc/tpx_ops.cpp", "csrc/python_module.cpp"]
+    # dispatcher ops, defined in tpx_ops.cpp and registered by the backends'
+    # sources when the library loads).
+    sources = ["csrc/tpx_ops.cpp", "csrc/cpu/tpx_cpu.cpp", "csrc/python_module.cpp"]
     includes = _pybind11_includes() + [csrc]
     if not _want_cuda():
         return CppExtension(
@@ -98,7 +99,7 @@ def _extension():
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "tpx_ext._C",
-        sources + ["csrc/tpx_cuda.cu"],
+        sources + ["csrc/cuda/tpx_cuda.cu"],
         include_dirs=includes + _nvidia_wheel_includes(),
         define_macros=[("TPX_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx + ["-DTPX_WITH_CUDA", f"-DTPX_CUDA_ARCHS={archs}"],

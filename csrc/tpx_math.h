@@ -4,7 +4,7 @@
 // tests exercise exactly the code the GPU runs. Spec: docs/TPX.md sec. 1-3.
 // One difference in precision, not in code: the CPU's pass 2 of bfloat16
 // inputs runs the per-sample and combine templates below on floats
-// (tpx_cpu_kernels.inc, "Pass 2 in float"); the GPU runs them in double.
+// (cpu/tpx_cpu_kernels.inc, "Pass 2 in float"); the GPU runs them in double.
 //
 // Vocabulary (see docs/tensor_shapes.md):
 //   B      batch size (independent samples at one node)

@@ -1,5 +1,14 @@
-// CUDA kernels of the ops. Same two-pass structure and the same math
-// (tpx_math.h) as the CPU path in tpx_ops.cpp:
+// The CUDA kernels of the ops and the tiling they are launched with, as
+// device code only: no ATen, no CUDA runtime, nothing but tpx_math.h. The
+// CUDA runner (tpx_cuda.cu) includes it for nvcc; the emulation test
+// (tests/test_cuda_emulated.cpp) compiles it for the CPU through a shim of
+// the CUDA built-ins it uses (threadIdx, blockIdx, blockDim, __shared__,
+// __syncthreads, atomicOr, atomicAdd, min). So device facts such as the SM
+// count are parameters, and kernels are launched only through launch_node,
+// which takes the launch as a helper: the runner's launches on its stream,
+// the test's runs the blocks on CPU threads.
+//
+// Same two-pass structure and the same math (tpx_math.h) as the CPU path:
 //   moments_kernel   one block per (column tile, row chunk): per-thread
 //                    Welford over its rows, block-level Chan merge in shared
 //                    memory, one partial per (chunk, coordinate);
@@ -8,17 +17,12 @@
 //   apply_kernel     the combined gradient, same thread layout as pass 1.
 // Threads map to consecutive elements of the row-major [B, C] inputs for any
 // C (several rows per block when C < 256), so loads are coalesced.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#pragma once
 
 #include <algorithm>
+#include <cstdint>
 
-#include "build_info.h"
 #include "tpx_math.h"
-#include "tpx_ops.h"
 
 namespace tpx {
 namespace {
@@ -34,14 +38,15 @@ struct Tiling {
   int64_t rows_per_chunk;
 };
 
-Tiling make_tiling(int64_t B, int64_t C, int64_t blocks_per_sm) {
+// sms: the device's multiprocessor count; blocks_per_sm * sms blocks are
+// wanted in all, so that every SM has work.
+inline Tiling make_tiling(int64_t B, int64_t C, int64_t blocks_per_sm, int64_t sms) {
   Tiling t;
   t.cols_per_block = static_cast<int>(std::min<int64_t>(C, kThreads));
   t.rows_per_step = kThreads / t.cols_per_block;
   t.merge_span = 1;
   while (t.merge_span < t.rows_per_step) t.merge_span *= 2;
   t.col_tiles = (C + t.cols_per_block - 1) / t.cols_per_block;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t want = std::max<int64_t>(1, blocks_per_sm * sms / t.col_tiles);
   const int64_t most = (B + t.rows_per_step - 1) / t.rows_per_step;  // >= one step each
   const int64_t chunks = std::min<int64_t>({want, most, 65535});
@@ -170,81 +175,62 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct CudaRunner {
-  at::Tensor new_output(at::IntArrayRef sizes, const at::Tensor& like) const {
-    return at::empty(sizes, like.options());  // the caching allocator's
-  }
+// ---- Launching a node --------------------------------------------------------
+// A launch helper is called as launch(kernel, grid, args...) and runs
+// `kernel` on grid.x * grid.y blocks of kThreads threads with those
+// arguments; launches run in order, each after the previous one finished
+// (one stream).
 
-  template <typename Source>
-  void operator()(const Source& src, int64_t B, int64_t C, CoordinateBuffers& buf,
-                  double momentum, bool check_valid) const {
-    constexpr int G = Source::G;
-    const int64_t GC = G * C;
-    const c10::cuda::CUDAGuard guard(buf.k.device());
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
-    const Tiling t = make_tiling(B, C, /*blocks_per_sm=*/4);
-    const auto f64 = buf.k.options();
-    const at::Tensor ws = at::empty({4, t.row_chunks * GC}, f64);
-    double* w = ws.data_ptr<double>();
-    const int64_t stride = t.row_chunks * GC;
-    int* invalid = buf.invalid.data_ptr<int>();
-
-    moments_kernel<<<dim3(t.col_tiles, t.row_chunks), kThreads, 0, stream>>>(
-        src, B, C, t, w, w + stride, w + 2 * stride, w + 3 * stride, check_valid ? invalid : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    const bool has_running = buf.run_lr.defined();
-    finalize_kernel<<<(GC + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        GC, B, t, w, w + stride, w + 2 * stride, w + 3 * stride, check_valid ? invalid : nullptr,
-        has_running ? buf.run_lr.data_ptr<double>() : nullptr,
-        has_running ? buf.run_rp.data_ptr<double>() : nullptr, momentum, buf.fixed_k,
-        buf.k.data_ptr<double>(), buf.var_lr.data_ptr<double>(), buf.var_rp.data_ptr<double>(),
-        reinterpret_cast<unsigned long long*>(buf.nonfinite.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-    const Tiling ta = make_tiling(B, C, /*blocks_per_sm=*/8);
-    apply_kernel<<<dim3(ta.col_tiles, ta.row_chunks), kThreads, 0, stream>>>(src, B, C, ta,
-                                                                          buf.k.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+struct Grid {  // dim3, without the CUDA headers
+  int64_t x, y;
 };
 
-IvwResult ivw_combine_cuda(const at::Tensor& g_lr, const at::Tensor& g_rp,
-                           const std::optional<at::Tensor>& running_var_lr,
-                           const std::optional<at::Tensor>& running_var_rp, double momentum,
-                           std::optional<double> fixed_weight) {
-  return ivw_combine_impl(CudaRunner{}, g_lr, g_rp, running_var_lr, running_var_rp, momentum,
-                          fixed_weight);
+// The tilings of a node's two row passes, and its workspace: pass 1's
+// partials, four arrays (mean and m2 of LR and RP) of ws_stride doubles.
+struct NodePlan {
+  Tiling moments;
+  Tiling apply;
+  int64_t ws_stride;  // moments.row_chunks * G * C
+  int64_t workspace_size() const { return 4 * ws_stride; }
+};
+
+inline NodePlan plan_node(int64_t B, int64_t C, int G, int64_t sms) {
+  NodePlan p;
+  p.moments = make_tiling(B, C, /*blocks_per_sm=*/4, sms);
+  p.apply = make_tiling(B, C, /*blocks_per_sm=*/8, sms);
+  p.ws_stride = p.moments.row_chunks * G * C;
+  return p;
 }
 
-GaussianResult gaussian_tpx_backward_cuda(const at::Tensor& d, const at::Tensor& eps,
-                                          const at::Tensor& sigma, const at::Tensor& adv,
-                                          const std::optional<at::Tensor>& running_var_lr,
-                                          const std::optional<at::Tensor>& running_var_rp,
-                                          double momentum, std::optional<double> fixed_weight,
-                                          bool check_sigma) {
-  return gaussian_tpx_backward_impl(CudaRunner{}, d, eps, sigma, adv, running_var_lr,
-                                    running_var_rp, momentum, fixed_weight, check_sigma);
+// Per-coordinate outputs and options of a node, all device pointers.
+struct NodeArgs {
+  double* k;                      // [G*C] weights on LR
+  double* var_lr;                 // [G*C] batch variances
+  double* var_rp;
+  unsigned long long* nonfinite;  // [1] zero on entry: coordinates with both estimators bad
+  int* invalid;                   // [1] zero on entry, set on an invalid input; null: unchecked
+  double* run_lr;                 // [G*C] running variances, updated; null: none
+  double* run_rp;
+  double momentum;
+  double fixed_k;  // < 0: inverse-variance weighting
+};
+
+// The whole node: moments, weights, combined gradient. ws: plan.workspace_size() doubles.
+template <typename Launch, typename Source>
+void launch_node(const Launch& launch, const Source& src, int64_t B, int64_t C,
+                 const NodePlan& plan, double* ws, const NodeArgs& a) {
+  constexpr int G = Source::G;
+  const int64_t GC = G * C;
+  const int64_t stride = plan.ws_stride;
+  const Tiling& t = plan.moments;
+  launch(moments_kernel<Source>, Grid{t.col_tiles, t.row_chunks}, src, B, C, t, ws, ws + stride,
+         ws + 2 * stride, ws + 3 * stride, a.invalid);
+  launch(finalize_kernel, Grid{(GC + kThreads - 1) / kThreads, 1}, GC, B, t, ws, ws + stride,
+         ws + 2 * stride, ws + 3 * stride, a.invalid, a.run_lr, a.run_rp, a.momentum, a.fixed_k,
+         a.k, a.var_lr, a.var_rp, a.nonfinite);
+  const Tiling& ta = plan.apply;
+  launch(apply_kernel<Source>, Grid{ta.col_tiles, ta.row_chunks}, src, B, C, ta, a.k);
 }
 
 }  // namespace
-
-int cuda_compiled_version() { return CUDART_VERSION; }
-
-int cuda_runtime_version() {
-  int v = 0;
-  return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
-}
-
-int cuda_driver_version() {
-  int v = 0;  // 0 when no driver is installed
-  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
-}
-
-TORCH_LIBRARY_IMPL(tpx_ext, CUDA, m) {
-  m.impl("ivw_combine", &ivw_combine_cuda);
-  m.impl("gaussian_tpx_backward", &gaussian_tpx_backward_cuda);
-}
-
 }  // namespace tpx

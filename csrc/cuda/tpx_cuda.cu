@@ -1,0 +1,99 @@
+// The CUDA backend of the ops: the runner that launches the kernels of
+// tpx_cuda_kernels.cuh on the current stream with ATen's buffers, and the
+// dispatcher registration for CUDA tensors. The kernels and their tiling
+// are in the header, which has no ATen or CUDA-runtime dependency, so that
+// the emulation test runs the same code on the CPU.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <type_traits>
+
+#include "build_info.h"
+#include "tpx_cuda_kernels.cuh"
+#include "tpx_math.h"
+#include "tpx_ops.h"
+
+namespace tpx {
+namespace {
+
+// launch_node's launch helper: one kernel on the stream, checked.
+struct StreamLaunch {
+  cudaStream_t stream;
+
+  template <typename... Params>
+  void operator()(void (*kernel)(Params...), Grid grid, std::type_identity_t<Params>... args) const {
+    kernel<<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)), kThreads, 0,
+             stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+struct CudaRunner {
+  at::Tensor new_output(at::IntArrayRef sizes, const at::Tensor& like) const {
+    return at::empty(sizes, like.options());  // the caching allocator's
+  }
+
+  template <typename Source>
+  void operator()(const Source& src, int64_t B, int64_t C, CoordinateBuffers& buf,
+                  double momentum, bool check_valid) const {
+    const c10::cuda::CUDAGuard guard(buf.k.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+    const NodePlan plan = plan_node(B, C, Source::G, sms);
+    const at::Tensor ws = at::empty({plan.workspace_size()}, buf.k.options());
+    const bool has_running = buf.run_lr.defined();
+    const NodeArgs args{buf.k.data_ptr<double>(),
+                        buf.var_lr.data_ptr<double>(),
+                        buf.var_rp.data_ptr<double>(),
+                        reinterpret_cast<unsigned long long*>(buf.nonfinite.data_ptr<int64_t>()),
+                        check_valid ? buf.invalid.data_ptr<int>() : nullptr,
+                        has_running ? buf.run_lr.data_ptr<double>() : nullptr,
+                        has_running ? buf.run_rp.data_ptr<double>() : nullptr,
+                        momentum,
+                        buf.fixed_k};
+    launch_node(StreamLaunch{stream}, src, B, C, plan, ws.data_ptr<double>(), args);
+  }
+};
+
+IvwResult ivw_combine_cuda(const at::Tensor& g_lr, const at::Tensor& g_rp,
+                           const std::optional<at::Tensor>& running_var_lr,
+                           const std::optional<at::Tensor>& running_var_rp, double momentum,
+                           std::optional<double> fixed_weight) {
+  return ivw_combine_impl(CudaRunner{}, g_lr, g_rp, running_var_lr, running_var_rp, momentum,
+                          fixed_weight);
+}
+
+GaussianResult gaussian_tpx_backward_cuda(const at::Tensor& d, const at::Tensor& eps,
+                                          const at::Tensor& sigma, const at::Tensor& adv,
+                                          const std::optional<at::Tensor>& running_var_lr,
+                                          const std::optional<at::Tensor>& running_var_rp,
+                                          double momentum, std::optional<double> fixed_weight,
+                                          bool check_sigma) {
+  return gaussian_tpx_backward_impl(CudaRunner{}, d, eps, sigma, adv, running_var_lr,
+                                    running_var_rp, momentum, fixed_weight, check_sigma);
+}
+
+}  // namespace
+
+int cuda_compiled_version() { return CUDART_VERSION; }
+
+int cuda_runtime_version() {
+  int v = 0;
+  return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int cuda_driver_version() {
+  int v = 0;  // 0 when no driver is installed
+  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+TORCH_LIBRARY_IMPL(tpx_ext, CUDA, m) {
+  m.impl("ivw_combine", &ivw_combine_cuda);
+  m.impl("gaussian_tpx_backward", &gaussian_tpx_backward_cuda);
+}
+
+}  // namespace tpx
