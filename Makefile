@@ -14,9 +14,11 @@ export MAX_JOBS ?= 2
 # `make setup` is incremental, so that a second `make run` (the way to resume) starts
 # training at once: each step below runs only when its inputs changed.
 #   deps     the packages, when pyproject.toml or the requested torch changed
-#   built    the extension, when csrc/, setup.py or the installed torch changed;
-#            rebuilt in place with ninja in build/, so only changed sources recompile
-#   gl       headless OpenGL for pixel observations and evaluation GIFs (optional)
+#   built    the extension, when csrc/, setup.py or the installed torch changed; built in
+#            place with ninja in build/, so only changed sources recompile (pip installs
+#            the package without it: its build directory is temporary)
+#   gl       headless OpenGL for pixel observations and evaluation GIFs (optional; checked
+#            by scripts/ensure_gl.sh on every setup, about a second)
 STAMPS := $(VENV)/.tpx-stamps
 TORCH_VERSION_FILE = $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
 
@@ -31,8 +33,8 @@ $(STAMPS)/torch-request: FORCE | $(PY)
 $(STAMPS)/deps: $(STAMPS)/torch-request pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH) ninja pybind11
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
-	@touch $@ $(STAMPS)/built
+	TPX_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
+	@touch $@
 
 $(STAMPS)/built: $(STAMPS)/deps setup.py $(shell find csrc -type f) $(TORCH_VERSION_FILE)
 	$(PY) setup.py -q build_ext --inplace

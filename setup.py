@@ -8,6 +8,7 @@ Switches (environment variables):
   TPX_FORCE_CPU=1    skip the CUDA kernels even if nvcc is there
   TORCH_CUDA_ARCH_LIST  GPU architectures; default "8.0;9.0" when no GPU is visible
   MAX_JOBS           parallel compile jobs (ninja)
+  TPX_SKIP_EXTENSION=1  install the Python package only (make setup then builds in place)
 """
 
 import importlib.util
@@ -133,8 +134,12 @@ def _cuda_arch_names():
 if shutil.which("ninja") is None:
     print("tpx_ext: ninja not found; the build will be slow (pip install ninja)")
 
+# `make setup` installs the package with TPX_SKIP_EXTENSION=1 and then builds the extension
+# in place (`setup.py build_ext --inplace`: ninja in build/), so that it is compiled once and
+# later builds recompile only the sources that changed; pip's own build directory is
+# temporary.
 setup(
     packages=find_packages(include=["tpx_ext", "tpx_ext.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[] if _flag("TPX_SKIP_EXTENSION") else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
 )
