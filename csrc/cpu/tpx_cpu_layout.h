@@ -13,11 +13,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "tpx_math.h"
-
 // The CPU kernel passes GCC vector types between always-inlined functions
 // only (TPX_HOT, TPX_HD), so the ABI note on vector arguments does not apply.
+// Before tpx_math.h: the note is reported where its templates are defined.
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "tpx_math.h"
 
 namespace tpx {
 namespace {
