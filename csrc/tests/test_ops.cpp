@@ -1,5 +1,5 @@
 // Tests of the ops in libtpx_ops, called through the PyTorch dispatcher as a
-// C++ user would, against a naive float64 computation written here. CPU
+// C++ user would, against the naive float64 computation of reference.h. CPU
 // always; CUDA too when a device is present and the CUDA kernels are built.
 // Run by ctest (test_ops).
 #include <ATen/ATen.h>
@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "check.h"
+#include "reference.h"
 
 namespace {
 
-constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+using namespace tpx_test;
 
 using OptTensor = std::optional<at::Tensor>;
 using IvwOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -64,100 +64,6 @@ GaussOut gaussian_tpx_backward(const at::Tensor& d, const at::Tensor& eps, const
   return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed_weight, check_sigma);
 }
 
-// ---- Naive float64 reference ------------------------------------------------
-// Written from the spec (TPX.md sec. 1-3), independent of tpx_math.h.
-
-struct Reference {
-  std::vector<double> g;  // [B, C] combined gradient
-  std::vector<double> k, var_lr, var_rp;
-  int64_t nonfinite = 0;
-};
-
-// Two-pass, on the data shifted by their first row (as tpx_ext.reference
-// does), so that a constant column has variance exactly 0 whatever its
-// magnitude. +inf for a column with a non-finite entry, and for one whose
-// variance is not representable in double (finite float64 inputs whose
-// spread is beyond ~1e154).
-double column_variance(const std::vector<double>& x, int64_t B, int64_t C, int64_t j) {
-  const double x0 = x[j];
-  double sum = 0.0;
-  for (int64_t i = 0; i < B; ++i) {
-    if (!std::isfinite(x[i * C + j])) return kInf;
-    sum += x[i * C + j] - x0;
-  }
-  if (B < 2) return 0.0;
-  const double mean = sum / static_cast<double>(B);
-  double q = 0.0;
-  for (int64_t i = 0; i < B; ++i) q += (x[i * C + j] - x0 - mean) * (x[i * C + j] - x0 - mean);
-  const double var = q / static_cast<double>(B - 1);
-  return std::isfinite(var) ? var : kInf;
-}
-
-// lr, rp: [B, C] per-sample gradients. running: per-column EMA (NaN: no data
-// yet), updated in place, or null. fixed_k < 0: inverse-variance weighting.
-Reference reference(const std::vector<double>& lr, const std::vector<double>& rp, int64_t B,
-                    int64_t C, std::vector<double>* run_lr, std::vector<double>* run_rp,
-                    double momentum, double fixed_k) {
-  Reference r;
-  r.g.assign(B * C, 0.0);
-  for (int64_t j = 0; j < C; ++j) {
-    const double var_lr = column_variance(lr, B, C, j), var_rp = column_variance(rp, B, C, j);
-    double v_lr = var_lr, v_rp = var_rp;
-    auto smooth = [&](double var, double& run) {
-      if (!std::isfinite(var)) return var;
-      run = std::isnan(run) ? var : momentum * run + (1.0 - momentum) * var;
-      return run;
-    };
-    if (run_lr) {
-      v_lr = smooth(var_lr, (*run_lr)[j]);
-      v_rp = smooth(var_rp, (*run_rp)[j]);
-    }
-    const bool both_bad = std::isinf(var_lr) && std::isinf(var_rp);
-    double k;
-    if (fixed_k >= 0.0) {
-      k = fixed_k;
-    } else if (both_bad) {
-      k = kNaN;
-    } else if (v_lr == v_rp) {
-      k = 0.5;
-    } else if (std::isinf(v_lr)) {
-      k = 0.0;
-    } else if (std::isinf(v_rp)) {
-      k = 1.0;
-    } else {
-      k = static_cast<double>(static_cast<long double>(v_rp) /
-                              (static_cast<long double>(v_lr) + static_cast<long double>(v_rp)));
-    }
-    r.k.push_back(k);
-    r.var_lr.push_back(var_lr);
-    r.var_rp.push_back(var_rp);
-    r.nonfinite += both_bad;
-    for (int64_t i = 0; i < B; ++i) {
-      const double a = lr[i * C + j], b = rp[i * C + j];
-      r.g[i * C + j] = std::isnan(k) ? 0.0 : k == 0.0 ? b : k == 1.0 ? a : k * a + (1.0 - k) * b;
-    }
-  }
-  return r;
-}
-
-// Per-sample gradients of x = mu + sigma * eps (TPX.md sec. 1), as [B, 2D]
-// (columns mu_0..mu_D, then sigma_0..sigma_D).
-void gaussian_grads(const std::vector<double>& d, const std::vector<double>& eps,
-                    const std::vector<double>& sigma, const std::vector<double>& adv, int64_t B,
-                    int64_t D, std::vector<double>* lr, std::vector<double>* rp) {
-  lr->assign(B * 2 * D, 0.0);
-  rp->assign(B * 2 * D, 0.0);
-  for (int64_t i = 0; i < B; ++i) {
-    for (int64_t j = 0; j < D; ++j) {
-      const double dv = d[i * D + j], e = eps[i * D + j], s = sigma[i * D + j];
-      (*lr)[i * 2 * D + j] = adv[i] * e / s;
-      (*lr)[i * 2 * D + D + j] = adv[i] * (e * e - 1.0) / s;
-      (*rp)[i * 2 * D + j] = dv;
-      (*rp)[i * 2 * D + D + j] = dv * e;
-    }
-  }
-}
-
 // ---- Tensor helpers -------------------------------------------------------------
 
 at::Tensor make(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType dtype,
@@ -183,83 +89,21 @@ double output_tol(at::ScalarType dtype) {
   }
 }
 
-// Compares one op result with the reference. The per-coordinate statistics
-// are float64 whatever the input dtype; k = 0/1/NaN must be exact, and then
-// so must the combined gradient (one estimator reproduced, or 0).
+// Compares one op result with the reference (reference.h, compare_values).
 void compare(const char* what, const at::Tensor& g, const at::Tensor& k, const at::Tensor& var_lr,
              const at::Tensor& var_rp, const at::Tensor& nonfinite, const Reference& ref,
              const std::vector<double>& lr, const std::vector<double>& rp, int64_t C,
              at::ScalarType dtype) {
-  const std::vector<double> gv = values(g), kv = values(k), vl = values(var_lr),
-                            vr = values(var_rp);
-  TEST_CHECK(static_cast<int64_t>(kv.size()) == C && gv.size() == ref.g.size(), "%s", what);
-  for (int64_t j = 0; j < C; ++j) {
-    TEST_CHECK_NEAR(vl[j], ref.var_lr[j], 1e-10, "%s: var_lr column %lld", what, (long long)j);
-    TEST_CHECK_NEAR(vr[j], ref.var_rp[j], 1e-10, "%s: var_rp column %lld", what, (long long)j);
-    TEST_CHECK_NEAR(kv[j], ref.k[j], 1e-10, "%s: k column %lld", what, (long long)j);
-    const bool exact = std::isnan(ref.k[j]) || ref.k[j] == 0.0 || ref.k[j] == 1.0;
-    if (exact) TEST_CHECK_SAME(kv[j], ref.k[j], "%s: k column %lld", what, (long long)j);
-  }
-  const double tol = output_tol(dtype);
-  for (size_t q = 0; q < gv.size(); ++q) {
-    const double kj = ref.k[q % C];
-    if (std::isnan(kj)) {
-      TEST_CHECK_SAME(gv[q], 0.0, "%s: g[%zu] of a zeroed coordinate", what, q);
-    } else if (kj == 0.0) {
-      TEST_CHECK_SAME(gv[q], rp[q], "%s: g[%zu] must be g_rp exactly (k = 0)", what, q);
-    } else if (kj == 1.0) {
-      TEST_CHECK_SAME(gv[q], lr[q], "%s: g[%zu] must be g_lr exactly (k = 1)", what, q);
-    } else {
-      // Given the k the op returned (checked above against the reference),
-      // g is k * lr + (1 - k) * rp up to rounding to the output dtype.
-      const double kk = kv[q % C];
-      const double expect = kk * lr[q] + (1.0 - kk) * rp[q];
-      const double scale = std::fmax(1.0, std::fabs(kk * lr[q]) + std::fabs((1.0 - kk) * rp[q]));
-      if (!std::isfinite(expect)) {  // fixed_weight mode passes an inf through
-        TEST_CHECK_SAME(gv[q], expect, "%s: g[%zu]", what, q);
-        continue;
-      }
-      TEST_CHECK(std::fabs(gv[q] - expect) <= tol * scale, "%s: g[%zu] = %.17g, expected %.17g",
-                 what, q, gv[q], expect);
-      TEST_CHECK_NEAR(gv[q], ref.g[q], 1e3 * tol, "%s: g[%zu] vs reference", what, q);
-    }
-  }
   TEST_CHECK(nonfinite.dim() == 0 && nonfinite.scalar_type() == at::kLong, "%s", what);
-  TEST_CHECK(nonfinite.item<int64_t>() == ref.nonfinite, "%s: nonfinite %lld vs %lld", what,
-        (long long)nonfinite.item<int64_t>(), (long long)ref.nonfinite);
+  compare_values(what, values(g), values(k), values(var_lr), values(var_rp),
+                 nonfinite.item<int64_t>(), ref, lr, rp, C, output_tol(dtype));
 }
 
-// Random per-sample gradients with a different scale per column, so that k
-// varies across (0, 1).
 // The running-variance buffers after a call, against the reference's.
 void check_running(const std::string& what, const at::Tensor& run_lr, const at::Tensor& run_rp,
                    const std::vector<double>& ref_lr, const std::vector<double>& ref_rp,
                    double tol) {
-  const std::vector<double> got_lr = values(run_lr), got_rp = values(run_rp);
-  for (size_t j = 0; j < got_lr.size(); ++j) {
-    TEST_CHECK_NEAR(got_lr[j], ref_lr[j], tol, "%s: running_var_lr[%lld]", what.c_str(),
-                    (long long)j);
-    TEST_CHECK_NEAR(got_rp[j], ref_rp[j], tol, "%s: running_var_rp[%lld]", what.c_str(),
-                    (long long)j);
-  }
-}
-
-void fill(std::vector<double>& v, int64_t B, int64_t C, std::mt19937_64& rng, double scale) {
-  std::normal_distribution<double> normal;
-  v.resize(B * C);
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < C; ++j) v[i * C + j] = 0.3 * j + normal(rng) * scale * (1.0 + j % 3);
-}
-
-// d, eps ~ N(0, 1) and sigma ~ U(sigma_lo, 2) for one Gaussian node of B x C.
-void fill_node(std::vector<double>& d, std::vector<double>& eps, std::vector<double>& sigma,
-               int64_t B, int64_t C, std::mt19937_64& rng, double sigma_lo) {
-  std::normal_distribution<double> normal;
-  std::uniform_real_distribution<double> uniform(sigma_lo, 2.0);
-  d.resize(B * C), eps.resize(B * C), sigma.resize(B * C);
-  for (auto& v : d) v = normal(rng);
-  for (auto& v : eps) v = normal(rng);
-  for (auto& v : sigma) v = uniform(rng);
+  check_running_values(what, values(run_lr), values(run_rp), ref_lr, ref_rp, tol);
 }
 
 // ---- Cases ----------------------------------------------------------------------
