@@ -36,7 +36,7 @@ $(STAMPS)/deps: $(STAMPS)/torch-request pyproject.toml | $(PY)
 	TPX_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
 	@touch $@
 
-$(STAMPS)/built: $(STAMPS)/deps setup.py $(shell find csrc -type f) $(TORCH_VERSION_FILE)
+$(STAMPS)/built: $(STAMPS)/deps setup.py $(shell find csrc -type f -not -path "csrc/tests/*") $(TORCH_VERSION_FILE)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 

@@ -344,7 +344,7 @@ def test_gaussian_unchecked_invalid_sigma(bad, dtype):
         _check_against_rounded_reference(d, eps, sigma, adv, dtype, check_sigma=False, **kw)
 
 
-# On the CPU, pass 2 of bfloat16 inputs computes in float (csrc/tpx_cpu_kernels.inc, "Pass 2
+# On the CPU, pass 2 of bfloat16 inputs computes in float (csrc/cpu/tpx_cpu_kernels.inc, "Pass 2
 # in float") and falls back to double per panel or per call; each fallback must give the
 # float64 reference's result within the same tolerance.
 
