@@ -1,21 +1,43 @@
 """Toy control problems for testing and measuring the estimators.
 
-A system has `initial(B, like, generator)` (start states [B, 1] of like's
-dtype and device), `features(s)` (the policy's input), `step(s, a)` and
-`reward(s_next)` ([B]); `policy_gradient` runs one estimator on it with one
-node per step (the action; pre-tanh where `squash`) and the reward
-r_t = r(s_{t+1}) as the objective term of step t.
+A system has `initial(B, like, generator)` (start states [B, S] of like's
+dtype and device), `features(s)` (the policy's input), `step(s, a, graph, t)`
+(the next state; it may add nodes of step t to `graph`, e.g. process noise),
+`reward(s_next)` ([B]) and `make_policy(hidden, dtype)` (the module that
+produces the action node's (mu, sigma)). `policy_gradient` runs one estimator
+on it with one action node per step (pre-tanh where `squash`) and the reward
+r_t = r(s_{t+1}) as the objective term of step t (of the last step only where
+`terminal`).
 
 - `LinearGaussian`: s' = a s + b u, reward -q s'^2, with a linear policy:
   the expected return has a closed form, so the exact gradient is known.
 - `ChaoticRotor`: s' = s + K sin(s) + a_max tanh(u), reward cos(s'): for
-  K = 3 the map stretches by ~1.5 per step on average (|1 + K cos s|), so RP
-  gradients grow exponentially with the horizon (the "curse of chaos") while
-  LR gradients grow only with the number of reward terms.
+  K = 3 the map stretches tangent vectors by e^0.12 per step (its largest
+  Lyapunov exponent with a random policy), so RP gradients grow exponentially
+  with the horizon (the "curse of chaos") while LR gradients grow only with
+  the number of reward terms.
+
+The other chaotic systems of the benchmark suite (`python -m tpx_ext.gradvar
+--suite`) differ in how fast RP explodes (each docstring gives the largest
+Lyapunov exponent per step, as `lyapunov_exponent` measures it with a random
+policy of width 16 under the system's own noise), in what the node is (an action, the state itself, process
+noise without trainable parameters) and in where the objective is:
+
+- `NoisyRNN`: a chaotic 2-D recurrent network with Gaussian state noise at
+  every step and a loss on the final state; the only parameter is its gain.
+- `TanhRNN`: the same with tanh units, where RP stays the better estimator
+  for ~30 steps before it explodes (not chaotic on average: its gradient
+  grows by intermittent bursts).
+- `LogisticMap`: the logistic map whose growth rate a policy sets; RP
+  overflows float32 at long horizons.
+- `Lorenz`: the Lorenz-63 system pushed by a policy; slow chaos.
+- `DoublePendulum`: a torque-driven double pendulum with process noise on its
+  velocities as a second node of every step (a node whose (mu, sigma) come
+  from a module without trainable parameters, like Dreamer's latent nodes).
 """
 
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional, Type
 
 import torch
 from torch import Tensor, nn
@@ -27,21 +49,37 @@ class GaussianPolicy(nn.Module):
     """(mu, sigma) = (MLP(x), exp(log_std)); hidden=0 makes mu linear in x."""
 
     def __init__(self, in_features: int, hidden: int = 32, log_std: float = -0.5,
-                 dtype=torch.float32):
+                 dtype=torch.float32, out_features: int = 1):
         super().__init__()
         if hidden:
             self.mu = nn.Sequential(nn.Linear(in_features, hidden, dtype=dtype), nn.Tanh(),
-                                    nn.Linear(hidden, 1, dtype=dtype))
+                                    nn.Linear(hidden, out_features, dtype=dtype))
         else:
-            self.mu = nn.Linear(in_features, 1, dtype=dtype)
-        self.log_std = nn.Parameter(torch.full((1,), log_std, dtype=dtype))
+            self.mu = nn.Linear(in_features, out_features, dtype=dtype)
+        self.log_std = nn.Parameter(torch.full((out_features,), log_std, dtype=dtype))
 
     def forward(self, x: Tensor):
         mu = self.mu(x)
         return mu, self.log_std.exp().expand_as(mu)
 
 
-class LinearGaussian:
+class ToySystem:
+    """Defaults of the interface above: one action per step, a reward at every step,
+    no nodes besides the action, a `GaussianPolicy` on the features."""
+
+    squash = True  # the action is tanh of the node
+    terminal = False  # True: only the last step has an objective term
+    features_dim = 1
+    action_dim = 1
+
+    def features(self, s: Tensor) -> Tensor:
+        return s
+
+    def make_policy(self, hidden: int, dtype=torch.float32) -> nn.Module:
+        return GaussianPolicy(self.features_dim, hidden, dtype=dtype, out_features=self.action_dim)
+
+
+class LinearGaussian(ToySystem):
     """s' = a s + b u, u ~ N(w s + c, sigma^2), s_0 = s0, reward -q s'^2 (uses no tanh)."""
 
     squash = False
@@ -52,14 +90,14 @@ class LinearGaussian:
     def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         return torch.full((B, 1), self.s0, dtype=like.dtype, device=like.device)
 
-    def features(self, s: Tensor) -> Tensor:
-        return s
-
-    def step(self, s: Tensor, u: Tensor) -> Tensor:
+    def step(self, s: Tensor, u: Tensor, graph=None, t: int = 0) -> Tensor:
         return self.a * s + self.b * u
 
     def reward(self, s: Tensor) -> Tensor:
         return -self.q * s[:, 0] ** 2
+
+    def make_policy(self, hidden: int = 0, dtype=torch.float64) -> nn.Module:
+        return GaussianPolicy(1, 0, dtype=dtype)  # the closed form needs a linear policy
 
     def expected_return(self, policy: GaussianPolicy, horizon: int) -> Tensor:
         """E[sum_t r_t] in closed form for a linear `policy` (hidden=0): the state stays
@@ -74,10 +112,10 @@ class LinearGaussian:
         return total
 
 
-class ChaoticRotor:
+class ChaoticRotor(ToySystem):
     """s' = s + K sin(s) + a_max tanh(u), s_0 ~ U(-pi, pi), reward cos(s')."""
 
-    squash = True
+    features_dim = 2
 
     def __init__(self, K: float = 3.0, a_max: float = 1.0):
         self.K, self.a_max = K, a_max
@@ -89,11 +127,264 @@ class ChaoticRotor:
     def features(self, s: Tensor) -> Tensor:
         return torch.cat([torch.sin(s), torch.cos(s)], dim=1)
 
-    def step(self, s: Tensor, a: Tensor) -> Tensor:
+    def step(self, s: Tensor, a: Tensor, graph=None, t: int = 0) -> Tensor:
         return s + self.K * torch.sin(s) + self.a_max * a
 
     def reward(self, s: Tensor) -> Tensor:
         return torch.cos(s[:, 0])
+
+
+class RNNCell(nn.Module):
+    """(mu, sigma) = (act(gain W x + b), noise): the next state's distribution.
+
+    W and b are fixed; the gain is the only trainable parameter."""
+
+    def __init__(self, W, bias, gain: float, noise: float, activation: str, dtype=torch.float32):
+        super().__init__()
+        self.register_buffer("W", torch.tensor(W, dtype=dtype))
+        self.register_buffer("b", torch.tensor(bias, dtype=dtype))
+        self.gain = nn.Parameter(torch.tensor(gain, dtype=dtype))
+        self.noise, self.act = noise, {"sin": torch.sin, "tanh": torch.tanh}[activation]
+
+    def forward(self, x: Tensor):
+        mu = self.act(self.gain * (x @ self.W.T) + self.b)
+        return mu, torch.full_like(mu, self.noise)
+
+
+def _rotation(angle: float):
+    c, s = math.cos(angle), math.sin(angle)
+    return [[c, -s], [s, c]]
+
+
+class NoisyRNN(ToySystem):
+    """x' = sin(g W x + b) + noise eps (the node is the state), W a rotation by 1 rad,
+    x_0 ~ U(-1, 1)^2, and one objective term on the final state, -|x_H - target|^2. The
+    gradient is taken with respect to the gain g (the only parameter). Largest Lyapunov
+    exponent ~0.05 per step at the default g = 1.85 (it grows with g: ~0.14 at g = 2,
+    ~0.4 at g = 2.5, below 0 at g <= 1.7); the sine's folding makes the RP gradient
+    heavy-tailed, so its variance explodes much faster than e^(2 * 0.05 H)."""
+
+    squash = False
+    terminal = True
+    features_dim = 2
+    action_dim = 2
+    activation = "sin"
+
+    def __init__(self, gain: float = 1.85, W=None, bias=(0.3, -0.2), noise: float = 0.1,
+                 target=(0.5, -0.5)):
+        self.gain, self.W = gain, W if W is not None else _rotation(1.0)
+        self.bias, self.noise, self.target = bias, noise, target
+
+    def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        u = torch.rand((B, 2), generator=generator, dtype=like.dtype, device=like.device)
+        return 2 * u - 1
+
+    def step(self, s: Tensor, x: Tensor, graph=None, t: int = 0) -> Tensor:
+        return x  # the node's sample is the next state
+
+    def reward(self, s: Tensor) -> Tensor:
+        return -((s - s.new_tensor(self.target)) ** 2).sum(1)
+
+    def make_policy(self, hidden: int = 0, dtype=torch.float32) -> nn.Module:
+        return RNNCell(self.W, self.bias, self.gain, self.noise, self.activation, dtype)
+
+
+class TanhRNN(NoisyRNN):
+    """The same with x' = tanh(g W x + b) + noise eps and W, b from a random search for a
+    2-D tanh network with a positive Lyapunov exponent under this noise at g = 1. At the
+    default g = 0.55 the exponent is negative on average (~-0.12 per step), but expansion
+    is intermittent and the RP gradient heavy-tailed: its variance grows ~20x from H = 10
+    to 30 and ~100x from 30 to 100, so RP is the better estimator up to H ~ 30 and LR
+    beyond, the regime of the issue's peer benchmark (issue 13)."""
+
+    activation = "tanh"
+
+    def __init__(self, gain: float = 0.55, W=((1.3254, 11.9891), (-0.8789, -2.4027)),
+                 bias=(-0.4284, -0.5745), noise: float = 0.1, target=(0.5, -0.5)):
+        super().__init__(gain, [list(r) for r in W], bias, noise, target)
+
+
+class LogisticMap(ToySystem):
+    """s' = r s (1 - s) with growth rate r = r0 + dr tanh(u) set by the policy, s in (0, 1),
+    s_0 ~ U(0.05, 0.95), reward 1 - 4 (s' - 1/2)^2. For r in (3.65, 3.95) the map is chaotic
+    (Lyapunov exponent ~0.36 per step), the fastest chaos of the suite: RP gradients grow
+    like e^(0.36 H) and can overflow float32 (non-finite) at the longest horizons."""
+
+    features_dim = 2
+
+    def __init__(self, r0: float = 3.8, dr: float = 0.15):
+        self.r0, self.dr = r0, dr
+
+    def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        u = torch.rand((B, 1), generator=generator, dtype=like.dtype, device=like.device)
+        return 0.05 + 0.9 * u
+
+    def features(self, s: Tensor) -> Tensor:
+        return torch.cat([2 * s - 1, torch.cos(math.pi * s)], dim=1)
+
+    def step(self, s: Tensor, a: Tensor, graph=None, t: int = 0) -> Tensor:
+        return (self.r0 + self.dr * a) * s * (1 - s)
+
+    def reward(self, s: Tensor) -> Tensor:
+        return 1 - 4 * (s[:, 0] - 0.5) ** 2
+
+
+class Lorenz(ToySystem):
+    """Lorenz-63 (sigma 10, rho 28, beta 8/3) with the action added to dx/dt (times
+    `force`), one midpoint (RK2) step of dt per step; start states on the attractor;
+    reward tanh(x / 8) (stay on the x > 0 wing). Lyapunov exponent ~0.045 per step
+    (Lorenz's 0.9 per unit time, plus the policy's push): RP degrades slowly."""
+
+    features_dim = 3
+
+    def __init__(self, dt: float = 0.05, force: float = 10.0, sigma: float = 10.0,
+                 rho: float = 28.0, beta: float = 8.0 / 3.0):
+        self.dt, self.force, self.sigma, self.rho, self.beta = dt, force, sigma, rho, beta
+        self._attractor: Dict = {}
+
+    def _derivative(self, s: Tensor, push: Tensor) -> Tensor:
+        x, y, z = s.unbind(1)
+        return torch.stack([self.sigma * (y - x) + push, x * (self.rho - z) - y,
+                            x * y - self.beta * z], dim=1)
+
+    def _advance(self, s: Tensor, push: Tensor) -> Tensor:
+        half = s + 0.5 * self.dt * self._derivative(s, push)
+        return s + self.dt * self._derivative(half, push)
+
+    def attractor(self, like: Tensor, points: int = 4096) -> Tensor:
+        """`points` states on the attractor (uncontrolled run from a fixed seed)."""
+        key = (like.dtype, like.device)
+        if key not in self._attractor:
+            gen = torch.Generator().manual_seed(0)
+            s = torch.randn(points, 3, generator=gen, dtype=torch.float64) + torch.tensor([0, 0, 25.0])
+            zero = torch.zeros(points, dtype=torch.float64)
+            for _ in range(500):
+                s = self._advance(s, zero)
+            self._attractor[key] = s.to(dtype=like.dtype, device=like.device)
+        return self._attractor[key]
+
+    def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        bank = self.attractor(like)
+        idx = torch.randint(0, bank.shape[0], (B,), generator=generator,
+                            device=generator.device if generator is not None else "cpu")
+        return bank[idx.to(bank.device)]
+
+    def features(self, s: Tensor) -> Tensor:
+        return (s - s.new_tensor([0.0, 0.0, 25.0])) / 20.0
+
+    def step(self, s: Tensor, a: Tensor, graph=None, t: int = 0) -> Tensor:
+        return self._advance(s, self.force * a[:, 0])
+
+    def reward(self, s: Tensor) -> Tensor:
+        return torch.tanh(s[:, 0] / 8.0)
+
+
+class PendulumDynamics(nn.Module):
+    """(mu, sigma) of the next state of `DoublePendulum`: no trainable parameters."""
+
+    def __init__(self, system: "DoublePendulum"):
+        super().__init__()
+        self.system = system
+
+    def forward(self, s: Tensor, a: Tensor):
+        mu = self.system.mean_step(s, a)
+        return mu, torch.full_like(mu, self.system.noise)
+
+
+class DoublePendulum(ToySystem):
+    """A double pendulum (unit masses and lengths, gravity g, angles from the downward
+    vertical) whose two joints get angular accelerations torque * tanh(u) from the policy,
+    with quadratic air drag (which keeps the explicit integration stable). State (theta1,
+    theta2, omega1, omega2); a step is `substeps` semi-implicit Euler steps of dt / substeps,
+    and the next state is a node of the same step (process noise `noise` on every
+    coordinate, produced by `PendulumDynamics`, which has no trainable parameters).
+    Start: both angles ~ U(-pi, pi), at rest. Reward: the tip's height / 2. Lyapunov
+    exponent ~0.06 per step over the first 50 steps, ~0.02 over 200 (the drag drains the
+    energy that the start and the random torques put in): the mildest chaos of the suite."""
+
+    features_dim = 6
+    action_dim = 2
+
+    def __init__(self, dt: float = 0.1, substeps: int = 3, g: float = 9.81, torque: float = 2.0,
+                 drag: float = 0.02, noise: float = 0.01):
+        self.dt, self.substeps, self.g, self.torque = dt, substeps, g, torque
+        self.drag, self.noise = drag, noise
+        self.dynamics = PendulumDynamics(self)
+
+    def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        u = torch.rand((B, 2), generator=generator, dtype=like.dtype, device=like.device)
+        return torch.cat([(2 * u - 1) * math.pi, torch.zeros_like(u)], dim=1)
+
+    def features(self, s: Tensor) -> Tensor:
+        th = s[:, :2]
+        return torch.cat([torch.sin(th), torch.cos(th), s[:, 2:] / 5.0], dim=1)
+
+    def _acceleration(self, th: Tensor, w: Tensor, push: Tensor) -> Tensor:
+        th1, th2 = th.unbind(1)
+        w1, w2 = w.unbind(1)
+        g, delta = self.g, th1 - th2
+        den = 3 - torch.cos(2 * delta)
+        sd, cd = torch.sin(delta), torch.cos(delta)
+        acc1 = (-3 * g * torch.sin(th1) - g * torch.sin(th1 - 2 * th2)
+                - 2 * sd * (w2**2 + w1**2 * cd)) / den
+        acc2 = 2 * sd * (2 * w1**2 + 2 * g * torch.cos(th1) + w2**2 * cd) / den
+        return torch.stack([acc1, acc2], dim=1) + push - self.drag * w.abs() * w
+
+    def mean_step(self, s: Tensor, a: Tensor) -> Tensor:
+        th, w = s[:, :2], s[:, 2:]
+        h, push = self.dt / self.substeps, self.torque * a
+        for _ in range(self.substeps):
+            w = w + h * self._acceleration(th, w, push)
+            th = th + h * w
+        return torch.cat([th, w], dim=1)
+
+    def step(self, s: Tensor, a: Tensor, graph=None, t: int = 0) -> Tensor:
+        if graph is None:
+            mu, sigma = self.dynamics(s, a)
+            return mu + sigma * torch.randn_like(mu)
+        s = graph.cut(s)
+        mu, sigma = self.dynamics(s, a)
+        return graph.sample(mu, sigma, t, name="latent", source=(self.dynamics, (s, a)))
+
+    def reward(self, s: Tensor) -> Tensor:
+        return -(torch.cos(s[:, 0]) + torch.cos(s[:, 1])) / 2
+
+
+SYSTEMS: Dict[str, Type[ToySystem]] = {
+    "rotor": ChaoticRotor, "rnn": NoisyRNN, "rnn-tanh": TanhRNN, "logistic": LogisticMap,
+    "lorenz": Lorenz, "pendulum": DoublePendulum, "linear": LinearGaussian,
+}
+CHAOTIC = ("rotor", "rnn", "rnn-tanh", "logistic", "lorenz", "pendulum")
+
+
+def lyapunov_exponent(system: ToySystem, policy: nn.Module, steps: int = 200, batch: int = 256,
+                      burn: int = 50, seed: int = 0) -> float:
+    """Largest Lyapunov exponent per step of the closed loop s -> step(s, a(s)) with the
+    policy's and the system's noise drawn once per step: the mean over `batch` start states
+    of the log growth of a tangent vector over `steps` steps (after `burn` steps)."""
+    torch.manual_seed(seed)  # the process noise that `step` draws itself
+    gen = torch.Generator().manual_seed(seed)
+    like = next(policy.parameters())
+    s = system.initial(batch, like, gen)
+    v = torch.randn(s.shape, generator=gen, dtype=s.dtype).to(s.device)
+    v = v / v.norm(dim=1, keepdim=True)
+    total = torch.zeros(batch, dtype=torch.float64, device=s.device)
+    for t in range(burn + steps):
+        mu_shape = policy(system.features(s))[0].shape
+        eps = torch.randn(mu_shape, generator=gen, dtype=s.dtype).to(s.device)
+
+        def closed_loop(state):
+            mu, sigma = policy(system.features(state))
+            u = mu + sigma * eps
+            return system.step(state, torch.tanh(u) if system.squash else u)
+
+        with torch.no_grad():
+            s, jv = torch.func.jvp(closed_loop, (s,), (v,))
+        norm = jv.norm(dim=1, keepdim=True)
+        if t >= burn:
+            total += norm[:, 0].double().log()
+        v = jv / norm
+    return (total / steps).mean().item()
 
 
 def policy_gradient(estimator: Estimator, policy: nn.Module, system, horizon: int, batch: int,
@@ -107,6 +398,7 @@ def policy_gradient(estimator: Estimator, policy: nn.Module, system, horizon: in
         x = graph.cut(system.features(s))
         mu, sigma = policy(x)
         a = draw(mu, sigma, step=t, source=(policy, x))
-        s = system.step(s, a)
-        graph.add_objective(system.reward(s), step=t)
+        s = system.step(s, a, graph, t)
+        if not system.terminal or t == horizon - 1:
+            graph.add_objective(system.reward(s), step=t)
     return graph.backward()

@@ -7,6 +7,8 @@ gradients with respect to the parameters of the module that produced
 TPX (the node's own backward, coordinate-wise) costs O(B x 2D).
 The per-sample formulas, the variance and the weight rule (edge cases of
 TPX.md sec. 2 included) are those of `tpx_ext.reference`, in float64.
+A node whose module has no trainable parameters (process noise of a fixed
+model) takes the traces over its own (mu, sigma) coordinates instead.
 """
 
 from typing import Tuple
@@ -58,7 +60,10 @@ def tp_weight(
     cot_lr = (g_lr[:, :D].reshape(shape), g_lr[:, D:].reshape(shape))  # (mu, sigma) cotangents
     cot_rp = (g_rp[:, :D].reshape(shape), g_rp[:, D:].reshape(shape))
     inputs = tuple(x.detach() for x in inputs)
-    p_lr, p_rp = _per_sample_param_grads(module, inputs, cot_lr, cot_rp)
+    if any(p.requires_grad for p in module.parameters()):
+        p_lr, p_rp = _per_sample_param_grads(module, inputs, cot_lr, cot_rp)
+    else:
+        p_lr, p_rp = g_lr, g_rp
     v_lr = reference.batch_variance(p_lr.double()).sum().reshape(1)
     v_rp = reference.batch_variance(p_rp.double()).sum().reshape(1)
     both_bad = torch.isinf(v_lr) & torch.isinf(v_rp)
