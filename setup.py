@@ -134,6 +134,20 @@ def _cuda_arch_names():
 if shutil.which("ninja") is None:
     print("tpx_ext: ninja not found; the build will be slow (pip install ninja)")
 
+class InPlaceSafeBuild(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+    """An in-place build (make setup) replaces tpx_ext/_C*.so by renaming a new file over it:
+    copying into the old file would rewrite pages that running processes (a training run)
+    have mapped, and crash them."""
+
+    def copy_file(self, infile, outfile, *args, **kwargs):
+        if not outfile.endswith(".so") or os.path.isdir(outfile):
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        tmp = f"{outfile}.tmp{os.getpid()}"
+        shutil.copy2(infile, tmp)
+        os.replace(tmp, outfile)
+        return outfile, True
+
+
 # `make setup` installs the package with TPX_SKIP_EXTENSION=1 and then builds the extension
 # in place (`setup.py build_ext --inplace`: ninja in build/), so that it is compiled once and
 # later builds recompile only the sources that changed; pip's own build directory is
@@ -141,5 +155,5 @@ if shutil.which("ninja") is None:
 setup(
     packages=find_packages(include=["tpx_ext", "tpx_ext.*"]),
     ext_modules=[] if _flag("TPX_SKIP_EXTENSION") else [_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": InPlaceSafeBuild},
 )
