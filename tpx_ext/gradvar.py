@@ -65,6 +65,8 @@ ESTIMATORS: Dict[str, Dict] = {
     "tpx-log0.99": {"mode": "tpx", "momentum": 0.99, "lagged": True, "warm_start": True,
                     "log_domain": True},
     "tpx-guard0.99": {"mode": "tpx", "momentum": 0.99, "guard": True, "warm_start": True},
+    "tpx-ucb1": {"mode": "tpx", "ucb": 1.0},
+    "tpx-ucb2": {"mode": "tpx", "ucb": 2.0},
     "tpx-proj": {"mode": "tpx", "projections": 4},
     "tpx-proj-ema0.9": {"mode": "tpx", "projections": 4, "momentum": 0.9, "warm_start": True},
     "tpx-proj-lag0.99": {"mode": "tpx", "projections": 4, "momentum": 0.99, "lagged": True,

@@ -53,14 +53,15 @@ class Estimator:
     def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: float = 0.0,
                  lagged: bool = False, guard: bool = False, warm_start: bool = False,
                  log_domain: bool = False, projections: int = 0, projection: str = "node",
-                 check_sigma: bool = True, seed: int = 0):
+                 ucb: float = 0.0, check_sigma: bool = True, seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown estimator mode {mode!r}; valid modes: {', '.join(MODES)}")
         if (rho is not None) != (mode == "mix"):
             raise ValueError(f"rho is required by mode 'mix' and only by it (mode {mode!r}, rho={rho})")
         if mode == "mix" and not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {rho}")
-        rule = WeightRule(momentum, lagged, guard, warm_start, log_domain, projections, projection)
+        rule = WeightRule(momentum, lagged, guard, warm_start, log_domain, projections, projection,
+                          ucb)
         rule.validate()
         if rule != WeightRule(projection=projection) and mode != "tpx":
             raise ValueError(f"momentum and the other weight-rule options apply to mode 'tpx' only "

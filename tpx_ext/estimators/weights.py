@@ -59,6 +59,7 @@ class WeightRule:
     log_domain: bool = False
     projections: int = 0
     projection: str = "node"
+    ucb: float = 0.0
 
     def validate(self) -> None:
         if not 0.0 <= self.momentum < 1.0:
@@ -80,7 +81,7 @@ class WeightRule:
     def fused(self) -> bool:
         """Whether the fused op implements this rule as it stands."""
         return not (self.lagged or self.guard or self.warm_start or self.log_domain
-                    or self.projections)
+                    or self.projections or self.ucb)
 
 
 def _trainable(module: nn.Module):
@@ -164,8 +165,21 @@ def combine(rule: WeightRule, running: Optional[Tuple[Tensor, Tensor]], count: i
     g_both = torch.stack(reference.gaussian_per_sample(d64, eps64, sigma64, adv.double()))
     g_lr, g_rp = g_both
     var_lr, var_rp = _variance(g_both)
+    if rule.ucb:
+        # Upper confidence bound of each variance: + ucb standard errors of the sample
+        # variance, sqrt((m4 - var^2) / B); heavy tails (large 4th moment) raise it most.
+        B = g_both.shape[1]
+        dev = torch.where(torch.isfinite(g_both), g_both, 0.0)
+        dev = dev - dev.mean(1, keepdim=True)
+        m4 = (dev**4).mean(1)
+        both = torch.stack([var_lr, var_rp])
+        se = ((m4 - both**2).clamp_min(0) / B).sqrt()
+        both = torch.where(torch.isinf(both), both, both + rule.ucb * torch.nan_to_num(se, posinf=0.0))
+        stat_ucb = both
+    else:
+        stat_ucb = None
 
-    stat_lr, stat_rp = var_lr, var_rp  # what the weight is computed from
+    stat_lr, stat_rp = (var_lr, var_rp) if stat_ucb is None else stat_ucb  # the weight's inputs
     t = None
     if rule.projections and source is not None:
         t = tangents(source[0], source[1], rule.projections, generator)
