@@ -22,6 +22,12 @@ import dataclasses
 import math
 from typing import Dict, List
 
+from .estimators import MODES
+
+# The agent's actor-gradient estimators: every mode but tp, whose per-sample parameter
+# gradients cost O(B x P) memory at every node.
+ESTIMATORS = tuple(m for m in MODES if m != "tp")
+
 
 @dataclasses.dataclass
 class Config:
@@ -182,8 +188,10 @@ def parse_value(key: str, value, kind):
 def validate(cfg: Config) -> None:
     checks = [
         (cfg.obs in ("state", "pixels"), f"obs must be 'state' or 'pixels', got {cfg.obs!r}"),
-        (cfg.estimator in ("rp", "lr", "mix", "tpx"),
-         f"estimator must be one of rp, lr, mix, tpx, got {cfg.estimator!r}"),
+        (cfg.estimator in ESTIMATORS,
+         f"estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.estimator!r} (tp forms "
+         f"per-sample parameter gradients, B x P: use it through tpx_ext.Estimator on small "
+         f"models)"),
         (cfg.horizon >= 1, f"horizon must be >= 1, got {cfg.horizon}"),
         (0.0 <= cfg.mix_rho <= 1.0, f"mix_rho must be in [0, 1], got {cfg.mix_rho}"),
         (0.0 <= cfg.tpx_momentum < 1.0, f"tpx_momentum must be in [0, 1), got {cfg.tpx_momentum}"),

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import configs
 from .behavior import ActorCritic, finite_step
 from .rssm import LatentState
 from .world_model import WorldModel
@@ -19,6 +20,7 @@ PolicyState = Tuple[LatentState, Tensor]
 class Dreamer(nn.Module):
     def __init__(self, obs_shape, action_dim: int, cfg, device="cpu"):
         super().__init__()
+        configs.validate(cfg)  # the one place that checks a config's values
         self.cfg, self.action_dim = cfg, action_dim
         self.world_model = WorldModel(obs_shape, action_dim, cfg)
         self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg)

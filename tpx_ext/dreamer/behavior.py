@@ -20,9 +20,6 @@ from ..estimators import Estimator, NodeStats, baseline_coefficients, lambda_ret
 from .networks import ActorHead, ScalarHead
 from .rssm import LatentState
 
-ESTIMATORS = ("rp", "lr", "mix", "tpx")
-
-
 class Imagination(NamedTuple):
     """What one imagined rollout leaves behind (detached): feats [H+1, N, F], values
     [H+1, N] (target critic), rewards [H, N], the actor's sigma [H, N, A] and mean entropy
@@ -75,17 +72,10 @@ def finite_step(optimizer: torch.optim.Optimizer, params, clip: float):
 class ActorCritic(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, cfg):
         super().__init__()
-        if cfg.estimator not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {cfg.estimator!r}; valid: {', '.join(ESTIMATORS)} "
-                             "(tp scales with B x P: use it through tpx_ext.Estimator on small models)")
-        if not 1 <= cfg.horizon:
-            raise ValueError(f"horizon must be >= 1, got {cfg.horizon}")
         self.cfg, self.action_dim = cfg, action_dim
         self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.actor_layers or cfg.mlp_layers,
                                cfg.actor_init_std, cfg.actor_min_std, cfg.actor_mean_scale)
         self.critic = ScalarHead(feat_dim, cfg.hidden, cfg.critic_layers or cfg.mlp_layers)
-        if cfg.slow_critic_every < 0:
-            raise ValueError(f"slow_critic_every must be >= 0, got {cfg.slow_critic_every}")
         # The values of imagined states (the actor's objective and the critic's targets)
         # come from a slow copy of the critic, or from the critic itself (DreamerV1).
         self.slow_critic = (copy.deepcopy(self.critic).requires_grad_(False)

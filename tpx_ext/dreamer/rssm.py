@@ -68,14 +68,6 @@ class RSSM(nn.Module):
         """(mean, std) [N, S] of p(z_t | h_t)."""
         return self._gaussian(self.prior_net(deter))
 
-    def img_step(self, prev: LatentState, action: Tensor,
-                 eps: Optional[Tensor] = None) -> LatentState:
-        """One imagined step: z_t from the prior (eps: its noise, default fresh)."""
-        deter = self.deter_step(prev.stoch, action, prev.deter)
-        mean, std = self.prior(deter)
-        eps = torch.randn_like(mean) if eps is None else eps
-        return LatentState(mean, std, mean + std * eps, deter)
-
     def obs_step(self, prev: LatentState, action: Tensor, embed: Tensor):
         """One filtering step: (posterior, prior) of z_t given obs_t's embedding [N, E]."""
         deter = self.deter_step(prev.stoch, action, prev.deter)
