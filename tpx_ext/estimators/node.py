@@ -69,7 +69,8 @@ class Node:
             )
         B = d.shape[0]
         fixed = self.fixed_weight
-        if self.rule is None and self.source is not None:  # tp: one weight from parameter traces
+        tp = self.rule is None and self.source is not None
+        if tp:  # one weight from parameter-gradient traces
             k, v_lr, v_rp = tp_weight(*self.source, d, eps, sigma, self.adv)
             self._record(k, v_lr, v_rp, torch.isnan(k).sum())
             if bool(torch.isnan(k)):
@@ -85,6 +86,8 @@ class Node:
             self._record(k, var_lr, var_rp, nonfinite)
             return grads[0].view(d.shape), grads[1].view(d.shape)
         r = gaussian_tpx_backward(*flat, None, None, 0.0, fixed, self.check_sigma)
+        if not tp:  # lr and mix; tp recorded its own weight above
+            self._record(r.k, r.var_lr, r.var_rp, r.nonfinite)
         return r.grad_mu.view(d.shape), r.grad_sigma.view(d.shape)
 
     def _record(self, k, var_lr, var_rp, nonfinite):
