@@ -33,7 +33,7 @@ $(STAMPS)/torch-request: FORCE | $(PY)
 $(STAMPS)/deps: $(STAMPS)/torch-request pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==$(TORCH) ninja pybind11
-	TPX_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev,dmc,sweep]"
+	TPX_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev,dreamer,experiments]"
 	@touch $@
 
 $(STAMPS)/built: $(STAMPS)/deps setup.py $(shell find csrc -type f -not -path "csrc/tests/*") $(TORCH_VERSION_FILE)

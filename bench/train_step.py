@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from common import machine_description, write_section
-from tpx_ext.configs import build
+from tpx_ext.dreamer.configs import build
 from tpx_ext.dreamer import Dreamer
 
 ESTIMATORS = ("rp", "tpx", "lr", "mix")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tpx_ext import configs
+from tpx_ext.dreamer import configs
 
 # DreamerV1's DMC setup (danijar/dreamer: dreamer.py define_config, models.py), written out
 # here independently of tpx_ext/configs.py, as this project's keys: a preset that drifts

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpx_ext.configs import build
+from tpx_ext.dreamer.configs import build
 from tpx_ext.dreamer import Dreamer
 from tpx_ext.dreamer.behavior import finite_step, objective_weights
 from tpx_ext.dreamer.rssm import LatentState, balanced_kl, gaussian_kl

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tpx_ext.envs import (
+from tpx_ext.dreamer.envs import (
     configure_rendering,
     gl_backend_order,
     make_env,
@@ -153,7 +153,7 @@ def test_rendering_then_torch_compile_imports_do_not_crash():
     the process segfaulted on torch.compile / torch.func after the first rendered frame.
     A fresh process, because the test process has loaded both already."""
     code = (
-        "from tpx_ext.envs import make_env\n"
+        "from tpx_ext.dreamer.envs import make_env\n"
         "with make_env('cartpole_swingup', obs='pixels') as env:\n"
         "    env.reset()\n"
         "import torch\n"

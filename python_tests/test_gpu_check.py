@@ -91,7 +91,7 @@ def test_dry_run_prints_every_step_in_order_and_runs_nothing(tmp_path):
     positions = [r.stdout.index(f"/7 {s} (limit ") for s in STEPS]
     assert positions == sorted(positions)
     for expected in ["-m venv", "torch==2.14.1", "TPX_FORCE_CUDA=1", "TORCH_CUDA_ARCH_LIST=",
-                     "--no-build-isolation -e '.[dev,dmc]'", "-m tpx_ext\n",
+                     "--no-build-isolation -e '.[dev,dreamer]'", "-m tpx_ext\n",
                      "-k 'cuda and not gpu_check'", "bench/ops.py --device cuda",
                      "bench/train_step.py --device cuda", "--configs dmc_proprio",
                      "--configs dmc_vision", "--estimator tpx", "--steps 3000"]:
@@ -210,7 +210,7 @@ def test_summary_of_a_run_with_every_kind_of_result(tmp_path):
     gs = load_summary_module()
     out, runs = tmp_path / "out", tmp_path / "runs"
     fake_run(out, [
-        ("build", "pass", "0", "150", "270", "pip install -e '.[dev,dmc]'"),
+        ("build", "pass", "0", "150", "270", "pip install -e '.[dev,dreamer]'"),
         ("selfcheck", "pass", "0", "12", "45", ".venv/bin/python -m tpx_ext"),
         ("pytest", "fail", "1", "45", "120", "pytest -k 'cuda and not gpu_check' | x"),
         ("bench_ops", "pass", "0", "40", "90", "bench/ops.py --device cuda"),
@@ -242,7 +242,7 @@ def test_summary_of_a_run_with_every_kind_of_result(tmp_path):
     assert "`scripts/gpu_check.sh --out x` on 2026-12-01 10:00 UTC, commit abc1234" in md
     assert "the steps took 397 s of the 570 s budget" in md
     assert "**4 of 7 steps passed; not passed: pytest, bench_train_step, dmc_vision.**" in md
-    assert "| build | PASS | 150 s | 270 s | `pip install -e '.[dev,dmc]'` |" in md
+    assert "| build | PASS | 150 s | 270 s | `pip install -e '.[dev,dreamer]'` |" in md
     assert "| pytest | FAIL (exit 1) | 45 s | 120 s | `pytest -k 'cuda and not gpu_check' \\| x` |" in md
     assert "| bench_train_step | TIMEOUT (exit 124) |" in md
     assert "| dmc_vision | SKIPPED | 0 s | 0 s |" in md

@@ -55,7 +55,7 @@ def python(code, env, timeout=600):
 
 def test_no_backend_loads_and_pixels_say_what_to_install(tmp_path):
     code = (
-        "import tpx_ext.envs as e\n"
+        "import tpx_ext.dreamer.envs as e\n"
         "why = e.rendering_error()\n"
         "assert why is not None and e.configure_rendering() == 'disable', why\n"
         "for b in ('osmesa', 'egl'):\n"
@@ -79,7 +79,7 @@ def test_no_backend_loads_and_pixels_say_what_to_install(tmp_path):
 
 def test_a_requested_backend_that_does_not_load_still_runs_state_tasks(tmp_path):
     code = (
-        "import numpy as np, tpx_ext.envs as e\n"
+        "import numpy as np, tpx_ext.dreamer.envs as e\n"
         "with e.make_env('walker_walk') as env:\n"
         "    env.reset(); obs = env.step(np.zeros(6))[0]\n"
         "assert obs.shape == (24,)\n"

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tpx_ext.replay import ReplayBuffer
+from tpx_ext.dreamer.replay import ReplayBuffer
 
 
 def fill(buf, lengths, start_id=0):

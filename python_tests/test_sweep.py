@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from tpx_ext import sweep, train
-from tpx_ext.logger import read_metrics
+from tpx_ext import sweep
+from tpx_ext.dreamer import train
+from tpx_ext.dreamer.logger import read_metrics
 
 GRID = ["--tasks", "cartpole_balance", "--estimators", "rp", "tpx", "--horizons", "5",
         "--seeds", "0", "--configs", "debug", "--steps", "400"]
@@ -148,7 +149,7 @@ def test_trial_larger_than_any_node_is_refused(tmp_path):
 
 def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
-    with pytest.raises(SystemExit, match=re.escape('pip install --no-build-isolation ".[sweep]"')):
+    with pytest.raises(SystemExit, match=re.escape('pip install --no-build-isolation ".[experiments]"')):
         sweep.main(["--out", str(tmp_path / "s"), *GRID])
     assert not os.path.exists(tmp_path / "s")
 
@@ -156,7 +157,7 @@ def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
 def test_summary_marks_a_stopped_trial_incomplete(tmp_path):
     """A trial with a checkpoint short of --steps is 'incomplete' (a re-run resumes it), not
     'failed', and stays out of the over-seeds statistics."""
-    from tpx_ext.train import main as train
+    from tpx_ext.dreamer.train import main as train
 
     out = str(tmp_path / "sweep")
     trial = sweep.Trial("cartpole_balance", "tpx", 5, 0)

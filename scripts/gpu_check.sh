@@ -26,7 +26,7 @@ usage: scripts/gpu_check.sh [options]
 
 Builds tpx_ext with the CUDA kernels and checks it on this machine's GPU, in these steps:
   build             a venv, torch==2.14.1, ninja, pybind11, pip install --no-build-isolation
-                    -e ".[dev,dmc]" with TPX_FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST of this GPU
+                    -e ".[dev,dreamer]" with TPX_FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST of this GPU
   selfcheck         python -m tpx_ext (build facts, the fused op against the reference)
   pytest            the CUDA variants of the tests (pytest -k cuda); none may be skipped
   bench_ops         bench/ops.py --device cuda, short (CUDA events)
@@ -281,12 +281,12 @@ step_build() {
   echo "+ export TPX_FORCE_CUDA=1 MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
   local pip_log="$WORK/pip_install.log"
   if ((DRY_RUN)); then
-    main_cmd "${pip[@]}" --no-build-isolation -e ".[dev,dmc]"
-  elif ! main_cmd "${pip[@]}" --no-build-isolation -e ".[dev,dmc]" 2>&1 | tee "$pip_log"; then
+    main_cmd "${pip[@]}" --no-build-isolation -e ".[dev,dreamer]"
+  elif ! main_cmd "${pip[@]}" --no-build-isolation -e ".[dev,dreamer]" 2>&1 | tee "$pip_log"; then
     # Without an index the extras' packages cannot be had; the extension itself still can.
     grep -qiE "no matching distribution|could not find a version|failed to establish|network is unreachable|name resolution" "$pip_log" ||
       return 1
-    warn "the dev and dmc extras could not be installed; installing tpx_ext alone (the training steps need dm_control)"
+    warn "the dev and dreamer extras could not be installed; installing tpx_ext alone (the training steps need dm_control)"
     link_base_packages || return 1
     run_cmd "${pip[@]}" --no-build-isolation --no-deps -e . || return 1
   fi

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import zipfile
 
-PINNED = {"dm_control": "1.0.50", "mujoco": "3.17.0"}  # as in pyproject.toml's dmc extra
+PINNED = {"dm_control": "1.0.50", "mujoco": "3.17.0"}  # as in pyproject.toml's dreamer extra
 OTHERS = ("dm-env", "dm-tree", "labmaze", "glfw", "pyopengl", "websockets", "expecttest")
 DROP = "dm_control/locomotion/"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",

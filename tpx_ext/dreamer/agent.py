@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import configs
+from . import configs
 from .behavior import ActorCritic, finite_step
 from .rssm import LatentState
 from .world_model import WorldModel

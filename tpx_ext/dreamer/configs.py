@@ -22,7 +22,7 @@ import dataclasses
 import math
 from typing import Dict, List
 
-from .estimators import MODES
+from ..estimators import MODES
 
 # The agent's actor-gradient estimators: every mode but tp, whose per-sample parameter
 # gradients cost O(B x P) memory at every node.

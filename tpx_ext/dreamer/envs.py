@@ -4,7 +4,7 @@
         obs = env.reset()                                  # uint8 [3, 64, 64]
         obs, reward, done, info = env.step(action)         # action in [-1, 1]^action_dim
 
-Needs the optional extra `pip install .[dmc]`. State observations need no OpenGL; drawing
+Needs the `dreamer` extra (`pip install --no-build-isolation ".[dreamer]"`). State observations need no OpenGL; drawing
 frames (pixel observations, `render`) goes through a headless MuJoCo OpenGL backend, chosen
 by `configure_rendering` among those that load here.
 """
@@ -17,6 +17,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from ..extras import needs
 
 # Headless OpenGL backends MuJoCo renders with, and the Debian packages that provide them.
 GL_PACKAGES = {"osmesa": "libosmesa6", "egl": "libegl1 libegl-mesa0 libgl1-mesa-dri"}
@@ -143,7 +145,8 @@ def _load_triton_first() -> None:
 def _suite():
     configure_rendering()
     _load_triton_first()
-    from dm_control import suite
+    with needs("dreamer"):
+        from dm_control import suite
 
     return suite
 

@@ -7,6 +7,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from ..extras import needs
 from .atomic import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,7 +23,8 @@ class Logger:
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            with needs("dreamer"):
+                from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides the killed run's events after the checkpoint in TensorBoard.
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step)
@@ -71,7 +73,8 @@ def truncate_after(path: str, step: int) -> None:
 
 def save_gif(path: str, frames: Sequence[np.ndarray], fps: int = 25) -> None:
     """frames: [3, H, W] or [H, W, 3] uint8 arrays."""
-    from PIL import Image  # matplotlib depends on pillow
+    with needs("dreamer"):
+        from PIL import Image  # matplotlib depends on pillow
 
     images = [Image.fromarray(f.transpose(1, 2, 0) if f.shape[0] == 3 else f) for f in frames]
     atomic_write(path, lambda f: images[0].save(f, format="GIF", save_all=True,

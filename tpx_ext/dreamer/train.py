@@ -1,0 +1,303 @@
+"""Train Dreamer on a dm_control task: `python -m tpx_ext.train [--configs P ...] [--key value ...]`.
+
+    python -m tpx_ext.train                                  # CPU default: cartpole_balance, tpx
+    python -m tpx_ext.train --configs debug --estimator rp   # seconds
+    python -m tpx_ext.train --configs dmc_vision --task walker_walk --horizon 100
+    python -m tpx_ext.train --logdir runs/x --resume         # continue a stopped run exactly
+
+A run directory holds config.json (the resolved config), metrics.jsonl, tb/ (TensorBoard),
+eval/*.gif and the checkpoint. Training stops at the first episode end at or after `steps`
+environment steps (checkpoints are taken at episode ends, where a resume is exact).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from ..extras import needs
+
+with needs("dreamer"):
+    from tqdm import tqdm
+
+from . import checkpoint, configs
+from .agent import Dreamer
+from .envs import make_env, rendering_error
+from .logger import Logger, save_gif
+from .replay import ReplayBuffer
+
+# Counters kept across the whole run (and checkpointed).
+COUNTERS = ("env_steps", "episodes", "updates", "evals", "model_skipped", "actor_skipped",
+            "critic_skipped", "actor_clipped")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+    return device
+
+
+class Trainer:
+    def __init__(self, cfg: configs.Config, run_dir: str, resume: bool = False, quiet: bool = False):
+        self.cfg, self.run_dir, self.quiet = cfg, run_dir, quiet
+        os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.device = resolve_device(cfg.device)
+        self.env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=cfg.seed,
+                            episode_length=cfg.episode_length)
+        self.agent = Dreamer(self.env.observation_shape, self.env.action_dim, cfg, self.device)
+        obs_dtype = np.uint8 if cfg.obs == "pixels" else np.float32
+        self.replay = ReplayBuffer(cfg.replay_capacity, self.env.observation_shape, obs_dtype,
+                                   self.env.action_dim, seed=cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # random actions while prefilling
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.last_eval: Optional[Dict] = None
+        self._gif_warned = False
+        if resume:
+            self._restore()
+        else:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        self.logger = Logger(run_dir, cfg.tensorboard,
+                             resume_step=self.counters["env_steps"] if resume else None)
+
+    # ----------------------------------------------------------------- main loop
+    def train(self) -> Dict:
+        """Run to `steps` environment steps; returns the final evaluation."""
+        cfg, c = self.cfg, self.counters
+        bar = tqdm(total=cfg.steps, initial=min(c["env_steps"], cfg.steps), unit="step",
+                   dynamic_ncols=True, disable=self.quiet, file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 30)
+        try:
+            if c["env_steps"] == 0 and c["evals"] == 0:
+                self._evaluate()  # the untrained agent: the first point of the curve
+            while c["env_steps"] < cfg.steps:
+                t0, before = time.perf_counter(), c["env_steps"]
+                ret, length, update_metrics = self._episode(bar)
+                c["episodes"] += 1
+                record = {"train_return": ret, "episode_length": length,
+                          "env_steps_per_second": (c["env_steps"] - before) / (time.perf_counter() - t0),
+                          **update_metrics, **{k: c[k] for k in COUNTERS if k != "env_steps"}}
+                self.logger.write(c["env_steps"], record)
+                done = c["env_steps"] >= cfg.steps
+                if done or c["env_steps"] // cfg.eval_every > (c["env_steps"] - length) // cfg.eval_every:
+                    self._evaluate()
+                if done or c["env_steps"] // cfg.checkpoint_every > (c["env_steps"] - length) // cfg.checkpoint_every:
+                    self._save()
+                bar.set_postfix(ret=f"{ret:.1f}", eval=f"{self.last_eval['eval_return']:.1f}",
+                                upd=c["updates"], skipped=c["model_skipped"] + c["actor_skipped"])
+        except KeyboardInterrupt:
+            step = self._checkpoint_step()
+            print(f"\ninterrupted at {c['env_steps']} env steps; the last checkpoint is at "
+                  f"{step} steps. Continue with:\n  python -m tpx_ext.train --logdir "
+                  f"{self.run_dir} --resume", file=sys.stderr)
+            raise
+        finally:
+            bar.close()
+            self.close()
+        return self.last_eval
+
+    def _episode(self, bar):
+        """One training episode: act, store, and train every `train_every` steps."""
+        cfg, c = self.cfg, self.counters
+        obs, state = self.env.reset(), None
+        self.replay.add(obs, np.zeros(self.env.action_dim), 0.0, 1.0, first=True)
+        ret, length, done = 0.0, 0, False
+        sums, profiles, n = defaultdict(float), defaultdict(lambda: 0.0), 0
+        while not done:
+            if c["env_steps"] < cfg.prefill:
+                action = self.rng.uniform(-1, 1, self.env.action_dim).astype(np.float32)
+            else:
+                action, state = self.agent.act(obs, state, explore=True)
+            obs, reward, done, info = self.env.step(action)
+            self.replay.add(obs, action, reward, info["discount"], last=done)
+            ret, length = ret + reward, length + cfg.action_repeat
+            c["env_steps"] += cfg.action_repeat
+            bar.update(cfg.action_repeat)
+            if (c["env_steps"] >= cfg.prefill and self.replay.num_episodes > 0
+                    and c["env_steps"] % cfg.train_every < cfg.action_repeat):
+                # The first phase (no update yet) takes `pretrain` updates when it is set.
+                updates = cfg.pretrain if cfg.pretrain and c["updates"] == 0 else cfg.train_steps
+                for _ in range(updates):
+                    m = self.agent.update(self.replay.sample(cfg.batch_size, cfg.seq_len))
+                    self._count(m)
+                    n += 1
+                    for k, v in m.items():
+                        if v.numel() == 1:
+                            sums[k] += float(v)
+                        else:
+                            profiles[k] = profiles[k] + v.detach().cpu().numpy()
+        means = {k: v / n for k, v in sums.items()}
+        means.update({k: v / n for k, v in profiles.items()})
+        return ret, length, means
+
+    def _count(self, m: Dict[str, torch.Tensor]) -> None:
+        c = self.counters
+        c["updates"] += 1
+        c["model_skipped"] += int(m["model_skipped"])
+        if "actor_skipped" in m:
+            c["actor_skipped"] += int(m["actor_skipped"])
+            c["critic_skipped"] += int(m["critic_skipped"])
+            c["actor_clipped"] += int(m["actor_clipped"])
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate(self) -> None:
+        """`eval_episodes` episodes with the mean action on a separately seeded env; the
+        first is saved as a GIF. Uses its own torch RNG, so training is not perturbed."""
+        cfg, c = self.cfg, self.counters
+        returns, frames = [], []
+        gif = cfg.eval_gif and self._can_draw_frames()
+        env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=cfg.seed + 10_000 + c["evals"],
+                       episode_length=cfg.episode_length)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), env:
+            torch.manual_seed(cfg.seed + 10_000 + c["evals"])
+            for i in range(cfg.eval_episodes):
+                obs, state, done, ret = env.reset(), None, False, 0.0
+                record = gif and i == 0
+                while not done:
+                    if record:
+                        frames.append(obs if cfg.obs == "pixels" else env.render(64))
+                    action, state = self.agent.act(obs, state, explore=False)
+                    obs, reward, done, _ = env.step(action)
+                    ret += reward
+                returns.append(ret)
+        if frames:
+            save_gif(os.path.join(self.run_dir, "eval", f"step_{c['env_steps']:09d}.gif"), frames)
+        c["evals"] += 1
+        self.last_eval = {"eval_return": float(np.mean(returns)),
+                          "eval_return_std": float(np.std(returns)), "eval_episodes": len(returns)}
+        self.logger.write(c["env_steps"], self.last_eval)
+
+    def _can_draw_frames(self) -> bool:
+        """Pixel runs render anyway; a state run's GIF is skipped where no OpenGL backend
+        loads, with one warning per run, since training itself needs no rendering."""
+        if self.cfg.obs == "pixels":
+            return True
+        why = rendering_error()
+        if why is not None and not self._gif_warned:
+            self._gif_warned = True
+            tqdm.write(f"warning: evaluation GIFs are skipped: {why} (--eval_gif false "
+                       f"silences this)", file=sys.stderr)
+        return why is None
+
+    # ----------------------------------------------------------------- checkpoints
+    def _save(self) -> None:
+        state = {
+            "config": dataclasses.asdict(self.cfg), "agent": self.agent.checkpoint_state(),
+            "counters": dict(self.counters), "last_eval": self.last_eval,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "numpy_rng": self.rng.bit_generator.state, "env_rng": self.env.rng_state(),
+        }
+        checkpoint.save(self.run_dir, state, self.replay, self.counters["env_steps"])
+
+    def _restore(self) -> None:
+        state = checkpoint.load(self.run_dir, self.replay, map_location=self.device)
+        self.agent.load_checkpoint_state(state["agent"])
+        self.counters.update(state["counters"])
+        self.last_eval = state["last_eval"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.env.set_rng_state(state["env_rng"])
+
+    def _checkpoint_step(self) -> int:
+        if not checkpoint.exists(self.run_dir):
+            return 0
+        return checkpoint.read_state(self.run_dir)["counters"]["env_steps"]
+
+    def close(self) -> None:
+        self.env.close()
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+
+def load_run(run_dir: str, device="cpu"):
+    """(agent, replay, config) of a run's checkpoint, for analysis (`python -m tpx_ext.gradvar
+    --checkpoint`); no environment is created."""
+    state = checkpoint.read_state(run_dir, map_location=device)
+    cfg = configs.build([], state["config"])
+    replay_file = checkpoint.replay_path(run_dir, state)
+    with np.load(replay_file) as data:
+        capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
+    replay = ReplayBuffer(capacity, obs_shape, np.dtype(obs_dtype), action_dim, seed=cfg.seed)
+    replay.load(replay_file)
+    agent = Dreamer(tuple(obs_shape), action_dim, cfg, device)
+    agent.load_checkpoint_state(state["agent"])
+    return agent, replay, cfg
+
+
+def default_logdir(cfg: configs.Config) -> str:
+    return os.path.join("runs", f"{cfg.task}_{cfg.obs}_{cfg.estimator}_h{cfg.horizon}_s{cfg.seed}")
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    parser = argparse.ArgumentParser(
+        prog="python -m tpx_ext.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Presets: " + ", ".join(configs.PRESETS) + ". Every config key (see "
+               "tpx_ext/configs.py) is an option: " + " ".join(
+                   f"--{f.name}" for f in dataclasses.fields(configs.Config)))
+    parser.add_argument("--configs", nargs="+", default=[], metavar="PRESET",
+                        help="presets applied left to right over the CPU default")
+    parser.add_argument("--logdir", default=None,
+                        help="run directory (default runs/<task>_<obs>_<estimator>_h<H>_s<seed>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --logdir from its checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(configs.Config):
+        parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    keys = {f.name for f in dataclasses.fields(configs.Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in keys and v is not None}
+    return args, overrides
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args, overrides = parse_args(argv)
+    if args.resume:
+        if not args.logdir or not checkpoint.exists(args.logdir):
+            sys.exit(f"--resume needs --logdir pointing at a run with a {checkpoint.CHECKPOINT_FILE}"
+                     f" (got {args.logdir!r})")
+        if args.configs or set(overrides) - {"steps"}:
+            sys.exit("--resume continues a run with its saved config.json; only --steps may "
+                     f"be changed (got --configs {args.configs} and overrides {sorted(overrides)})")
+        with open(os.path.join(args.logdir, "config.json")) as f:
+            saved = json.load(f)
+        saved.update(overrides)
+        cfg = configs.build([], saved)
+        run_dir = args.logdir
+    else:
+        cfg = configs.build(args.configs, overrides)
+        run_dir = args.logdir or default_logdir(cfg)
+        if checkpoint.exists(run_dir):
+            sys.exit(f"{run_dir} already holds a run: continue it with --resume, or pick another "
+                     "--logdir")
+    print(f"tpx_ext.train | {cfg.task} ({cfg.obs}) | estimator {cfg.estimator} | horizon "
+          f"{cfg.horizon} | {cfg.steps} env steps | device {resolve_device(cfg.device)} | "
+          f"run dir {run_dir}", flush=True)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, quiet=args.quiet)
+    result = trainer.train()
+    c = trainer.counters
+    print(f"final eval return: {result['eval_return']:.1f} +- {result['eval_return_std']:.1f} "
+          f"({result['eval_episodes']} episodes) after {c['env_steps']} env steps, {c['updates']} "
+          f"updates ({c['model_skipped']} model / {c['actor_skipped']} actor updates skipped as "
+          f"non-finite); curves: python -m tpx_ext.plot {run_dir}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
