@@ -12,10 +12,7 @@ from torch import nn
 import tpx_ext
 from tpx_ext import reference
 from tpx_ext.estimators import weights
-from tpx_ext.estimators.tp import _per_sample_param_grads
-from tpx_ext.estimators.weights import WeightRule
-from tpx_ext.systems import (ChaoticRotor, GaussianPolicy, LinearGaussian, NoisyRNN,
-                             policy_gradient)
+from tpx_ext.systems import SYSTEMS, ChaoticRotor, GaussianPolicy, LinearGaussian, policy_gradient
 
 K_ROTOR = 3.0
 LATENT_STD = 0.1
@@ -182,14 +179,11 @@ def linear_policy():
     return policy
 
 
-LAGGED = {"momentum": 0.99, "lagged": True, "warm_start": True}
-
-
 @pytest.mark.parametrize(
     "mode, kw, batch, batches",
     [("rp", {}, 16, 400), ("lr", {}, 16, 400), ("mix", {"rho": 0.3}, 16, 400),
-     ("tpx", {"momentum": 0.99}, 16, 400), ("tpx", {}, 256, 100), ("tp", {}, 256, 40),
-     ("tpx", LAGGED, 16, 400), ("tpx", {**LAGGED, "projections": 4}, 16, 400)],
+     ("tpx", {"momentum": 0.99}, 16, 400), ("tpx", {}, 256, 100), ("tpx", {"ucb": 0.0}, 256, 100),
+     ("tp", {}, 256, 40)],
 )
 def test_unbiased_on_linear_gaussian_system(mode, kw, batch, batches):
     """Mean of the batch gradients vs the closed-form gradient of E[sum_t -s_{t+1}^2].
@@ -199,12 +193,10 @@ def test_unbiased_on_linear_gaussian_system(mode, kw, batch, batches):
     fails with probability ~6e-7 (the seed is fixed, so the outcome is deterministic).
 
     tpx and tp estimate k from the batch they weight, which biases them by O(1/B):
-    here 0.072 (10 standard errors of 1600 batches) on the first coordinate (-0.30) at
-    B = 16 and 0.019 at B = 64. So batch-statistics tpx is checked at B = 256, where the
+    with plain batch variances (ucb = 0) 0.072 (10 standard errors of 1600 batches) on the
+    first coordinate (-0.30) at B = 16 and 0.019 at B = 64. So batch-statistics tpx is checked at B = 256, where the
     bias is ~0.7 standard errors of 100 batches (false failures < 1e-5 per coordinate), and
     at B = 16 with momentum 0.99, where the current batch has 1% of the weight's say.
-    Lagged weights are independent of the batch they weight (only the first batch uses its
-    own statistics): exactly unbiased at B = 16.
     """
     system, policy = LinearGaussian(), linear_policy()
     exact = torch.autograd.grad(system.expected_return(policy, LINEAR_H), list(policy.parameters()))
@@ -315,7 +307,7 @@ def test_tp_weight_is_the_trace_of_per_sample_parameter_gradient_covariances():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tpx_momentum_keeps_running_variances_per_node(device):
-    est = tpx_ext.Estimator("tpx", momentum=0.5)
+    est = tpx_ext.Estimator("tpx", momentum=0.5, ucb=0.0)  # the fused op's running statistics
     policy = GaussianPolicy(2, 4).to(device)
     system, gen = ChaoticRotor(), torch.Generator(device).manual_seed(0)
     first = [s.var_lr.clone() for s in policy_gradient(est, policy, system, 3, 8, gen)]
@@ -327,7 +319,6 @@ def test_tpx_momentum_keeps_running_variances_per_node(device):
     torch.testing.assert_close(second[2].k, run_rp / (run_lr + run_rp))
 
 
-# --------------------------------------------------------------------------- weight rules
 def _node_inputs(seed, B=16, D=3):
     gen = torch.Generator().manual_seed(seed)
     f64 = torch.float64
@@ -338,71 +329,87 @@ def _node_inputs(seed, B=16, D=3):
     return d, eps, sigma, adv
 
 
-def _mixed(k, d, eps, sigma, adv):
-    g_lr, g_rp = reference.gaussian_per_sample(d, eps, sigma, adv)
-    return k * g_lr + (1 - k) * g_rp
+@pytest.mark.parametrize("mode, kw, want_k", [("lr", {}, 1.0), ("mix", {"rho": 0.25}, 0.25),
+                                              ("tp", {}, None), ("tpx", {}, None)])
+def test_every_weighting_mode_records_its_node_statistics(mode, kw, want_k):
+    policy = GaussianPolicy(2, 4)
+    stats = policy_gradient(tpx_ext.Estimator(mode, **kw), policy, ChaoticRotor(), 3, 8,
+                            torch.Generator().manual_seed(0))
+    for st in stats:
+        assert st.k is not None and st.var_lr is not None and st.nonfinite is not None
+        assert want_k is None or bool((st.k == want_k).all())
 
 
-@pytest.mark.parametrize("warm_start", [True, False])
-def test_lagged_weights_come_from_the_statistics_before_the_batch(warm_start):
-    """Batch n is weighted by the running variances of batches 0..n-1 only; batch 0 by its
-    own. Warm start: the running variances are the plain mean of the batches while
-    n < 1 / (1 - momentum); without it, an EMA that the first batch initialises."""
-    m = 0.8
-    rule = WeightRule(momentum=m, lagged=True, warm_start=warm_start)
-    running = tpx_ext.new_running_stats(6)
-    seen = []
-    for n in range(4):
-        d, eps, sigma, adv = _node_inputs(n)
-        grad_mu, grad_sigma, k, var_lr, var_rp, nonfinite = weights.combine(
-            rule, running, n, d, eps, sigma, adv)
-        want = reference.gaussian_tpx_backward(d, eps, sigma, adv)
-        torch.testing.assert_close(var_lr, want.var_lr, rtol=1e-12, atol=0)
-        torch.testing.assert_close(var_rp, want.var_rp, rtol=1e-12, atol=0)
-        if n == 0:
-            want_k = want.k
-        else:
-            ema_lr, ema_rp = seen[0]
-            for j, (v_lr, v_rp) in enumerate(seen[1:], start=1):
-                mj = min(m, j / (j + 1)) if warm_start else m
-                ema_lr, ema_rp = mj * ema_lr + (1 - mj) * v_lr, mj * ema_rp + (1 - mj) * v_rp
-            want_k = reference.lr_weight(ema_lr, ema_rp)
-        torch.testing.assert_close(k, want_k, rtol=1e-12, atol=0)
-        torch.testing.assert_close(torch.cat([grad_mu, grad_sigma], 1),
-                                   _mixed(want_k, d, eps, sigma, adv), rtol=1e-12, atol=1e-15)
-        assert int(nonfinite) == 0
-        seen.append((var_lr, var_rp))
-    if warm_start:  # n = 0..3 < 1 / (1 - 0.8): the running variances are plain means
-        torch.testing.assert_close(running[0], torch.stack([v for v, _ in seen]).mean(0))
+def test_ucb_bounds_follow_the_formula_at_any_scale():
+    """v = s^2 + ucb sqrt((m4 - s^4) / B) per column, s^2 the unbiased variance and m4 the
+    4th central moment; the same relative bound for gradients of 1e150 (whose 4th powers
+    overflow float64) as for gradients of 1."""
+    gen = torch.Generator().manual_seed(0)
+    B = 24
+    g = torch.randn(2, B, 5, generator=gen, dtype=torch.float64) ** 3  # heavy-ish tails
+    var, bound = weights.variance_bounds(g, 2.0)
+    dev = g - g.mean(1, keepdim=True)
+    s2 = (dev**2).sum(1) / (B - 1)
+    m4 = (dev**4).mean(1)
+    torch.testing.assert_close(var, s2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bound, s2 + 2.0 * ((m4 - s2**2).clamp_min(0) / B).sqrt(),
+                               rtol=1e-12, atol=0)
+    var_big, bound_big = weights.variance_bounds(g * 1e150, 2.0)
+    assert bool(torch.isfinite(bound_big).all())
+    torch.testing.assert_close(bound_big / var_big, bound / var, rtol=1e-12, atol=0)
+    assert torch.equal(weights.variance_bounds(g, 0.0)[1], var)
 
 
-def test_lagged_weights_give_way_to_a_nonfinite_batch():
-    """A coordinate with a non-finite RP sample takes LR only, whatever the history, and the
-    non-finite variance does not enter the running statistics."""
-    rule = WeightRule(momentum=0.9, lagged=True, warm_start=True)
-    running = tpx_ext.new_running_stats(6)
-    weights.combine(rule, running, 0, *_node_inputs(0))
-    before = [r.clone() for r in running]
-    d, eps, sigma, adv = _node_inputs(1)
-    d[3, 0] = float("inf")  # RP of mu_0 and sigma_0 (coordinates 0 and 3) non-finite
+def test_ucb_moves_the_weight_away_from_a_heavy_tailed_estimator():
+    """Two estimators with the same batch variance, one Gaussian and one with a single
+    outlier: plain variances weight them equally, the bounds put more weight on the
+    Gaussian one (and agree with the formula through the node's backward)."""
+    gen = torch.Generator().manual_seed(3)
+    B = 64
+    gaussian = torch.randn(B, generator=gen, dtype=torch.float64)
+    outlier = torch.randn(B, generator=gen, dtype=torch.float64) * 0.1
+    outlier[7] = 5.0
+    outlier = outlier * (gaussian.var() / outlier.var()).sqrt()
+    g = torch.stack([gaussian, outlier])[:, :, None]  # (LR, RP)
+    var, bound = weights.variance_bounds(g, 2.0)
+    assert reference.lr_weight(var[0], var[1]).item() == pytest.approx(0.5, abs=1e-12)
+    assert reference.lr_weight(bound[0], bound[1]).item() > 0.6
+
+    d, eps, sigma, adv = _node_inputs(0)
     grad_mu, grad_sigma, k, var_lr, var_rp, nonfinite = weights.combine(
-        rule, running, 1, d, eps, sigma, adv)
-    assert k[0] == 1 and k[3] == 1 and int(nonfinite) == 0
-    torch.testing.assert_close(k[[1, 2, 4, 5]], reference.lr_weight(*before)[[1, 2, 4, 5]])
-    assert running[1][0] == before[1][0] and running[1][3] == before[1][3]
-    assert bool(torch.isfinite(grad_mu).all() & torch.isfinite(grad_sigma).all())
+        weights.WeightRule(ucb=2.0), None, d, eps, sigma, adv)
+    g_lr, g_rp = reference.gaussian_per_sample(d, eps, sigma, adv)
+    _, bounds = weights.variance_bounds(torch.stack([g_lr, g_rp]), 2.0)
+    want_k = reference.lr_weight(bounds[0], bounds[1])
+    torch.testing.assert_close(k, want_k, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.cat([grad_mu, grad_sigma], 1),
+                               want_k * g_lr + (1 - want_k) * g_rp, rtol=1e-12, atol=1e-15)
+    want = reference.gaussian_tpx_backward(d, eps, sigma, adv)  # plain variances as the op's
+    torch.testing.assert_close(var_lr, want.var_lr, rtol=1e-12, atol=0)
+    assert int(nonfinite) == 0
 
 
-def test_log_domain_statistics_average_log_variances():
-    rule = WeightRule(momentum=0.5, lagged=True, log_domain=True)
+def test_ucb_keeps_the_edge_cases_and_running_statistics_of_the_op():
+    """A non-finite RP sample gives its coordinates to LR; both non-finite zero them; with
+    momentum the running averages are those of the bounds (the first replaces NaN)."""
+    d, eps, sigma, adv = _node_inputs(1)
+    d[3, 0] = float("inf")  # RP of mu_0 and sigma_0 (coordinates 0 and 3)
+    adv[5] = float("nan")  # LR of every coordinate non-finite
+    grad_mu, grad_sigma, k, *_, nonfinite = weights.combine(
+        weights.WeightRule(ucb=2.0), None, d, eps, sigma, adv)
+    assert torch.isnan(k[[0, 3]]).all() and bool((k[[1, 2, 4, 5]] == 0).all())
+    assert int(nonfinite) == 2 and bool((grad_mu[:, 0] == 0).all())
+
     running = tpx_ext.new_running_stats(6)
-    logs = []
-    for n in range(3):
-        *_, k, var_lr, var_rp, _ = weights.combine(rule, running, n, *_node_inputs(n))
-        logs.append((var_lr.log(), var_rp.log()))
-    ema = [0.5 * 0.5 * logs[0][i] + 0.25 * logs[1][i] + 0.5 * logs[2][i] for i in (0, 1)]
-    torch.testing.assert_close(running[0], ema[0])
-    torch.testing.assert_close(running[1], ema[1])
+    rule = weights.WeightRule(momentum=0.5, ucb=2.0)
+    bounds = []
+    for seed in (2, 3):
+        d, eps, sigma, adv = _node_inputs(seed)
+        *_, k, _, _, _ = weights.combine(rule, running, d, eps, sigma, adv)
+        g = torch.stack(reference.gaussian_per_sample(d, eps, sigma, adv))
+        bounds.append(weights.variance_bounds(g, 2.0)[1])
+    torch.testing.assert_close(running[0], 0.5 * bounds[0][0] + 0.5 * bounds[1][0])
+    torch.testing.assert_close(k, reference.lr_weight(running[0], running[1]))
 
 
 class FixedModule(nn.Module):
@@ -412,83 +419,22 @@ class FixedModule(nn.Module):
         return x, x.exp()
 
 
-def test_projections_of_a_one_parameter_module_reproduce_tp():
-    """With one parameter, every random direction scales the per-sample parameter gradients
-    by the same factor, so the projected weight is tp's exactly (the noisy recurrent network,
-    whose nodes are its states and whose only parameter is the gain)."""
-    system = NoisyRNN()
-    cell = system.make_policy(0, torch.float64)
-    k = {}
-    for name, est in (("tp", tpx_ext.Estimator("tp")), ("proj", tpx_ext.Estimator("tpx", projections=3))):
-        cell.zero_grad()
-        stats = policy_gradient(est, cell, system, 5, 32, torch.Generator().manual_seed(0))
-        k[name] = torch.cat([s.k for s in stats])
-        k[name + " grad"] = cell.gain.grad.clone()
-    per_node = k["proj"].view(5, 4)  # one weight per node, repeated over its coordinates
-    assert bool((per_node == per_node[:, :1]).all())
-    torch.testing.assert_close(per_node[:, 0], k["tp"], rtol=1e-9, atol=0)
-    torch.testing.assert_close(k["proj grad"], k["tp grad"], rtol=1e-9, atol=0)
-
-
-def test_projected_variance_estimates_the_trace_of_parameter_gradient_covariances():
-    """Mean over K random directions v ~ N(0, I) of Var_i(g_i . J_i v) against tp's exact
-    trace(C) (C: covariance of the per-sample parameter gradients J_i^T g_i). Its standard
-    deviation is sqrt(2 tr(C^2) / K); the test allows 5 of them (false failure < 1e-6)."""
-    torch.manual_seed(1)
-    policy = GaussianPolicy(3, 6, dtype=torch.float64, out_features=2)
-    B, K = 12, 4000
-    x = torch.randn(B, 3, dtype=torch.float64)
-    g = torch.randn(1, B, 4, dtype=torch.float64)  # per-sample gradients for (mu, sigma)
-    t = weights.tangents(policy, (x,), K, torch.Generator().manual_seed(2))
-    assert t.shape == (K, B, 4)
-    estimate = weights._projected_variance(g.expand(2, B, 4), t, per_coordinate=False)[0, 0]
-    per_sample, _ = _per_sample_param_grads(policy, (x,), (g[0, :, :2], g[0, :, 2:]),
-                                            (g[0, :, :2], g[0, :, 2:]))
-    C = torch.cov(per_sample.T)
-    sd = math.sqrt(2 * (C @ C).trace() / K)
-    assert abs(estimate - C.trace()) < 5 * sd, (float(estimate), float(C.trace()), sd)
-
-
-def test_projection_falls_back_to_coordinates_without_trainable_parameters():
-    """A node whose module has no trainable parameters weights its coordinates by their own
-    variances (tpx's coordinate-wise rule), in tpx with projections as in plain tpx; tp takes
-    the traces over those coordinates."""
+def test_tp_weights_a_parameter_free_node_by_its_coordinate_traces():
+    """A node whose module has no trainable parameters (process noise of a fixed model, the
+    pendulum's state nodes) has no parameter gradients: tp takes the traces of its own
+    (mu, sigma) coordinates' variances, the ones tpx weights coordinate by coordinate."""
     mu = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    k = {}
-    for name, est in (("tpx", tpx_ext.Estimator("tpx")), ("proj", tpx_ext.Estimator("tpx", projections=4)),
-                      ("tp", tpx_ext.Estimator("tp"))):
-        graph = est.graph(torch.Generator().manual_seed(1))
+    stats = {}
+    for mode in ("tpx", "tp"):
+        graph = tpx_ext.Estimator(mode).graph(torch.Generator().manual_seed(1))
         x = mu.clone().requires_grad_(True)
         m, s = FixedModule()(x)
         y = graph.sample(m, s, 0, source=(FixedModule(), (x,)))
         graph.add_objective(torch.sin(3 * y).sum(1), 0)
-        (stats,) = graph.backward()
-        k[name] = stats
-    assert k["proj"].k.shape == (4,)
-    torch.testing.assert_close(k["proj"].k, k["tpx"].k, rtol=1e-12, atol=0)
-    v_lr, v_rp = k["tpx"].var_lr.sum(), k["tpx"].var_rp.sum()
-    torch.testing.assert_close(k["tp"].k, (v_rp / (v_lr + v_rp)).reshape(1), rtol=1e-9, atol=0)
-
-
-def test_estimator_state_dict_resumes_exactly():
-    """Running statistics, batch counts and projection directions survive a save/load: the
-    next gradient is bit-identical."""
-    kw = {"momentum": 0.9, "lagged": True, "warm_start": True, "projections": 2}
-    system = ChaoticRotor()
-    torch.manual_seed(0)
-    policy = GaussianPolicy(2, 4, dtype=torch.float64)
-    a = tpx_ext.Estimator("tpx", **kw)
-    for i in range(2):
-        policy_gradient(a, policy, system, 4, 8, torch.Generator().manual_seed(i))
-    b = tpx_ext.Estimator("tpx", **kw)
-    b.load_state_dict(a.state_dict())
-    assert b.running_counts == a.running_counts == {("node0", t): 2 for t in range(4)}
-    grads = []
-    for est in (a, b):
-        policy.zero_grad()
-        policy_gradient(est, policy, system, 4, 8, torch.Generator().manual_seed(5))
-        grads.append(torch.cat([p.grad.reshape(-1) for p in policy.parameters()]))
-    assert torch.equal(grads[0], grads[1])
+        (stats[mode],) = graph.backward()
+    v_lr, v_rp = stats["tpx"].var_lr.sum(), stats["tpx"].var_rp.sum()
+    torch.testing.assert_close(stats["tp"].var_lr, v_lr.reshape(1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(stats["tp"].k, (v_rp / (v_lr + v_rp)).reshape(1), rtol=1e-9, atol=0)
 
 
 # --------------------------------------------------------------------------- chaos
@@ -523,6 +469,29 @@ def test_tpx_survives_chaos():
         assert var["tpx"][i] <= CHAOS_MARGIN * best, f"H={H}: {var}"
 
 
+def _variance_on_common_noise(system_name, mode, horizon, reps, batch):
+    system = SYSTEMS[system_name]()
+    torch.manual_seed(0)
+    policy = system.make_policy(16)
+    est, grads = tpx_ext.Estimator(mode), []
+    for i in range(reps):
+        policy.zero_grad()
+        policy_gradient(est, policy, system, horizon, batch, torch.Generator().manual_seed(i))
+        grads.append(torch.cat([p.grad.reshape(-1) for p in policy.parameters()]).double())
+    return torch.stack(grads).var(0).sum().item()
+
+
+@pytest.mark.parametrize("horizon", [10, 30])
+def test_tpx_stays_with_rp_where_rp_is_the_better_estimator(horizon):
+    """The tanh recurrent network (systems.TanhRNN): RP is the better estimator up to
+    H ~ 30 but heavy-tailed, the regime where weights from single batches were reported to
+    import LR noise (issue 13). tpx's variance stays within CHAOS_MARGIN of min(rp, lr),
+    all three measured on the same noise (docs/results/gradvar_rules.md: 1.16x and 0.88x at
+    H = 10 and 30 with 48 gradients of 128 samples; a correct tpx passes with a wide margin)."""
+    var = {m: _variance_on_common_noise("rnn-tanh", m, horizon, 40, 64) for m in ("rp", "lr", "tpx")}
+    assert var["tpx"] <= CHAOS_MARGIN * min(var["rp"], var["lr"]), var
+
+
 # --------------------------------------------------------------------------- errors
 def test_unknown_mode_lists_the_valid_ones():
     with pytest.raises(ValueError, match="rp, lr, mix, tp, tpx"):
@@ -533,10 +502,8 @@ def test_unknown_mode_lists_the_valid_ones():
     "kw, match",
     [({"mode": "mix"}, "rho is required"), ({"mode": "tpx", "rho": 0.5}, "rho is required"),
      ({"mode": "mix", "rho": 1.5}, r"\[0, 1\]"), ({"mode": "rp", "momentum": 0.9}, "momentum"),
-     ({"mode": "tpx", "momentum": 1.0}, "momentum"),
-     ({"mode": "tpx", "lagged": True}, "need running statistics"),
-     ({"mode": "lr", "projections": 2}, "tpx' only"), ({"mode": "tpx", "projections": -1}, ">= 0"),
-     ({"mode": "tpx", "projection": "param"}, "projection must be")],
+     ({"mode": "tpx", "momentum": 1.0}, "momentum"), ({"mode": "lr", "ucb": 1.0}, "ucb"),
+     ({"mode": "tpx", "ucb": -1.0}, "ucb must be")],
 )
 def test_estimator_options_are_validated(kw, match):
     with pytest.raises(ValueError, match=match):

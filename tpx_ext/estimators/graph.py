@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..ops import new_running_stats
 from .node import GaussianNode, Node, NodeStats
 from .returns import returns_to_go
-from .weights import WeightRule, statistic_size
+from .weights import DEFAULT_UCB, WeightRule
 
 MODES = ("rp", "lr", "mix", "tp", "tpx")
 
@@ -39,67 +39,33 @@ class Estimator:
     momentum: "tpx" only, in [0, 1): the weights use exponential moving averages of the
         variances, kept per node (name, step) across graphs; 0 uses batch statistics,
         whose correlation with the batch they weight biases tpx by O(1/B) (docs/API.md).
-    lagged, guard, warm_start, log_domain, projections, projection: "tpx" only, the weight
-        rule (`tpx_ext.estimators.weights`): weights from the running statistics before the
-        current batch; the same, raised to the batch's variance where that is larger; a
-        running mean until 1 / (1 - momentum) batches; averages of
-        log-variances; statistics of `projections` random projections of each sample's
-        node gradient onto the parameter gradient of the node's `source` module, one weight
-        per "node" or per "coordinate".
+    ucb: "tpx" only, >= 0 (default 2): each variance is replaced by its batch value plus
+        `ucb` standard errors of it (from the batch's 4th moment), which raises the
+        variance of a heavy-tailed estimator in the batches where its outliers would leak
+        into the combined gradient (`tpx_ext.estimators.weights`); 0: plain variances.
     check_sigma: raise in backward if a sigma is <= 0, inf or NaN.
-    seed: of the random projection directions.
     """
 
     def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: float = 0.0,
-                 lagged: bool = False, guard: bool = False, warm_start: bool = False,
-                 log_domain: bool = False, projections: int = 0, projection: str = "node",
-                 ucb: float = 0.0, check_sigma: bool = True, seed: int = 0):
+                 ucb: Optional[float] = None, check_sigma: bool = True):
         if mode not in MODES:
             raise ValueError(f"unknown estimator mode {mode!r}; valid modes: {', '.join(MODES)}")
         if (rho is not None) != (mode == "mix"):
             raise ValueError(f"rho is required by mode 'mix' and only by it (mode {mode!r}, rho={rho})")
         if mode == "mix" and not 0.0 <= rho <= 1.0:
             raise ValueError(f"rho must be in [0, 1], got {rho}")
-        rule = WeightRule(momentum, lagged, guard, warm_start, log_domain, projections, projection,
-                          ucb)
-        rule.validate()
-        if rule != WeightRule(projection=projection) and mode != "tpx":
-            raise ValueError(f"momentum and the other weight-rule options apply to mode 'tpx' only "
-                             f"(mode {mode!r})")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if momentum and mode != "tpx":
+            raise ValueError(f"momentum applies to mode 'tpx' only (mode {mode!r})")
+        if ucb is not None and mode != "tpx":
+            raise ValueError(f"ucb applies to mode 'tpx' only (mode {mode!r})")
+        self.rule = WeightRule(momentum, DEFAULT_UCB if ucb is None else ucb)
+        self.rule.validate()
         self.mode, self.rho, self.momentum, self.check_sigma = mode, rho, momentum, check_sigma
-        self.rule = rule if mode == "tpx" else None
-        # (name, step) -> (var_lr, var_rp) float64 running buffers of the node's statistic
-        # (its 2D coordinates, or 1 for a per-node projected weight), and the number of
-        # batches folded into them.
+        self.ucb = self.rule.ucb if mode == "tpx" else None
+        # (name, step) -> (var_lr, var_rp) float64 EMA buffers of the node's 2D coordinates.
         self.running_stats: Dict[Tuple[str, int], Tuple[Tensor, Tensor]] = {}
-        self.running_counts: Dict[Tuple[str, int], int] = {}
-        self.seed = seed
-        self._generators: Dict[str, torch.Generator] = {}
-
-    def projection_generator(self, device) -> Optional[torch.Generator]:
-        """The generator of the projection directions on `device` (None without projections)."""
-        if self.rule is None or not self.rule.projections:
-            return None
-        key = str(torch.device(device))
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[key]
-
-    def state_dict(self) -> Dict:
-        """Running statistics, counts and projection generators: what a resumed run needs."""
-        return {
-            "running_stats": [(n, s, a.clone(), b.clone())
-                              for (n, s), (a, b) in self.running_stats.items()],
-            "running_counts": [(n, s, c) for (n, s), c in self.running_counts.items()],
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
-        }
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.running_stats = {(n, s): (a, b) for n, s, a, b in state["running_stats"]}
-        self.running_counts = {(n, s): c for n, s, c in state.get("running_counts", [])}
-        for key, gen_state in state.get("generators", {}).items():
-            gen = self._generators[key] = torch.Generator(key)
-            gen.set_state(gen_state)
 
     def graph(self, generator: Optional[torch.Generator] = None) -> "StochasticGraph":
         """A new graph for one gradient; `generator` draws the eps of its nodes."""
@@ -107,10 +73,8 @@ class Estimator:
 
     def __repr__(self):
         extra = f", rho={self.rho}" if self.mode == "mix" else ""
-        if self.rule is not None:
-            defaults = WeightRule()
-            extra += "".join(f", {k}={getattr(self.rule, k)!r}" for k in self.rule.__dataclass_fields__
-                             if getattr(self.rule, k) != getattr(defaults, k))
+        extra += f", momentum={self.momentum}" if self.momentum else ""
+        extra += f", ucb={self.ucb}" if self.mode == "tpx" and self.ucb != DEFAULT_UCB else ""
         return f"Estimator({self.mode!r}{extra})"
 
 
@@ -183,16 +147,10 @@ class StochasticGraph:
         self.stats.append(stats)
         if est.mode == "rp":  # plain reparameterisation: nothing to estimate
             return mu + sigma * eps
-        key = (name, step)
-        running = self._running(name, step, mu, source)
-        counted = None
-        if running is not None:
-            def counted():
-                est.running_counts[key] = est.running_counts.get(key, 0) + 1
-        node = Node(stats, fixed_weight={"lr": 1.0, "mix": est.rho}.get(est.mode), rule=est.rule,
-                    running=running, count=est.running_counts.get(key, 0), counted=counted,
-                    check_sigma=est.check_sigma, source=source,
-                    generator=est.projection_generator(mu.device))
+        node = Node(stats, fixed_weight={"lr": 1.0, "mix": est.rho}.get(est.mode),
+                    running=self._running(name, step, mu),
+                    rule=est.rule if est.mode == "tpx" else None,
+                    check_sigma=est.check_sigma, source=source)
         self._nodes.append((node, baseline))
         x = GaussianNode.apply(mu, sigma, eps, node)
         if x.requires_grad:
@@ -300,9 +258,7 @@ class StochasticGraph:
         return name
 
     def _check_source(self, source: Optional[Source]):
-        est = self.estimator
-        wanted = est.mode == "tp" or (est.rule is not None and est.rule.projections > 0)
-        if not wanted or (source is None and est.mode != "tp"):
+        if self.estimator.mode != "tp":
             return None
         if (not isinstance(source, (tuple, list)) or len(source) != 2
                 or not isinstance(source[0], nn.Module)):
@@ -311,11 +267,11 @@ class StochasticGraph:
         module, inputs = source
         return module, (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 
-    def _running(self, name: str, step: int, mu: Tensor, source):
+    def _running(self, name: str, step: int, mu: Tensor):
         est = self.estimator
         if est.mode != "tpx" or est.momentum == 0.0:
             return None
-        coords = statistic_size(est.rule, 2 * mu[0].numel(), source)
+        coords = 2 * mu[0].numel()
         buffers = est.running_stats.get((name, step))
         if buffers is None:
             buffers = est.running_stats[(name, step)] = new_running_stats(coords, mu.device)

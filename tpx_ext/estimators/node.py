@@ -9,7 +9,7 @@ A = G_t - b_t is not known at forward time: `StochasticGraph.backward` fills
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -52,13 +52,10 @@ class Node:
 
     stats: NodeStats
     fixed_weight: Optional[float]  # None: inverse-variance weight (tpx, tp)
+    running: Optional[Tuple[Tensor, Tensor]]  # EMA buffers (tpx with momentum > 0)
     rule: Optional[WeightRule]  # tpx: how the weight is computed
-    running: Optional[Tuple[Tensor, Tensor]]  # running-statistics buffers (tpx with momentum > 0)
-    count: int  # batches already folded into `running`
-    counted: Optional[Callable[[], None]]  # called once `running` has one more batch
     check_sigma: bool
-    source: Optional[Tuple[nn.Module, Tuple[Tensor, ...]]]  # module(*inputs) = (mu, sigma)
-    generator: Optional[torch.Generator] = None  # tpx projections' random directions
+    source: Optional[Tuple[nn.Module, Tuple[Tensor, ...]]]  # tp mode: module(*inputs) = (mu, sigma)
     adv: Optional[Tensor] = None  # [B] kernel advantages, set by StochasticGraph.backward
 
     def combine(self, d: Tensor, eps: Tensor, sigma: Tensor) -> Tuple[Tensor, Tensor]:
@@ -69,24 +66,20 @@ class Node:
             )
         B = d.shape[0]
         fixed = self.fixed_weight
-        tp = self.rule is None and self.source is not None
-        if tp:  # one weight from parameter-gradient traces
+        if self.source is not None:  # tp: one scalar weight from parameter-gradient traces
             k, v_lr, v_rp = tp_weight(*self.source, d, eps, sigma, self.adv)
             self._record(k, v_lr, v_rp, torch.isnan(k).sum())
             if bool(torch.isnan(k)):
                 return torch.zeros_like(d), torch.zeros_like(d)
             fixed = float(k)
         flat = (d.reshape(B, -1), eps.reshape(B, -1), sigma.reshape(B, -1), self.adv)
-        if self.rule is not None:  # tpx
-            *grads, k, var_lr, var_rp, nonfinite = combine(
-                self.rule, self.running, self.count, *flat, source=self.source,
-                generator=self.generator, check_sigma=self.check_sigma)
-            if self.counted is not None:
-                self.counted()
+        if fixed is None:  # tpx
+            *grads, k, var_lr, var_rp, nonfinite = combine(self.rule, self.running, *flat,
+                                                           check_sigma=self.check_sigma)
             self._record(k, var_lr, var_rp, nonfinite)
             return grads[0].view(d.shape), grads[1].view(d.shape)
         r = gaussian_tpx_backward(*flat, None, None, 0.0, fixed, self.check_sigma)
-        if not tp:  # lr and mix; tp recorded its own weight above
+        if self.source is None:  # lr, mix (tp recorded its own statistics above)
             self._record(r.k, r.var_lr, r.var_rp, r.nonfinite)
         return r.grad_mu.view(d.shape), r.grad_sigma.view(d.shape)
 
