@@ -53,7 +53,7 @@ def test_gradvar_rejects_unknown_names():
 def test_gradvar_on_a_dreamer_checkpoint(tmp_path):
     """The study on a trained agent: rows for every mode and horizon, finite statistics, a
     reference from rp or lr, and a clear refusal of tp (it needs a small toy policy)."""
-    from tpx_ext.train import main as train
+    from tpx_ext.dreamer.train import main as train
 
     run_dir = str(tmp_path / "run")
     train(["--configs", "debug", "--logdir", run_dir, "--quiet", "--threads", "1", "--steps", "400"])

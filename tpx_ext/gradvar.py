@@ -135,7 +135,7 @@ def toy_problem(system_name: str, hidden: int, device):
 def dreamer_problem(run_dir: str, batch: int, seed: int, device):
     """(actor, grad_fn, None) of a trained agent: the actor gradient imagined from `batch`
     fixed start states (posterior states of one replay batch)."""
-    from .train import load_run
+    from .dreamer.train import load_run
 
     agent, replay, cfg = load_run(run_dir, device)
     replay.reseed(seed)
