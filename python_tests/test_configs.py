@@ -89,7 +89,8 @@ def test_cpu_default_matches_its_documented_run():
     default = dataclasses.asdict(configs.Config())
     assert {k: default[k] for k in documented} == documented
     neutral = {"pretrain": 0, "expl_noise": 0.0, "rssm_hidden": 0, "reward_layers": 0,
-               "actor_layers": 0, "critic_layers": 0, "actor_state_grad": True, "imag_starts": 0}
+               "actor_layers": 0, "critic_layers": 0, "actor_state_grad": True, "imag_starts": 0,
+               "tpx_ucb": 0.0}
     added = set(default) - set(documented)
     # cnn_act only shapes the pixel encoder and decoder; the CPU default reads states.
     assert added - {"cnn_act"} == set(neutral)

@@ -75,6 +75,10 @@ class Config:
     latent_nodes: bool = False      # also make the imagined latents z_t nodes
     mix_rho: float = 0.5            # mix: weight on LR
     tpx_momentum: float = 0.0       # tpx: EMA of the variances (0: batch statistics)
+    # tpx: standard errors added to each batch variance (tpx_ext.Estimator's ucb). 0 is the
+    # fused op's rule, with which the CPU default's result and costs were measured; ucb > 0
+    # runs in float64 PyTorch until the op has the 4th moment, and is not yet measured here.
+    tpx_ucb: float = 0.0
     gamma: float = 0.99
     lam: float = 0.95
     actor_weights: str = "discount"  # discount | uniform | start (see behavior.objective_weights)
@@ -195,6 +199,7 @@ def validate(cfg: Config) -> None:
         (cfg.horizon >= 1, f"horizon must be >= 1, got {cfg.horizon}"),
         (0.0 <= cfg.mix_rho <= 1.0, f"mix_rho must be in [0, 1], got {cfg.mix_rho}"),
         (0.0 <= cfg.tpx_momentum < 1.0, f"tpx_momentum must be in [0, 1), got {cfg.tpx_momentum}"),
+        (cfg.tpx_ucb >= 0.0, f"tpx_ucb must be >= 0, got {cfg.tpx_ucb}"),
         (cfg.action_repeat >= 1, f"action_repeat must be >= 1, got {cfg.action_repeat}"),
         (cfg.batch_size >= 1 and cfg.seq_len >= 1, "batch_size and seq_len must be >= 1"),
         (cfg.train_every >= 1 and cfg.train_steps >= 1, "train_every and train_steps must be >= 1"),
