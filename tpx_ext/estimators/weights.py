@@ -49,23 +49,27 @@ class WeightRule:
 
 def variance_bounds(g: Tensor, ucb: float) -> Tuple[Tensor, Tensor]:
     """(batch variances, their upper confidence bounds) over dim 1 of g [N, B, C] float64,
-    each [N, C]; +inf where a column has a non-finite entry.
+    each [N, C]; +inf where a column has a non-finite entry (reference.batch_variance).
 
     The bound is computed as s^2 (1 + ucb sqrt(max(m4 / s^4 - 1, 0) / B)) from values
     divided by the column's largest deviation, so that 4th powers of gradients up to the
     float64 range cannot overflow."""
-    N, B, C = g.shape
-    var = reference.batch_variance(g.movedim(1, 0).reshape(B, N * C)).reshape(N, C)
+    B = g.shape[1]
+    finite = torch.isfinite(g).all(1)
+    y = torch.where(finite[:, None], g, 0.0)
+    y = y - y[:, :1]  # shifted by the first row, as the reference: constant columns give 0
+    dev = y - y.mean(1, keepdim=True)
+    sq = dev.square()
+    var = sq.sum(1) / (B - 1) if B > 1 else torch.zeros_like(y[:, 0])
+    var = torch.where(finite & torch.isfinite(var), var, torch.inf)
     if not ucb or B < 2:
         return var, var
-    finite = torch.isfinite(g)
-    dev = torch.where(finite, g, 0.0)
-    dev = dev - dev.mean(1, keepdim=True)
-    scale = dev.abs().amax(1, keepdim=True)
-    scaled = dev / torch.where(scale > 0, scale, 1.0)
-    s2 = (scaled**2).sum(1) / (B - 1)
-    m4 = (scaled**4).mean(1)
-    excess = torch.where(s2 > 0, m4 / s2**2 - 1, 0.0).clamp_min(0)
+    scale = sq.amax(1)  # squared largest deviation
+    scale = torch.where(scale > 0, scale, 1.0)
+    sq = sq / scale[:, None]
+    s2 = sq.sum(1) / (B - 1)
+    m4 = sq.square().mean(1)
+    excess = torch.where(s2 > 0, m4 / s2.square() - 1, 0.0).clamp_min(0)
     bound = var * (1 + ucb * (excess / B).sqrt())
     return var, torch.where(torch.isfinite(var), bound, var)
 
