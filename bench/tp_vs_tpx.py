@@ -3,8 +3,8 @@
     python bench/tp_vs_tpx.py [--widths 32 128 512] [--horizon 10] [--batch 64] [--device cuda]
 
 The policy is an MLP with two hidden layers of the given width (P ~ width^2
-parameters) on the chaotic rotor (tpx_ext.systems). tp forms per-sample
-gradients with respect to the P parameters at every node (O(B x P)); tpx
+parameters) on the chaotic rotor (tpx_ext.experiments.systems). tp forms
+per-sample gradients with respect to the P parameters at every node (O(B x P)); tpx
 weights the node's 2D distribution-parameter coordinates (O(B x 2D)), so its
 cost is that of the plain backward pass (rp, shown for reference).
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import tpx_ext
-from tpx_ext.systems import ChaoticRotor, policy_gradient
+from tpx_ext.experiments.systems import ChaoticRotor, policy_gradient
 
 
 class MLPPolicy(nn.Module):

@@ -12,7 +12,8 @@ from torch import nn
 import tpx_ext
 from tpx_ext import reference
 from tpx_ext.estimators import weights
-from tpx_ext.systems import SYSTEMS, ChaoticRotor, GaussianPolicy, LinearGaussian, policy_gradient
+from tpx_ext.experiments.systems import (SYSTEMS, ChaoticRotor, GaussianPolicy, LinearGaussian,
+                                         policy_gradient)
 
 K_ROTOR = 3.0
 LATENT_STD = 0.1

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from tpx_ext import MODES, gradvar
-from tpx_ext.systems import CHAOTIC, SYSTEMS, lyapunov_exponent
+from tpx_ext import MODES
+from tpx_ext.experiments import gradvar
+from tpx_ext.experiments.systems import CHAOTIC, SYSTEMS, lyapunov_exponent
 
 TINY = ["--horizons", "1", "3", "--batch", "8", "--reps", "3", "--ref-batches", "4",
         "--hidden", "4", "--no-progress"]

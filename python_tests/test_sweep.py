@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tpx_ext import sweep
+from tpx_ext.experiments import sweep
 from tpx_ext.dreamer import train
 from tpx_ext.dreamer.logger import read_metrics
 

@@ -13,8 +13,8 @@ import torch
 
 from tpx_ext.dreamer import checkpoint, configs, plot
 from tpx_ext.dreamer.logger import read_metrics
-from tpx_ext.sweep import read_checkpoint
 from tpx_ext.dreamer.train import load_run, main
+from tpx_ext.experiments.sweep import read_checkpoint
 
 TIMING = {"env_steps_per_second", "update_seconds"}  # the only fields allowed to differ
 

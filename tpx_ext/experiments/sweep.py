@@ -24,8 +24,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from .dreamer import configs
-from .dreamer.atomic import atomic_write
+from ..dreamer import configs
+from ..dreamer.atomic import atomic_write
 
 SPEC_FILE = "sweep.json"
 INSTALL_HINT = 'pip install --no-build-isolation ".[experiments]"'
@@ -111,7 +111,7 @@ def build_spec(args) -> Dict:
             configs.build(args.configs, {**overrides, "estimator": est, "horizon": h})
     except ValueError as e:
         sys.exit(f"invalid sweep: {e}")
-    from .dreamer.envs import task_names  # imports dm_control: only here, after the cheap checks
+    from ..dreamer.envs import task_names  # imports dm_control: only here, after the cheap checks
 
     unknown = sorted(set(args.tasks) - set(task_names()))
     if unknown:
@@ -161,7 +161,7 @@ def train_argv(spec: Dict, trial: Trial, run_dir: str, threads: int) -> List[str
 
 def read_checkpoint(run_dir: str) -> Optional[Dict]:
     """The checkpoint's counters and last evaluation, or None before the first checkpoint."""
-    from .dreamer import checkpoint
+    from ..dreamer import checkpoint
 
     if not checkpoint.exists(run_dir):
         return None
@@ -178,7 +178,7 @@ def is_complete(run_dir: str, steps: int) -> bool:
 def run_trial(fresh_argv: List[str], run_dir: str, steps: int):
     """Body of a Ray task: resume the run if it has a checkpoint, else start it over. Decided
     here rather than by the driver, so that Ray's retry of a task whose node died resumes it."""
-    from .dreamer import checkpoint, train
+    from ..dreamer import checkpoint, train
 
     t0 = time.perf_counter()
     if checkpoint.exists(run_dir):
@@ -271,7 +271,7 @@ def check_fits(ray, args) -> None:
 def trial_row(out: str, trial: Trial, steps: int) -> Dict:
     """One summary row: the final evaluation and counters from the checkpoint, the TPX
     weights from metrics.jsonl. Numbers are None where the run has none (e.g. k for rp)."""
-    from .dreamer.logger import METRICS_FILE, read_metrics
+    from ..dreamer.logger import METRICS_FILE, read_metrics
 
     run_dir = os.path.join(out, trial.name)
     row = dict.fromkeys(TRIAL_COLUMNS)
@@ -367,7 +367,7 @@ def write_csv(path: str, columns, rows: List[Dict]) -> None:
 
 
 def summarize(out: str, spec: Dict, trials: List[Trial]) -> str:
-    from .dreamer.plot import plot
+    from ..dreamer.plot import plot
 
     rows = [trial_row(out, t, spec["steps"]) for t in trials]
     groups = group_rows(rows)

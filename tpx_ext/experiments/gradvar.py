@@ -5,7 +5,7 @@
     python -m tpx_ext.gradvar --suite --out docs/results/gradvar_suite
 
 For every horizon and estimator it takes `reps` independent batch gradients of
-one fixed policy on a toy system (`tpx_ext.systems`), or of a trained Dreamer
+one fixed policy on a toy system (`tpx_ext.experiments.systems`), or of a trained Dreamer
 agent's actor in its learned world model (`--checkpoint`: `batch` start states,
 the posterior states of one replay batch, fixed across the reps; the noise is
 the imagination's), and reports:
@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .estimators import MODES, Estimator
+from ..estimators import MODES, Estimator
+from ..extras import needs
 from .systems import CHAOTIC, SYSTEMS, policy_gradient
 
 COLUMNS = ("system", "horizon", "mode", "batch", "reps", "variance", "error", "snr", "ms_per_grad",
@@ -135,7 +136,7 @@ def toy_problem(system_name: str, hidden: int, device):
 def dreamer_problem(run_dir: str, batch: int, seed: int, device):
     """(actor, grad_fn, None) of a trained agent: the actor gradient imagined from `batch`
     fixed start states (posterior states of one replay batch)."""
-    from .dreamer.train import load_run
+    from ..dreamer.train import load_run
 
     agent, replay, cfg = load_run(run_dir, device)
     replay.reseed(seed)
@@ -213,7 +214,8 @@ def run(system_name="rotor", horizons=(1, 5, 10, 20, 50, 100), modes=BASIC, batc
     candidates = [m for m in ("rp", "lr") if m not in modes] if ref_count else []
     bar = None
     if progress:
-        from tqdm import tqdm
+        with needs("experiments"):
+            from tqdm import tqdm
 
         per_h = sum(reps + (warmup if has_history(make_estimator(m, rho, momentum)) else 0)
                     for m in list(modes) + candidates) + ref_count * ref_scale
@@ -298,7 +300,8 @@ def run_suite(systems=CHAOTIC, horizons=SUITE_HORIZONS, estimators=None, batch=1
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        with needs("experiments"):
+            from tqdm import tqdm
 
         bar = tqdm(total=sum(cost(n, H, p) for (n, H), p in parts.items()), unit="step",
                    desc="gradvar suite", smoothing=0.02)
@@ -381,9 +384,10 @@ def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: fl
         "Made with", "", "```", command, "```", "",
         "Configuration: " + ", ".join(f"{k} {v}" for k, v in config.items())
         + f". Compute time {seconds / 60:.1f} min (sum over the cached parts, one thread).", "",
-        "Systems: `tpx_ext.systems` (their docstrings give the dynamics and Lyapunov exponents). "
-        "Estimators: `tpx_ext.gradvar.ESTIMATORS`. Every estimator sees the same noise; those "
-        "with running statistics take the warm-up gradients first and keep updating.", "",
+        "Systems: `tpx_ext.experiments.systems` (their docstrings give the dynamics and Lyapunov "
+        "exponents). Estimators: `tpx_ext.experiments.gradvar.ESTIMATORS`. Every estimator sees the "
+        "same noise; those with running statistics take the warm-up gradients first and keep "
+        "updating.", "",
         "## Variance of each tpx rule relative to min(rp, lr)", "",
         "Bold: above the target 1.2.", "",
     ]
@@ -430,10 +434,11 @@ def write_csv(rows: Sequence[Dict], path: str) -> None:
 
 
 def plot(rows: Sequence[Dict], path: str) -> None:
-    import matplotlib
+    with needs("experiments"):
+        import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
 
     panels = (("variance", "gradient variance (trace)"), ("error", "RMS error vs reference"),
               ("snr", "signal-to-noise ratio"), ("ms_per_grad", "ms per gradient"))
@@ -456,10 +461,11 @@ def plot(rows: Sequence[Dict], path: str) -> None:
 def plot_suite(rows: Sequence[Dict], path: str, ratio_path: str) -> None:
     """Variance versus horizon per system (every estimator), and each tpx rule's variance
     relative to min(rp, lr) and to tp."""
-    import matplotlib
+    with needs("experiments"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     systems = list(dict.fromkeys(r["system"] for r in rows))
     names = list(dict.fromkeys(r["mode"] for r in rows))

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Type
 import torch
 from torch import Tensor, nn
 
-from .estimators import Estimator, NodeStats
+from ..estimators import Estimator, NodeStats
 
 
 class GaussianPolicy(nn.Module):
