@@ -46,3 +46,16 @@ def test_the_application_names_its_extra():
     assert out.returncode != 0
     assert "comes with tpx_ext's 'dreamer' extra" in out.stderr, out.stderr[-2000:]
     assert "pip install --no-build-isolation '.[dreamer]'" in out.stderr
+
+
+def test_the_experiment_tools_name_their_extra(tmp_path):
+    for module in ("tpx_ext.gradvar", "tpx_ext.sweep"):  # their options need no extra
+        out = python(f"import runpy\nsys.argv = ['{module}', '--help']\n"
+                     f"runpy.run_module('{module}', run_name='__main__')\n")
+        assert out.returncode == 0 and "usage: python -m " + module in out.stdout, out.stderr[-2000:]
+    out = python("import runpy\nsys.argv = ['tpx_ext.gradvar', '--system', 'rotor', '--horizons', "
+                 f"'1', '--reps', '2', '--out', {str(tmp_path / 'gv')!r}]\n"
+                 "runpy.run_module('tpx_ext.gradvar', run_name='__main__')\n")
+    assert out.returncode != 0
+    assert "comes with tpx_ext's 'experiments' extra" in out.stderr, out.stderr[-2000:]
+    assert "pip install --no-build-isolation '.[experiments]'" in out.stderr
