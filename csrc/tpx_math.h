@@ -142,6 +142,38 @@ TPX_HD double smoothed_variance(double batch_var, double& running, double moment
   return running;
 }
 
+// ---- Upper confidence bounds on the variances (ucb > 0; TPX.md sec. 2) -------------
+// With ucb > 0 the weight uses, in place of a batch variance s^2, the bound
+//   v = s^2 (1 + ucb sqrt(max(m4 / s^4 - 1, 0) / n)),   m4 = (1/n) sum (x - mean)^4,
+// s^2 plus ucb estimated standard errors of it. The 4th moment comes from a
+// pass over the batch after the means and variances are known (pass 1b):
+// it sums z^2 with z = (x - mean)^2 / s^2, so that m4 / s^4 = sum z^2 / n.
+// Standardised this way z <= n - 1, so the sum cannot overflow whatever
+// the gradients' magnitude, and the pass merges by plain addition.
+
+// 1 / s^2 for pass 1b; 0 where s^2 is 0, subnormal or not finite (the bound
+// is s^2 itself there, whatever the sum).
+TPX_HD double inverse_variance_or_zero(double var) {
+  const double iv = 1.0 / var;
+  return (var > 0.0) & (iv < kInf) ? iv : 0.0;
+}
+
+// Adds z^2 of one sample; d * (d * inv_var), not d * d * inv_var, so that a
+// deviation beyond sqrt(DBL_MAX) is never squared on its own.
+template <typename V>
+TPX_HD void standardized_fourth_add(V x, V mean, V inv_var, V& sum_z2) {
+  const V d = x - mean;
+  const V z = d * (d * inv_var);
+  sum_z2 += z * z;
+}
+
+// The bound from the batch variance, the sum of z^2 over the n samples and ucb.
+TPX_HD double variance_bound(double var, double sum_z2, double n, double ucb) {
+  if (!(ucb > 0.0) || !(n > 1.0) || !(var > 0.0) || !is_finite(var)) return var;
+  const double excess = fmax(sum_z2 / n - 1.0, 0.0);
+  return var * (1.0 + ucb * sqrt(excess / n));
+}
+
 // Inverse-variance weight on LR: k = v_rp / (v_lr + v_rp), in [0, 1].
 // Both zero (or both +inf) -> 0.5; +inf on one side -> all weight on the other.
 // Written as 1 / (1 + v_lr / v_rp) so that variances near the double range
@@ -157,6 +189,8 @@ TPX_HD double lr_weight(double v_lr, double v_rp) {
 // stats update. Returns k, or NaN when both estimators had a non-finite
 // sample in IVW mode (the coordinate's combined gradient is then 0).
 // fixed_k >= 0 bypasses the weighting (mix mode; rp/lr are k = 0/1).
+// ucb > 0: the weight and the running statistics use the variances' upper
+// bounds (sum_z2_*: pass 1b's sums); var_lr / var_rp stay the batch variances.
 struct CoordinateResult {
   double k;
   double var_lr;
@@ -164,17 +198,24 @@ struct CoordinateResult {
   bool both_bad;
 };
 
-TPX_HD CoordinateResult coordinate_weight(double n, double m2_lr, bool bad_lr, double m2_rp,
-                                          bool bad_rp, bool has_running, double& run_lr,
+struct CoordinateMoments {
+  double m2;
+  bool bad;
+  double sum_z2;  // pass 1b's sum (ucb > 0), else unused
+};
+
+TPX_HD CoordinateResult coordinate_weight(double n, CoordinateMoments lr, CoordinateMoments rp,
+                                          double ucb, bool has_running, double& run_lr,
                                           double& run_rp, double momentum, double fixed_k) {
   CoordinateResult r;
-  r.var_lr = batch_variance(m2_lr, n, bad_lr);
-  r.var_rp = batch_variance(m2_rp, n, bad_rp);
-  r.both_bad = bad_lr && bad_rp;
-  double v_lr = r.var_lr, v_rp = r.var_rp;
+  r.var_lr = batch_variance(lr.m2, n, lr.bad);
+  r.var_rp = batch_variance(rp.m2, n, rp.bad);
+  r.both_bad = lr.bad && rp.bad;
+  double v_lr = variance_bound(r.var_lr, lr.sum_z2, n, ucb);
+  double v_rp = variance_bound(r.var_rp, rp.sum_z2, n, ucb);
   if (has_running) {
-    v_lr = smoothed_variance(r.var_lr, run_lr, momentum);
-    v_rp = smoothed_variance(r.var_rp, run_rp, momentum);
+    v_lr = smoothed_variance(v_lr, run_lr, momentum);
+    v_rp = smoothed_variance(v_rp, run_rp, momentum);
   }
   if (fixed_k >= 0.0) {
     r.k = fixed_k;

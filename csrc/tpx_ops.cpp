@@ -7,8 +7,10 @@
 //
 // Each op is two passes over the batch: (1) per-coordinate moments of the
 // per-sample LR and RP gradients, then per-coordinate weights; (2) the
-// combined gradient. The per-sample gradients are formed in registers in
-// both passes and never stored.
+// combined gradient. With ucb > 0 a pass 1b between them sums the
+// standardised 4th powers of the deviations (tpx_math.h, variance_bound).
+// The per-sample gradients are formed in registers in every pass and never
+// stored.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -54,7 +56,7 @@ void check_pair(const char* op, const char* name_a, const at::Tensor& a, const c
 void check_options(const char* op, const at::Tensor& like, int64_t coords,
                    const std::optional<at::Tensor>& running_var_lr,
                    const std::optional<at::Tensor>& running_var_rp, double momentum,
-                   std::optional<double> fixed_weight) {
+                   std::optional<double> fixed_weight, double ucb) {
   TORCH_CHECK_VALUE(running_var_lr.has_value() == running_var_rp.has_value(), op,
                     ": give both running_var_lr and running_var_rp, or neither");
   if (running_var_lr.has_value()) {
@@ -67,6 +69,7 @@ void check_options(const char* op, const at::Tensor& like, int64_t coords,
     const double w = *fixed_weight;
     TORCH_CHECK_VALUE(w >= 0.0 && w <= 1.0, op, ": fixed_weight must be in [0, 1], got ", w);
   }
+  TORCH_CHECK_VALUE(ucb >= 0.0 && ucb < kInf, op, ": ucb must be finite and >= 0, got ", ucb);
 }
 
 void check_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
@@ -86,7 +89,7 @@ void check_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor
 CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
                                const std::optional<at::Tensor>& running_var_lr,
                                const std::optional<at::Tensor>& running_var_rp,
-                               std::optional<double> fixed_weight) {
+                               std::optional<double> fixed_weight, double ucb) {
   CoordinateBuffers buf;
   const auto f64 = like.options().dtype(at::kDouble);
   buf.k = at::empty({coords}, f64);
@@ -107,6 +110,7 @@ CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
     buf.run_rp = running_var_rp->to(at::kDouble).contiguous();
   }
   if (fixed_weight.has_value()) buf.fixed_k = *fixed_weight;
+  buf.ucb = fixed_weight.has_value() ? 0.0 : ucb;  // a fixed weight needs no statistics
   return buf;
 }
 
@@ -141,12 +145,12 @@ void raise_if_invalid_sigma(const CoordinateBuffers& buf) {
 TORCH_LIBRARY(tpx_ext, m) {
   m.def(
       "ivw_combine(Tensor g_lr, Tensor g_rp, Tensor(a!)? running_var_lr, "
-      "Tensor(b!)? running_var_rp, float momentum, float? fixed_weight) "
+      "Tensor(b!)? running_var_rp, float momentum, float? fixed_weight, float ucb=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gaussian_tpx_backward(Tensor d, Tensor eps, Tensor sigma, Tensor adv, "
       "Tensor(a!)? running_var_lr, Tensor(b!)? running_var_rp, float momentum, "
-      "float? fixed_weight, bool check_sigma) "
+      "float? fixed_weight, bool check_sigma, float ucb=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

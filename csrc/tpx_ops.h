@@ -27,6 +27,7 @@ struct CoordinateBuffers {
   at::Tensor run_lr;     // [G*C] float64 working copy, undefined without running stats
   at::Tensor run_rp;
   double fixed_k = -1.0;  // < 0: inverse-variance weighting
+  double ucb = 0.0;       // > 0 (and fixed_k < 0): weights from the variances' upper bounds
 };
 
 // Validation; `op` is the op's name, used in every message.
@@ -35,14 +36,14 @@ void check_pair(const char* op, const char* name_a, const at::Tensor& a, const c
 void check_options(const char* op, const at::Tensor& like, int64_t coords,
                    const std::optional<at::Tensor>& running_var_lr,
                    const std::optional<at::Tensor>& running_var_rp, double momentum,
-                   std::optional<double> fixed_weight);
+                   std::optional<double> fixed_weight, double ucb);
 void check_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
                     const at::Tensor& adv);
 
 CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
                                const std::optional<at::Tensor>& running_var_lr,
                                const std::optional<at::Tensor>& running_var_rp,
-                               std::optional<double> fixed_weight);
+                               std::optional<double> fixed_weight, double ucb);
 
 // adv [B] as a contiguous float64 tensor (the kernels read the advantages in double).
 at::Tensor advantages_as_double(const at::Tensor& adv);
@@ -61,14 +62,14 @@ template <typename Runner>
 IvwResult ivw_combine_impl(const Runner& run, const at::Tensor& g_lr, const at::Tensor& g_rp,
                            const std::optional<at::Tensor>& running_var_lr,
                            const std::optional<at::Tensor>& running_var_rp, double momentum,
-                           std::optional<double> fixed_weight) {
+                           std::optional<double> fixed_weight, double ucb) {
   const char* op = "ivw_combine";
   check_pair(op, "g_lr", g_lr, "g_rp", g_rp);
   const int64_t B = g_lr.size(0), C = g_lr.size(1);
-  check_options(op, g_lr, C, running_var_lr, running_var_rp, momentum, fixed_weight);
+  check_options(op, g_lr, C, running_var_lr, running_var_rp, momentum, fixed_weight, ucb);
   const at::Tensor lr = g_lr.contiguous(), rp = g_rp.contiguous();
   at::Tensor g = run.new_output({B, C}, lr);
-  CoordinateBuffers buf = make_buffers(lr, C, running_var_lr, running_var_rp, fixed_weight);
+  CoordinateBuffers buf = make_buffers(lr, C, running_var_lr, running_var_rp, fixed_weight, ucb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "ivw_combine", [&] {
     const IvwSource<scalar_t> src{lr.data_ptr<scalar_t>(), rp.data_ptr<scalar_t>(),
                                   g.data_ptr<scalar_t>()};
@@ -85,16 +86,16 @@ GaussianResult gaussian_tpx_backward_impl(const Runner& run, const at::Tensor& d
                                           const std::optional<at::Tensor>& running_var_lr,
                                           const std::optional<at::Tensor>& running_var_rp,
                                           double momentum, std::optional<double> fixed_weight,
-                                          bool check_sigma) {
+                                          bool check_sigma, double ucb) {
   const char* op = "gaussian_tpx_backward";
   check_gaussian(d, eps, sigma, adv);
   const int64_t B = d.size(0), D = d.size(1);
-  check_options(op, d, 2 * D, running_var_lr, running_var_rp, momentum, fixed_weight);
+  check_options(op, d, 2 * D, running_var_lr, running_var_rp, momentum, fixed_weight, ucb);
   const at::Tensor dc = d.contiguous(), ec = eps.contiguous(), sc = sigma.contiguous();
   const at::Tensor ac = advantages_as_double(adv);
   at::Tensor grad_mu = run.new_output({B, D}, dc);
   at::Tensor grad_sigma = run.new_output({B, D}, dc);
-  CoordinateBuffers buf = make_buffers(dc, 2 * D, running_var_lr, running_var_rp, fixed_weight);
+  CoordinateBuffers buf = make_buffers(dc, 2 * D, running_var_lr, running_var_rp, fixed_weight, ucb);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "gaussian_tpx_backward", [&] {
     const GaussianSource<scalar_t> src{dc.data_ptr<scalar_t>(),      ec.data_ptr<scalar_t>(),
                                        sc.data_ptr<scalar_t>(),      ac.data_ptr<double>(),

@@ -11,7 +11,6 @@ from torch import nn
 
 import tpx_ext
 from tpx_ext import reference
-from tpx_ext.estimators import weights
 from tpx_ext.experiments.systems import (SYSTEMS, ChaoticRotor, GaussianPolicy, LinearGaussian,
                                          policy_gradient)
 
@@ -341,76 +340,81 @@ def test_every_weighting_mode_records_its_node_statistics(mode, kw, want_k):
         assert want_k is None or bool((st.k == want_k).all())
 
 
-def test_ucb_bounds_follow_the_formula_at_any_scale():
+def test_ucb_reference_bounds_follow_the_formula_at_any_scale():
     """v = s^2 + ucb sqrt((m4 - s^4) / B) per column, s^2 the unbiased variance and m4 the
     4th central moment; the same relative bound for gradients of 1e150 (whose 4th powers
     overflow float64) as for gradients of 1."""
     gen = torch.Generator().manual_seed(0)
     B = 24
-    g = torch.randn(2, B, 5, generator=gen, dtype=torch.float64) ** 3  # heavy-ish tails
-    var, bound = weights.variance_bounds(g, 2.0)
-    dev = g - g.mean(1, keepdim=True)
-    s2 = (dev**2).sum(1) / (B - 1)
-    m4 = (dev**4).mean(1)
+    g = torch.randn(B, 5, generator=gen, dtype=torch.float64) ** 3  # heavy-ish tails
+    var = reference.batch_variance(g)
+    bound = reference.variance_bound(g, var, 2.0)
+    dev = g - g.mean(0)
+    s2 = (dev**2).sum(0) / (B - 1)
+    m4 = (dev**4).mean(0)
     torch.testing.assert_close(var, s2, rtol=1e-12, atol=0)
     torch.testing.assert_close(bound, s2 + 2.0 * ((m4 - s2**2).clamp_min(0) / B).sqrt(),
                                rtol=1e-12, atol=0)
-    var_big, bound_big = weights.variance_bounds(g * 1e150, 2.0)
+    big = g * 1e150
+    bound_big = reference.variance_bound(big, reference.batch_variance(big), 2.0)
     assert bool(torch.isfinite(bound_big).all())
-    torch.testing.assert_close(bound_big / var_big, bound / var, rtol=1e-12, atol=0)
-    assert torch.equal(weights.variance_bounds(g, 0.0)[1], var)
+    torch.testing.assert_close(bound_big / reference.batch_variance(big), bound / var,
+                               rtol=1e-12, atol=0)
+    assert torch.equal(reference.variance_bound(g, var, 0.0), var)
 
 
-def test_ucb_moves_the_weight_away_from_a_heavy_tailed_estimator():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ucb_moves_the_weight_away_from_a_heavy_tailed_estimator(device, dtype):
     """Two estimators with the same batch variance, one Gaussian and one with a single
-    outlier: plain variances weight them equally, the bounds put more weight on the
-    Gaussian one (and agree with the formula through the node's backward)."""
+    outlier: plain variances weight them equally, the fused op's bounds put more weight on
+    the Gaussian one, as the float64 reference does."""
     gen = torch.Generator().manual_seed(3)
     B = 64
     gaussian = torch.randn(B, generator=gen, dtype=torch.float64)
     outlier = torch.randn(B, generator=gen, dtype=torch.float64) * 0.1
     outlier[7] = 5.0
     outlier = outlier * (gaussian.var() / outlier.var()).sqrt()
-    g = torch.stack([gaussian, outlier])[:, :, None]  # (LR, RP)
-    var, bound = weights.variance_bounds(g, 2.0)
-    assert reference.lr_weight(var[0], var[1]).item() == pytest.approx(0.5, abs=1e-12)
-    assert reference.lr_weight(bound[0], bound[1]).item() > 0.6
-
-    d, eps, sigma, adv = _node_inputs(0)
-    grad_mu, grad_sigma, k, var_lr, var_rp, nonfinite = weights.combine(
-        weights.WeightRule(ucb=2.0), None, d, eps, sigma, adv)
-    g_lr, g_rp = reference.gaussian_per_sample(d, eps, sigma, adv)
-    _, bounds = weights.variance_bounds(torch.stack([g_lr, g_rp]), 2.0)
-    want_k = reference.lr_weight(bounds[0], bounds[1])
-    torch.testing.assert_close(k, want_k, rtol=1e-12, atol=0)
-    torch.testing.assert_close(torch.cat([grad_mu, grad_sigma], 1),
-                               want_k * g_lr + (1 - want_k) * g_rp, rtol=1e-12, atol=1e-15)
-    want = reference.gaussian_tpx_backward(d, eps, sigma, adv)  # plain variances as the op's
-    torch.testing.assert_close(var_lr, want.var_lr, rtol=1e-12, atol=0)
-    assert int(nonfinite) == 0
+    g_lr, g_rp = gaussian[:, None].to(device, dtype), outlier[:, None].to(device, dtype)
+    plain = tpx_ext.ivw_combine(g_lr, g_rp)
+    assert plain.k.item() == pytest.approx(0.5, abs=1e-6)
+    got = tpx_ext.ivw_combine(g_lr, g_rp, ucb=2.0)
+    want = reference.ivw_combine(g_lr.cpu(), g_rp.cpu(), ucb=2.0)
+    assert got.k.item() > 0.6
+    torch.testing.assert_close(got.k.cpu(), want.k, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.var_rp.cpu(), want.var_rp, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.var_rp, plain.var_rp)  # the reported variances stay plain
 
 
-def test_ucb_keeps_the_edge_cases_and_running_statistics_of_the_op():
-    """A non-finite RP sample gives its coordinates to LR; both non-finite zero them; with
-    momentum the running averages are those of the bounds (the first replaces NaN)."""
-    d, eps, sigma, adv = _node_inputs(1)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ucb_through_the_node_keeps_the_edge_cases_and_running_statistics(device):
+    """The Estimator's default tpx (ucb 2) is the op's rule: a non-finite RP sample gives
+    its coordinates to LR, both non-finite zero them; with momentum the running averages
+    are those of the bounds (the first replaces NaN)."""
+    d, eps, sigma, adv = (t.to(device) for t in _node_inputs(1))
     d[3, 0] = float("inf")  # RP of mu_0 and sigma_0 (coordinates 0 and 3)
     adv[5] = float("nan")  # LR of every coordinate non-finite
-    grad_mu, grad_sigma, k, *_, nonfinite = weights.combine(
-        weights.WeightRule(ucb=2.0), None, d, eps, sigma, adv)
-    assert torch.isnan(k[[0, 3]]).all() and bool((k[[1, 2, 4, 5]] == 0).all())
-    assert int(nonfinite) == 2 and bool((grad_mu[:, 0] == 0).all())
+    r = tpx_ext.gaussian_tpx_backward(d, eps, sigma, adv, ucb=2.0)
+    assert torch.isnan(r.k[[0, 3]]).all() and bool((r.k[[1, 2, 4, 5]] == 0).all())
+    assert int(r.nonfinite) == 2 and bool((r.grad_mu[:, 0] == 0).all())
 
-    running = tpx_ext.new_running_stats(6)
-    rule = weights.WeightRule(momentum=0.5, ucb=2.0)
-    bounds = []
+    running = tpx_ext.new_running_stats(6, device)
+    ref_running = tpx_ext.new_running_stats(6)
     for seed in (2, 3):
         d, eps, sigma, adv = _node_inputs(seed)
-        *_, k, _, _, _ = weights.combine(rule, running, d, eps, sigma, adv)
-        g = torch.stack(reference.gaussian_per_sample(d, eps, sigma, adv))
-        bounds.append(weights.variance_bounds(g, 2.0)[1])
-    torch.testing.assert_close(running[0], 0.5 * bounds[0][0] + 0.5 * bounds[1][0])
-    torch.testing.assert_close(k, reference.lr_weight(running[0], running[1]))
+        r = tpx_ext.gaussian_tpx_backward(d.to(device), eps.to(device), sigma.to(device),
+                                          adv.to(device), *running, 0.5, ucb=2.0)
+        want = reference.gaussian_tpx_backward(d, eps, sigma, adv, *ref_running, 0.5, ucb=2.0)
+    torch.testing.assert_close(running[0].cpu(), ref_running[0], rtol=1e-10, atol=0)
+    torch.testing.assert_close(r.k.cpu(), want.k, rtol=1e-10, atol=0)
+    bounds = []
+    for seed in (2, 3):
+        _, g_rp = reference.gaussian_per_sample(*_node_inputs(seed))
+        bounds.append(reference.variance_bound(g_rp, reference.batch_variance(g_rp), 2.0))
+    torch.testing.assert_close(ref_running[1], 0.5 * bounds[0] + 0.5 * bounds[1])
+
+    est = tpx_ext.Estimator("tpx", momentum=0.5)
+    assert est.rule.ucb == 2.0  # the default the node hands to the op
 
 
 class FixedModule(nn.Module):

@@ -71,6 +71,62 @@ def test_gaussian_grid(B, C, dtype, device):
     check_gaussian(*random_gaussian_node(B, C, dtype, device, seed=B * 7919 + C))
 
 
+# ucb > 0 (the variances' upper bounds, pass 1b): a grid that crosses the CPU kernel's
+# block, panel and chunk boundaries and the CUDA row chunks.
+UCB_GRID = [(B, C) for B, C in itertools.product((1, 2, 17, 2500, 100003), (1, 6, 60))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("B,C", UCB_GRID)
+def test_ucb_grid(B, C, dtype, device):
+    g_lr, g_rp = random_pair(B, C, dtype, device, seed=B * 31 + C)
+    g_rp = g_rp * (1 + 9 * (torch.arange(B, device=device) % 17 == 0))[:, None].to(dtype)  # tails
+    got, ref = check_ivw(g_lr, g_rp, ucb=2.0)
+    if 17 <= B <= 2500:  # the bounds must move k (by ~2 sqrt(excess / B)), or this is the plain rule
+        plain = reference.ivw_combine(g_lr.cpu(), g_rp.cpu())
+        assert bool(((ref.k - plain.k).abs() > 1e-2 * plain.k).any())
+    check_gaussian(*random_gaussian_node(B, C, dtype, device, seed=B * 31 + C), ucb=1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("buffer_dtype", (torch.float64, torch.float32), ids=str)
+def test_ucb_running_statistics_average_the_bounds(buffer_dtype, device):
+    run = [torch.full((6,), float("nan"), dtype=buffer_dtype, device=device) for _ in range(2)]
+    ref_run = [torch.full((6,), float("nan"), dtype=torch.float64) for _ in range(2)]
+    for call in range(3):
+        g_lr, g_rp = random_pair(300, 6, torch.float32, device, seed=call)
+        g_rp[call, 2] = float("inf")  # RP of column 2 non-finite: its running value is kept
+        got = tpx_ext.ivw_combine(g_lr, g_rp, *run, momentum=0.7, ucb=2.0)
+        want = reference.ivw_combine(g_lr.cpu(), g_rp.cpu(), *ref_run, momentum=0.7, ucb=2.0)
+        if buffer_dtype == torch.float32:  # the op starts the next call from the float values
+            ref_run = [r.float().double() for r in ref_run]
+        assert_stats_close(got.k, want.k, "k")
+        assert_stats_close(got.var_rp, want.var_rp, "var_rp")
+        for got, want in zip(run, ref_run):
+            torch.testing.assert_close(got.cpu().double(), want, equal_nan=True,
+                                       rtol=1e-9 if buffer_dtype == torch.float64 else 1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ucb_with_nonfinite_and_constant_columns(device):
+    g_lr, g_rp = random_pair(64, 5, torch.float64, device, seed=5)
+    g_lr[3, 0] = float("nan")  # LR bad: k 0
+    g_rp[7, 1] = float("inf")  # RP bad: k 1
+    g_lr[9, 2] = g_rp[9, 2] = float("inf")  # both: k NaN, zeroed
+    g_rp[:, 3] = 2.5  # RP constant: variance 0, k 0
+    got, _ = check_ivw(g_lr, g_rp, ucb=2.0)
+    assert got.k[0] == 0 and got.k[1] == 1 and torch.isnan(got.k[2]) and got.k[3] == 0
+    assert int(got.nonfinite) == 1
+
+
+@pytest.mark.parametrize("ucb", (-1.0, float("inf"), float("nan")))
+def test_ucb_must_be_finite_and_nonnegative(ucb):
+    g = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="ucb"):
+        tpx_ext.ivw_combine(g, g, ucb=ucb)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_largest_grid_cell(device):
     """B = 100003, C = 1000: 1e8 elements per tensor. Columns are independent, so
@@ -256,10 +312,11 @@ def test_bfloat16_error_within_twice_eager_bfloat16(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("B,C", [(1, 1), (17, 60), (2500, 12), (2500, 60), (100003, 6), (3, 1000)])
-def test_cpu_and_cuda_agree(B, C):
+@pytest.mark.parametrize("ucb", (0.0, 2.0))
+def test_cpu_and_cuda_agree(B, C, ucb):
     node = random_gaussian_node(B, C, torch.float32, "cpu", seed=13)
-    cpu = tpx_ext.gaussian_tpx_backward(*node)
-    gpu = tpx_ext.gaussian_tpx_backward(*(t.cuda() for t in node))
+    cpu = tpx_ext.gaussian_tpx_backward(*node, ucb=ucb)
+    gpu = tpx_ext.gaussian_tpx_backward(*(t.cuda() for t in node), ucb=ucb)
     for name, a, b in zip(cpu._fields, cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-6 if a.dtype == torch.float32 else 1e-9,
                                    atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")

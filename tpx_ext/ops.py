@@ -47,6 +47,7 @@ def ivw_combine(
     running_var_rp: Optional[Tensor] = None,
     momentum: float = 0.0,
     fixed_weight: Optional[float] = None,
+    ucb: float = 0.0,
 ) -> IvwResult:
     """Coordinate-wise inverse-variance weighting of per-sample LR and RP gradients.
 
@@ -54,12 +55,16 @@ def ivw_combine(
     running_var_lr/rp: optional [C] float buffers updated in place with an
         exponential moving average of momentum `momentum` (0: batch statistics).
     fixed_weight: use this weight on LR instead of the inverse-variance one.
+    ucb: >= 0. Where > 0, each variance that enters the weight (and the running
+        averages) is its upper bound s^2 (1 + ucb sqrt(max(m4 / s^4 - 1, 0) / B)),
+        m4 the batch's 4th central moment (docs/TPX.md sec. 2); this costs one
+        more pass over the batch. var_lr / var_rp are the plain batch variances.
     Statistics are accumulated in float64 for every input dtype; the combined
     gradient is within one ulp of its dtype of the float64 result (on the CPU,
     bfloat16's is computed in float, falling back to float64 outside its range).
     """
     out = torch.ops.tpx_ext.ivw_combine.default(
-        g_lr, g_rp, running_var_lr, running_var_rp, float(momentum), fixed_weight
+        g_lr, g_rp, running_var_lr, running_var_rp, float(momentum), fixed_weight, float(ucb)
     )
     return IvwResult(*out)
 
@@ -74,6 +79,7 @@ def gaussian_tpx_backward(
     momentum: float = 0.0,
     fixed_weight: Optional[float] = None,
     check_sigma: bool = True,
+    ucb: float = 0.0,
 ) -> GaussianTpxResult:
     """The whole backward of one Gaussian TPX node x = mu + sigma * eps.
 
@@ -81,11 +87,11 @@ def gaussian_tpx_backward(
     A_i (any float dtype). Returns the combined gradients for (mu, sigma).
     check_sigma: raise if sigma has an entry <= 0, inf or NaN (on CUDA this
     reads one flag back from the device, i.e. synchronises the stream).
-    Precision as ivw_combine's.
+    ucb, precision: as ivw_combine's.
     """
     out = torch.ops.tpx_ext.gaussian_tpx_backward.default(
         d, eps, sigma, adv, running_var_lr, running_var_rp, float(momentum), fixed_weight,
-        bool(check_sigma),
+        bool(check_sigma), float(ucb),
     )
     return GaussianTpxResult(*out)
 
@@ -96,7 +102,8 @@ def _coordinate_outputs(like: Tensor, coords: int):
 
 
 @torch.library.register_fake("tpx_ext::ivw_combine")
-def _ivw_combine_fake(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight):
+def _ivw_combine_fake(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight,
+                      ucb=0.0):
     torch._check(g_lr.dim() == 2, lambda: "ivw_combine: g_lr must be 2-D [B, C]")
     torch._check(g_rp.shape == g_lr.shape, lambda: "ivw_combine: g_rp must match g_lr")
     return (torch.empty_like(g_lr, memory_format=torch.contiguous_format),
@@ -105,7 +112,7 @@ def _ivw_combine_fake(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixe
 
 @torch.library.register_fake("tpx_ext::gaussian_tpx_backward")
 def _gaussian_tpx_backward_fake(d, eps, sigma, adv, running_var_lr, running_var_rp, momentum,
-                                fixed_weight, check_sigma):
+                                fixed_weight, check_sigma, ucb=0.0):
     torch._check(d.dim() == 2, lambda: "gaussian_tpx_backward: d must be 2-D [B, D]")
     torch._check(eps.shape == d.shape and sigma.shape == d.shape,
                  lambda: "gaussian_tpx_backward: eps and sigma must match d")

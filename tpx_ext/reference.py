@@ -27,6 +27,25 @@ def batch_variance(x: Tensor) -> Tensor:
     return torch.where(finite.all(0) & torch.isfinite(var), var, torch.inf)
 
 
+def variance_bound(x: Tensor, var: Tensor, ucb: float) -> Tensor:
+    """Upper confidence bound of each column's variance `var` [C] of x [B, C]:
+    var (1 + ucb sqrt(max(m4 / var^2 - 1, 0) / B)), m4 = mean((x - mean)^4) (TPX.md
+    sec. 2); `var` itself where ucb = 0, B < 2, or var is 0 or not finite. The
+    deviations are divided by the column's largest one before the 4th power, so that
+    gradients up to the float64 range cannot overflow it."""
+    B = x.shape[0]
+    if not ucb or B < 2:
+        return var
+    ok = torch.isfinite(var) & (var > 0)
+    y = torch.where(ok, x, 0.0)
+    dev = y - y.mean(0)
+    dev = dev / dev.abs().amax(0).clamp_min(torch.finfo(torch.float64).tiny)
+    s2 = dev.square().sum(0) / (B - 1)
+    m4 = dev.pow(4).mean(0)
+    excess = torch.where(ok, m4 / s2.square() - 1, 0.0).clamp_min(0)
+    return torch.where(ok, var * (1 + ucb * (excess / B).sqrt()), var)
+
+
 def smoothed_variance(batch_var: Tensor, running: Tensor, momentum: float) -> Tensor:
     """EMA of the variance, updated in place where the batch variance is finite.
 
@@ -54,14 +73,18 @@ def ivw_combine(
     running_var_rp: Optional[Tensor] = None,
     momentum: float = 0.0,
     fixed_weight: Optional[float] = None,
+    ucb: float = 0.0,
 ) -> IvwResult:
     """Reference of tpx_ext.ivw_combine. Running buffers must be float64 (updated in place)."""
     g_lr, g_rp = g_lr.double(), g_rp.double()
     var_lr, var_rp = batch_variance(g_lr), batch_variance(g_rp)
-    v_lr, v_rp = var_lr, var_rp
+    if fixed_weight is None:
+        v_lr, v_rp = variance_bound(g_lr, var_lr, ucb), variance_bound(g_rp, var_rp, ucb)
+    else:
+        v_lr, v_rp = var_lr, var_rp
     if running_var_lr is not None:
-        v_lr = smoothed_variance(var_lr, running_var_lr, momentum)
-        v_rp = smoothed_variance(var_rp, running_var_rp, momentum)
+        v_lr = smoothed_variance(v_lr, running_var_lr, momentum)
+        v_rp = smoothed_variance(v_rp, running_var_rp, momentum)
     both_bad = torch.isinf(var_lr) & torch.isinf(var_rp)
     if fixed_weight is not None:
         k = torch.full_like(var_lr, fixed_weight)
@@ -91,6 +114,7 @@ def gaussian_tpx_backward(
     momentum: float = 0.0,
     fixed_weight: Optional[float] = None,
     check_sigma: bool = True,
+    ucb: float = 0.0,
 ) -> GaussianTpxResult:
     """Reference of tpx_ext.gaussian_tpx_backward."""
     d, eps, sigma, adv = d.double(), eps.double(), sigma.double(), adv.double()
@@ -98,5 +122,5 @@ def gaussian_tpx_backward(
         raise ValueError("gaussian_tpx_backward: sigma must be finite and > 0 everywhere")
     D = d.shape[1]
     g_lr, g_rp = gaussian_per_sample(d, eps, sigma, adv)
-    r = ivw_combine(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight)
+    r = ivw_combine(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight, ucb)
     return GaussianTpxResult(r.g[:, :D], r.g[:, D:], r.k, r.var_lr, r.var_rp, r.nonfinite)

@@ -1,5 +1,5 @@
 // The CPU kernels of the ops: the runner (row chunks on torch's thread
-// pool, pass 1, weights, pass 2), the output cache, and the dispatcher
+// pool, pass 1, pass 1b, weights, pass 2), the output cache, and the dispatcher
 // registration for CPU tensors.
 //
 // Pass 1 takes per-coordinate moments of the per-sample LR and RP gradients
@@ -77,6 +77,16 @@ bool chunk_moments(const Source& src, int64_t C, int64_t r0, int64_t r1, Moments
   return base::chunk_moments_isa<Fast, Check>(src, C, r0, r1, out);
 }
 
+template <typename Source>
+void chunk_fourth(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* centre,
+                  double* out) {
+  constexpr bool Fast = kFastRecipSource<Source>;
+#if TPX_MULTIVERSION
+  if (kHaveAvx2) return avx2::chunk_fourth_isa<Fast>(src, C, r0, r1, centre, out);
+#endif
+  base::chunk_fourth_isa<Fast>(src, C, r0, r1, centre, out);
+}
+
 // mix: every weight inside (0, 1).
 template <bool Mix, typename Source>
 void chunk_combine_mode(const Source& src, int64_t C, int64_t r0, int64_t r1, const double* k) {
@@ -98,7 +108,8 @@ void chunk_combine(const Source& src, int64_t C, int64_t r0, int64_t r1, const d
 constexpr int64_t kParallelGrain = 4096;
 
 // The whole node on the CPU: pass 1 (moments, one chunk of rows per thread,
-// Chan merge), weights, pass 2 (combined gradients, same chunks). See tpx_math.h.
+// Chan merge), pass 1b where ucb > 0 (same chunks), weights, pass 2
+// (combined gradients, same chunks). See tpx_math.h.
 template <typename Source>
 void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& buf,
                   double momentum, bool check_valid) {
@@ -125,6 +136,28 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
   }
   Moments& all = chunks[0];
   for (int64_t c = 1; c < nchunks; ++c) all.merge(chunks[c]);
+  const auto lr_of = [&](int64_t q) { return moments_bad(all.mean_lr[q], all.m2_lr[q]); };
+  const auto rp_of = [&](int64_t q) { return moments_bad(all.mean_rp[q], all.m2_rp[q]); };
+
+  // Pass 1b (ucb > 0): per chunk, the sums of z^2 given the batch means and
+  // variances; added in chunk order, so the result does not depend on timing.
+  std::vector<double> sum_z2(2 * GC, 0.0);  // LR, then RP
+  if (buf.ucb > 0.0) {
+    std::vector<double> centre(4 * GC);  // mean_lr, iv_lr, mean_rp, iv_rp
+    for (int64_t q = 0; q < GC; ++q) {
+      centre[q] = all.mean_lr[q];
+      centre[GC + q] = inverse_variance_or_zero(batch_variance(all.m2_lr[q], all.n, lr_of(q)));
+      centre[2 * GC + q] = all.mean_rp[q];
+      centre[3 * GC + q] = inverse_variance_or_zero(batch_variance(all.m2_rp[q], all.n, rp_of(q)));
+    }
+    std::vector<std::vector<double>> parts(nchunks, std::vector<double>(2 * GC, 0.0));
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        chunk_fourth(src, C, bound(c), bound(c + 1), centre.data(), parts[c].data());
+    });
+    for (const auto& part : parts)
+      for (int64_t q = 0; q < 2 * GC; ++q) sum_z2[q] += part[q];
+  }
 
   const bool has_running = buf.run_lr.defined();
   double* run_lr = has_running ? buf.run_lr.data_ptr<double>() : nullptr;
@@ -137,10 +170,9 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
   for (int64_t q = 0; q < GC; ++q) {
     double unused_lr = kNaN, unused_rp = kNaN;
     const CoordinateResult r = coordinate_weight(
-        all.n, all.m2_lr[q], moments_bad(all.mean_lr[q], all.m2_lr[q]), all.m2_rp[q],
-        moments_bad(all.mean_rp[q], all.m2_rp[q]), has_running,
-        has_running ? run_lr[q] : unused_lr, has_running ? run_rp[q] : unused_rp, momentum,
-        buf.fixed_k);
+        all.n, {all.m2_lr[q], lr_of(q), sum_z2[q]}, {all.m2_rp[q], rp_of(q), sum_z2[GC + q]},
+        buf.ucb, has_running, has_running ? run_lr[q] : unused_lr,
+        has_running ? run_rp[q] : unused_rp, momentum, buf.fixed_k);
     k[q] = r.k;
     var_lr[q] = r.var_lr;
     var_rp[q] = r.var_rp;
@@ -260,9 +292,9 @@ struct CpuRunner {
 IvwResult ivw_combine_cpu(const at::Tensor& g_lr, const at::Tensor& g_rp,
                           const std::optional<at::Tensor>& running_var_lr,
                           const std::optional<at::Tensor>& running_var_rp, double momentum,
-                          std::optional<double> fixed_weight) {
+                          std::optional<double> fixed_weight, double ucb) {
   return ivw_combine_impl(CpuRunner{}, g_lr, g_rp, running_var_lr, running_var_rp, momentum,
-                          fixed_weight);
+                          fixed_weight, ucb);
 }
 
 GaussianResult gaussian_tpx_backward_cpu(const at::Tensor& d, const at::Tensor& eps,
@@ -270,9 +302,9 @@ GaussianResult gaussian_tpx_backward_cpu(const at::Tensor& d, const at::Tensor& 
                                          const std::optional<at::Tensor>& running_var_lr,
                                          const std::optional<at::Tensor>& running_var_rp,
                                          double momentum, std::optional<double> fixed_weight,
-                                         bool check_sigma) {
+                                         bool check_sigma, double ucb) {
   return gaussian_tpx_backward_impl(CpuRunner{}, d, eps, sigma, adv, running_var_lr,
-                                    running_var_rp, momentum, fixed_weight, check_sigma);
+                                    running_var_rp, momentum, fixed_weight, check_sigma, ucb);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include "build_info.h"
 #include "tpx_cuda_kernels.cuh"
+#include "tpx_cuda_node_args.h"
 #include "tpx_math.h"
 #include "tpx_ops.h"
 
@@ -43,18 +44,9 @@ struct CudaRunner {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
-    const NodePlan plan = plan_node(B, C, Source::G, sms);
+    const NodeArgs args = node_args(buf, momentum, check_valid);
+    const NodePlan plan = node_plan(B, C, Source::G, sms, args);
     const at::Tensor ws = at::empty({plan.workspace_size()}, buf.k.options());
-    const bool has_running = buf.run_lr.defined();
-    const NodeArgs args{buf.k.data_ptr<double>(),
-                        buf.var_lr.data_ptr<double>(),
-                        buf.var_rp.data_ptr<double>(),
-                        reinterpret_cast<unsigned long long*>(buf.nonfinite.data_ptr<int64_t>()),
-                        check_valid ? buf.invalid.data_ptr<int>() : nullptr,
-                        has_running ? buf.run_lr.data_ptr<double>() : nullptr,
-                        has_running ? buf.run_rp.data_ptr<double>() : nullptr,
-                        momentum,
-                        buf.fixed_k};
     launch_node(StreamLaunch{stream}, src, B, C, plan, ws.data_ptr<double>(), args);
   }
 };
@@ -62,9 +54,9 @@ struct CudaRunner {
 IvwResult ivw_combine_cuda(const at::Tensor& g_lr, const at::Tensor& g_rp,
                            const std::optional<at::Tensor>& running_var_lr,
                            const std::optional<at::Tensor>& running_var_rp, double momentum,
-                           std::optional<double> fixed_weight) {
+                           std::optional<double> fixed_weight, double ucb) {
   return ivw_combine_impl(CudaRunner{}, g_lr, g_rp, running_var_lr, running_var_rp, momentum,
-                          fixed_weight);
+                          fixed_weight, ucb);
 }
 
 GaussianResult gaussian_tpx_backward_cuda(const at::Tensor& d, const at::Tensor& eps,
@@ -72,9 +64,9 @@ GaussianResult gaussian_tpx_backward_cuda(const at::Tensor& d, const at::Tensor&
                                           const std::optional<at::Tensor>& running_var_lr,
                                           const std::optional<at::Tensor>& running_var_rp,
                                           double momentum, std::optional<double> fixed_weight,
-                                          bool check_sigma) {
+                                          bool check_sigma, double ucb) {
   return gaussian_tpx_backward_impl(CudaRunner{}, d, eps, sigma, adv, running_var_lr,
-                                    running_var_rp, momentum, fixed_weight, check_sigma);
+                                    running_var_rp, momentum, fixed_weight, check_sigma, ucb);
 }
 
 }  // namespace

@@ -47,24 +47,47 @@ inline double column_variance(const std::vector<double>& x, int64_t B, int64_t C
   return std::isfinite(var) ? var : kInf;
 }
 
+// The variance's upper bound of TPX.md sec. 2: var (1 + ucb sqrt(max(m4 /
+// var^2 - 1, 0) / B)), m4 = (1/B) sum (x - mean)^4, in long double (whose
+// range holds 4th powers of any double); var itself where ucb = 0, B < 2 or
+// var is 0 or not finite.
+inline double column_bound(const std::vector<double>& x, int64_t B, int64_t C, int64_t j,
+                           double var, double ucb) {
+  if (ucb == 0.0 || B < 2 || !(var > 0.0) || !std::isfinite(var)) return var;
+  long double mean = 0.0L;
+  for (int64_t i = 0; i < B; ++i) mean += x[i * C + j];
+  mean /= B;
+  long double m4 = 0.0L;
+  for (int64_t i = 0; i < B; ++i) {
+    const long double d = x[i * C + j] - mean;
+    m4 += d * d * d * d;
+  }
+  m4 /= B;
+  const long double excess = std::fmax(m4 / (static_cast<long double>(var) * var) - 1.0L, 0.0L);
+  return static_cast<double>(var * (1.0L + ucb * std::sqrt(excess / B)));
+}
+
 // lr, rp: [B, C] per-sample gradients. running: per-column EMA (NaN: no data
-// yet), updated in place, or null. fixed_k < 0: inverse-variance weighting.
+// yet), updated in place, or null. fixed_k < 0: inverse-variance weighting,
+// from the variances' upper bounds where ucb > 0 (column_bound).
 inline Reference reference(const std::vector<double>& lr, const std::vector<double>& rp, int64_t B,
                     int64_t C, std::vector<double>* run_lr, std::vector<double>* run_rp,
-                    double momentum, double fixed_k) {
+                    double momentum, double fixed_k, double ucb = 0.0) {
   Reference r;
   r.g.assign(B * C, 0.0);
+  if (fixed_k >= 0.0) ucb = 0.0;
   for (int64_t j = 0; j < C; ++j) {
     const double var_lr = column_variance(lr, B, C, j), var_rp = column_variance(rp, B, C, j);
-    double v_lr = var_lr, v_rp = var_rp;
+    double v_lr = column_bound(lr, B, C, j, var_lr, ucb);
+    double v_rp = column_bound(rp, B, C, j, var_rp, ucb);
     auto smooth = [&](double var, double& run) {
       if (!std::isfinite(var)) return var;
       run = std::isnan(run) ? var : momentum * run + (1.0 - momentum) * var;
       return run;
     };
     if (run_lr) {
-      v_lr = smooth(var_lr, (*run_lr)[j]);
-      v_rp = smooth(var_rp, (*run_rp)[j]);
+      v_lr = smooth(v_lr, (*run_lr)[j]);
+      v_rp = smooth(v_rp, (*run_rp)[j]);
     }
     const bool both_bad = std::isinf(var_lr) && std::isinf(var_rp);
     double k;

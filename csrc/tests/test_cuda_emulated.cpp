@@ -126,6 +126,7 @@ struct Options {
   std::vector<double> run_lr, run_rp;  // initial running variances (NaN: no data yet)
   double momentum = 0.0;
   double fixed_k = -1.0;
+  double ucb = 0.0;
   bool check_valid = false;
 };
 
@@ -141,8 +142,6 @@ template <typename Source>
 NodeOut run_node(const std::string& what, const Source& src, int64_t B, int64_t C,
                  const Options& o) {
   const int64_t GC = Source::G * C;
-  const tpx::NodePlan plan = tpx::plan_node(B, C, Source::G, o.sms);
-  std::vector<double> ws(plan.workspace_size(), kSNaN);
   NodeOut r;
   r.k.assign(GC, kSNaN);
   r.var_lr.assign(GC, kSNaN);
@@ -157,7 +156,10 @@ NodeOut run_node(const std::string& what, const Source& src, int64_t B, int64_t 
                            o.running ? r.run_lr.data() : nullptr,
                            o.running ? r.run_rp.data() : nullptr,
                            o.momentum,
-                           o.fixed_k};
+                           o.fixed_k,
+                           o.ucb};
+  const tpx::NodePlan plan = tpx::plan_node(B, C, Source::G, o.sms, tpx::needs_fourth(args));
+  std::vector<double> ws(plan.workspace_size(), kSNaN);
   tpx::launch_node(EmuLaunch{&what, &g_blocks}, src, B, C, plan, ws.data(), args);
   r.nonfinite = static_cast<int64_t>(nonfinite);
   return r;
@@ -165,14 +167,17 @@ NodeOut run_node(const std::string& what, const Source& src, int64_t B, int64_t 
 
 // ---- Cases -------------------------------------------------------------------------
 
-enum class Mode { kPlain, kRunning, kFixed, kSpecial };
+// kUcb: weights from the variances' upper bounds (pass 1b); kRunning and
+// kSpecial use them too on every other shape, kFixed must ignore them.
+enum class Mode { kPlain, kRunning, kFixed, kSpecial, kUcb };
 
 const char* mode_name(Mode m) {
   switch (m) {
     case Mode::kPlain: return "plain";
     case Mode::kRunning: return "running";
     case Mode::kFixed: return "fixed";
-    default: return "special";
+    case Mode::kSpecial: return "special";
+    default: return "ucb";
   }
 }
 
@@ -193,6 +198,7 @@ Options options_for(Mode mode, int64_t coords, int64_t sms, std::mt19937_64& rng
     const double ks[] = {0.0, 0.3, 1.0};
     o.fixed_k = ks[rng() % 3];
   }
+  if (mode == Mode::kUcb || mode == Mode::kFixed || (mode != Mode::kPlain && rng() % 2)) o.ucb = 2.0;
   return o;
 }
 
@@ -234,7 +240,7 @@ void case_ivw(int64_t B, int64_t C, int64_t sms, Mode mode) {
 
   std::vector<double> ref_lr = o.run_lr, ref_rp = o.run_rp;
   const Reference ref = reference(lr_r, rp_r, B, C, o.running ? &ref_lr : nullptr,
-                                  o.running ? &ref_rp : nullptr, o.momentum, o.fixed_k);
+                                  o.running ? &ref_rp : nullptr, o.momentum, o.fixed_k, o.ucb);
   compare_values(what.c_str(), values(out), r.k, r.var_lr, r.var_rp, r.nonfinite, ref, lr_r,
                  rp_r, C, DType<T>::tol);
   if (o.running) check_running_values(what, r.run_lr, r.run_rp, ref_lr, ref_rp, 1e-10);
@@ -294,7 +300,7 @@ void case_gaussian(int64_t B, int64_t D, int64_t sms, Mode mode, int64_t invalid
   gaussian_grads(values(t_d), values(t_eps), values(t_sigma), adv, B, D, &lr, &rp);
   std::vector<double> ref_lr = o.run_lr, ref_rp = o.run_rp;
   const Reference ref = reference(lr, rp, B, 2 * D, o.running ? &ref_lr : nullptr,
-                                  o.running ? &ref_rp : nullptr, o.momentum, o.fixed_k);
+                                  o.running ? &ref_rp : nullptr, o.momentum, o.fixed_k, o.ucb);
   // [B, 2D]: grad_mu's columns, then grad_sigma's, as the reference's coordinates.
   const std::vector<double> gm = values(grad_mu), gs = values(grad_sigma);
   std::vector<double> g(B * 2 * D);
@@ -401,7 +407,7 @@ const int64_t kSms[] = {1, 7, 132};
 int64_t blocks_of(int64_t B, int64_t C, int64_t sms) {
   int64_t n = 0;
   for (int G : {1, 2}) {
-    const tpx::NodePlan p = tpx::plan_node(B, C, G, sms);
+    const tpx::NodePlan p = tpx::plan_node(B, C, G, sms, /*fourth=*/false);
     n += p.moments.col_tiles * p.moments.row_chunks + (G * C + tpx::kThreads - 1) / tpx::kThreads +
          p.apply.col_tiles * p.apply.row_chunks;
   }
@@ -433,7 +439,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // The grid: B in kBs x C in kCs x SM counts 1, 7, 132 (SM counts that give
 // one row chunk, a few, and hundreds). Each (B, C, sms) runs both ops: the
 // dtype (float32, float16, float64, bfloat16) and the mode (plain, running
-// statistics, fixed weight, special columns) rotate through the cases, so
+// statistics, fixed weight, special columns, ucb) rotate through the cases, so
 // that every dtype meets every mode across the grid. Then invalid sigma,
 // first, inside and last element, on a few shapes.
 // CI runs every (B, C) with B * C <= 1e6 at 7 SMs (row chunks > 1 for most),
@@ -455,7 +461,7 @@ int main(int argc, char** argv) {
     for (int64_t C : {int64_t{1}, int64_t{7}, int64_t{4097}}) check_tiling(B, C, 4, 132);
   std::printf("  tiling invariants: ok\n");
 
-  const Mode modes[] = {Mode::kPlain, Mode::kRunning, Mode::kFixed, Mode::kSpecial};
+  const Mode modes[] = {Mode::kPlain, Mode::kRunning, Mode::kFixed, Mode::kSpecial, Mode::kUcb};
   int shapes = 0, cases = 0;
   for (int64_t B : kBs) {
     for (int64_t C : kCs) {
@@ -464,8 +470,8 @@ int main(int argc, char** argv) {
         const auto tc = std::chrono::steady_clock::now();
         const int64_t b0 = g_blocks;
         const int i = shapes++;
-        with_dtype(i, [&](auto t) { case_ivw<decltype(t)>(B, C, sms, modes[(i / 4) % 4]); });
-        with_dtype(i + 2, [&](auto t) { case_gaussian<decltype(t)>(B, C, sms, modes[(i / 4 + 1) % 4]); });
+        with_dtype(i, [&](auto t) { case_ivw<decltype(t)>(B, C, sms, modes[(i / 4) % 5]); });
+        with_dtype(i + 2, [&](auto t) { case_gaussian<decltype(t)>(B, C, sms, modes[(i / 4 + 1) % 5]); });
         cases += 2;
         if (verbose)
           std::printf("  [%lld, %lld] sms=%lld: %lld blocks, %.3f s\n", (long long)B, (long long)C,

@@ -6,7 +6,8 @@
 // the float64 reference over a larger grid without torch.
 //
 // EmuRunner is CudaRunner (csrc/cuda/tpx_cuda.cu) on CPU tensors: the same
-// plan_node and launch_node, with the launches run by the emulation shim.
+// node_args, node_plan and launch_node, with the launches run by the
+// emulation shim.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -28,6 +29,7 @@
 // and before the kernels header, which uses it.
 #include "cuda_emulation.h"
 #include "cuda/tpx_cuda_kernels.cuh"
+#include "cuda/tpx_cuda_node_args.h"
 
 namespace {
 
@@ -85,19 +87,10 @@ struct EmuRunner {
   template <typename Source>
   void operator()(const Source& src, int64_t B, int64_t C, tpx::CoordinateBuffers& buf,
                   double momentum, bool check_valid) const {
-    const tpx::NodePlan plan = tpx::plan_node(B, C, Source::G, sms);
+    const tpx::NodeArgs args = tpx::node_args(buf, momentum, check_valid);
+    const tpx::NodePlan plan = tpx::node_plan(B, C, Source::G, sms, args);
     const at::Tensor ws = at::empty({plan.workspace_size()}, buf.k.options());
     for (const at::Tensor& t : {ws, buf.k, buf.var_lr, buf.var_rp}) poison(t);
-    const bool has_running = buf.run_lr.defined();
-    const tpx::NodeArgs args{buf.k.data_ptr<double>(),
-                             buf.var_lr.data_ptr<double>(),
-                             buf.var_rp.data_ptr<double>(),
-                             reinterpret_cast<unsigned long long*>(buf.nonfinite.data_ptr<int64_t>()),
-                             check_valid ? buf.invalid.data_ptr<int>() : nullptr,
-                             has_running ? buf.run_lr.data_ptr<double>() : nullptr,
-                             has_running ? buf.run_rp.data_ptr<double>() : nullptr,
-                             momentum,
-                             buf.fixed_k};
     tpx::launch_node(EmuLaunch{}, src, B, C, plan, ws.data_ptr<double>(), args);
   }
 };
@@ -108,25 +101,27 @@ using IvwOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Te
 using GaussOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 IvwOut cpu_ivw(const at::Tensor& g_lr, const at::Tensor& g_rp, const OptTensor& run_lr,
-               const OptTensor& run_rp, double momentum, std::optional<double> fixed) {
+               const OptTensor& run_rp, double momentum, std::optional<double> fixed,
+               double ucb) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("tpx_ext::ivw_combine", "")
           .typed<IvwOut(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                        double, std::optional<double>)>();
-  return op.call(g_lr, g_rp, run_lr, run_rp, momentum, fixed);
+                        double, std::optional<double>, double)>();
+  return op.call(g_lr, g_rp, run_lr, run_rp, momentum, fixed, ucb);
 }
 
 GaussOut cpu_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
                       const at::Tensor& adv, const OptTensor& run_lr, const OptTensor& run_rp,
-                      double momentum, std::optional<double> fixed, bool check_sigma) {
+                      double momentum, std::optional<double> fixed, bool check_sigma,
+                      double ucb) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("tpx_ext::gaussian_tpx_backward", "")
           .typed<GaussOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const OptTensor&, const OptTensor&, double,
-                          std::optional<double>, bool)>();
-  return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed, check_sigma);
+                          std::optional<double>, bool, double)>();
+  return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed, check_sigma, ucb);
 }
 
 // ---- Comparison ------------------------------------------------------------------------
@@ -184,12 +179,14 @@ struct Setup {
   int64_t B, C, sms;
   at::ScalarType dtype;
   int mode;  // 0 plain, 1 running (float64 buffers, in place), 2 running (float32 buffers), 3 fixed
+  double ucb = 0.0;  // > 0: weights from the variances' upper bounds (pass 1b)
 };
 
 std::string describe(const char* op, const Setup& s) {
   const char* modes[] = {"plain", "running float64", "running float32", "fixed 0.3"};
   return std::string(op) + " " + c10::toString(s.dtype) + " [" + std::to_string(s.B) + ", " +
-         std::to_string(s.C) + "] sms=" + std::to_string(s.sms) + " " + modes[s.mode];
+         std::to_string(s.C) + "] sms=" + std::to_string(s.sms) + " " + modes[s.mode] +
+         " ucb=" + std::to_string(s.ucb);
 }
 
 // Running buffers for modes 1 and 2 (one pair; the same seed gives the
@@ -219,8 +216,8 @@ void case_ivw(const Setup& s) {
   const auto [e_lr, e_rp] = running(s, s.C, s.B + s.C);
   const auto [c_lr, c_rp] = running(s, s.C, s.B + s.C);
   const auto [ge, ke, le, re, ne] =
-      tpx::ivw_combine_impl(EmuRunner{s.sms}, lr, rp, e_lr, e_rp, 0.9, fixed);
-  const auto [gc, kc, lc, rc, nc] = cpu_ivw(lr, rp, c_lr, c_rp, 0.9, fixed);
+      tpx::ivw_combine_impl(EmuRunner{s.sms}, lr, rp, e_lr, e_rp, 0.9, fixed, s.ucb);
+  const auto [gc, kc, lc, rc, nc] = cpu_ivw(lr, rp, c_lr, c_rp, 0.9, fixed, s.ucb);
   compare(what, ge, gc, ke, kc, le, lc, re, rc, ne, nc, s.C);
   if (e_lr) {
     TEST_CHECK(at::allclose(*e_lr, *c_lr, 1e-10, 0.0, /*equal_nan=*/true) &&
@@ -249,7 +246,7 @@ void case_gaussian(const Setup& s, int64_t invalid_at = -1) {
     bool threw = false;
     try {
       tpx::gaussian_tpx_backward_impl(EmuRunner{s.sms}, d, eps, sigma, adv, e_lr, e_rp, 0.5, fixed,
-                                      true);
+                                      true, s.ucb);
     } catch (const c10::Error& e) {
       threw = std::string(e.what_without_backtrace()).find("sigma") != std::string::npos;
     }
@@ -260,9 +257,10 @@ void case_gaussian(const Setup& s, int64_t invalid_at = -1) {
     return;
   }
   const auto [gme, gse, ke, le, re, ne] =
-      tpx::gaussian_tpx_backward_impl(EmuRunner{s.sms}, d, eps, sigma, adv, e_lr, e_rp, 0.5, fixed, true);
+      tpx::gaussian_tpx_backward_impl(EmuRunner{s.sms}, d, eps, sigma, adv, e_lr, e_rp, 0.5, fixed,
+                                      true, s.ucb);
   const auto [gmc, gsc, kc, lc, rc, nc] =
-      cpu_gaussian(d, eps, sigma, adv, c_lr, c_rp, 0.5, fixed, true);
+      cpu_gaussian(d, eps, sigma, adv, c_lr, c_rp, 0.5, fixed, true, s.ucb);
   compare(what, at::cat({gme, gse}, 1), at::cat({gmc, gsc}, 1), ke, kc, le, lc, re, rc, ne, nc,
           2 * D);
   if (e_lr) {
@@ -284,14 +282,15 @@ int main() {
   int cases = 0;
   for (const auto& [B, C, sms] : shapes) {
     for (int t = 0; t < 4; ++t) {
-      const Setup s{B, C, sms, dtypes[t], (t + cases) % 4};
-      case_ivw(s);
-      case_gaussian(Setup{B, C, sms, dtypes[t], (t + cases + 1) % 4});
+      // ucb 2 on every other case: each dtype and mode meets it across the shapes.
+      const double ucb = (t + cases / 8) % 2 ? 2.0 : 0.0;
+      case_ivw(Setup{B, C, sms, dtypes[t], (t + cases) % 4, ucb});
+      case_gaussian(Setup{B, C, sms, dtypes[t], (t + cases + 1) % 4, 2.0 - ucb});
       cases += 2;
     }
   }
   for (const auto& [B, C, sms] : shapes) {
-    case_gaussian(Setup{B, C, sms, at::kFloat, 1}, B * C - 1);
+    case_gaussian(Setup{B, C, sms, at::kFloat, 1, 2.0}, B * C - 1);
     case_gaussian(Setup{B, C, sms, at::kDouble, 1}, 0);
     cases += 2;
   }

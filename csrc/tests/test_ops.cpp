@@ -44,24 +44,26 @@ const c10::OperatorHandle& gaussian_handle() {
 }
 
 IvwOut ivw_combine(const at::Tensor& g_lr, const at::Tensor& g_rp, const OptTensor& run_lr,
-                   const OptTensor& run_rp, double momentum, std::optional<double> fixed_weight) {
+                   const OptTensor& run_rp, double momentum, std::optional<double> fixed_weight,
+                   double ucb = 0.0) {
   static const auto op =
       ivw_handle()
           .typed<IvwOut(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                        double, std::optional<double>)>();
-  return op.call(g_lr, g_rp, run_lr, run_rp, momentum, fixed_weight);
+                        double, std::optional<double>, double)>();
+  return op.call(g_lr, g_rp, run_lr, run_rp, momentum, fixed_weight, ucb);
 }
 
 GaussOut gaussian_tpx_backward(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
                                const at::Tensor& adv, const OptTensor& run_lr,
                                const OptTensor& run_rp, double momentum,
-                               std::optional<double> fixed_weight, bool check_sigma) {
+                               std::optional<double> fixed_weight, bool check_sigma,
+                               double ucb = 0.0) {
   static const auto op =
       gaussian_handle()
           .typed<GaussOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const OptTensor&, const OptTensor&, double,
-                          std::optional<double>, bool)>();
-  return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed_weight, check_sigma);
+                          std::optional<double>, bool, double)>();
+  return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed_weight, check_sigma, ucb);
 }
 
 // ---- Tensor helpers -------------------------------------------------------------
@@ -217,6 +219,63 @@ void case_fixed(const at::Device& dev) {
   }
 }
 
+// ucb > 0: weights from the variances' upper bounds (TPX.md sec. 2). Heavy
+// tails in some columns (a few samples 30x the others), so that the bounds
+// move k well away from the plain rule's; magnitudes of 1e200 in one column
+// (4th powers beyond double: pass 1b standardises); one row (bound = s^2 =
+// 0); running statistics (the bounds are averaged, the variances reported
+// plain); a chunked batch (several threads) in float32 and bfloat16; and a
+// fixed weight, which ignores ucb.
+void case_ucb(const at::Device& dev) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(3);
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 3}, {2, 3}, {61, 7}, {5003, 5}};
+  for (const auto& [B, C] : shapes) {
+    for (at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16}) {
+      std::mt19937_64 rng(7 + B + C);
+      std::vector<double> lr, rp;
+      fill(lr, B, C, rng, 1.0);
+      fill(rp, B, C, rng, 1.0);
+      for (int64_t i = 0; i < B; i += 13) rp[i * C + 1] *= 30.0, lr[i * C + 2] *= 30.0;
+      if (dtype == at::kDouble)
+        for (int64_t i = 0; i < B; ++i) rp[i * C + 4 % C] *= 1e200;
+      const at::Tensor t_lr = make(lr, {B, C}, dtype, dev), t_rp = make(rp, {B, C}, dtype, dev);
+      const std::vector<double> lr_r = values(t_lr), rp_r = values(t_rp);
+      const std::string what = "ucb [" + std::to_string(B) + ", " + std::to_string(C) + "] " +
+                               c10::toString(dtype) + " " + dev.str();
+      const Reference plain = reference(lr_r, rp_r, B, C, nullptr, nullptr, 0.0, -1.0);
+      const Reference ref = reference(lr_r, rp_r, B, C, nullptr, nullptr, 0.0, -1.0, 2.0);
+      if (B > 60) {  // the heavy tails must move the weights, or this tests nothing
+        // Column 1 (RP heavy): less weight on RP; column 2 (LR heavy): less on LR.
+        TEST_CHECK(1.0 - ref.k[1] < (1.0 - plain.k[1]) / 1.05 && ref.k[2] < plain.k[2] / 1.05,
+                   "%s: k %g %g vs plain %g %g", what.c_str(), ref.k[1], ref.k[2], plain.k[1],
+                   plain.k[2]);
+      }
+      const auto [g, k, var_lr, var_rp, nonfinite] =
+          ivw_combine(t_lr, t_rp, std::nullopt, std::nullopt, 0.0, std::nullopt, 2.0);
+      compare(what.c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, dtype);
+
+      // Two calls with running statistics, momentum 0.5.
+      std::vector<double> ref_lr(C, kNaN), ref_rp(C, 2.0);
+      const auto opt = at::TensorOptions(at::kDouble).device(dev);
+      const at::Tensor run_lr = at::full({C}, kNaN, opt), run_rp = at::full({C}, 2.0, opt);
+      for (int call = 0; call < 2; ++call) {
+        const Reference r = reference(lr_r, rp_r, B, C, &ref_lr, &ref_rp, 0.5, -1.0, 2.0);
+        const auto [g2, k2, vl2, vr2, nf2] =
+            ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.5, std::nullopt, 2.0);
+        const std::string w = what + " running call " + std::to_string(call);
+        compare(w.c_str(), g2, k2, vl2, vr2, nf2, r, lr_r, rp_r, C, dtype);
+        check_running(w, run_lr, run_rp, ref_lr, ref_rp, 1e-10);
+      }
+      const Reference fixed = reference(lr_r, rp_r, B, C, nullptr, nullptr, 0.0, 0.25);
+      const auto [g3, k3, vl3, vr3, nf3] =
+          ivw_combine(t_lr, t_rp, std::nullopt, std::nullopt, 0.0, 0.25, 2.0);
+      compare((what + " fixed").c_str(), g3, k3, vl3, vr3, nf3, fixed, lr_r, rp_r, C, dtype);
+    }
+  }
+  at::set_num_threads(threads);
+}
+
 // gaussian_tpx_backward against the per-sample gradients of x = mu + sigma * eps
 // (TPX.md sec. 1) fed to the same reference: coordinates [mu_0..mu_D, sigma_0..sigma_D].
 void case_gaussian(const at::Device& dev) {
@@ -280,7 +339,8 @@ void case_gaussian(const at::Device& dev) {
 // rows, and splits large batches (B * C >= 4096) into one chunk per thread:
 // shapes around those boundaries (B < V, B = V, B = V + 1, one row, C = 64 /
 // 65 / 100 / 255 / 256 / 257, whole and partial panels, chunks), both ops,
-// in float32 and float64.
+// in float32 and float64; each op with ucb = 2 in one of them (pass 1b
+// walks the same blocks).
 void case_shapes(const at::Device& dev) {
   const std::pair<int64_t, int64_t> shapes[] = {
       {1, 1},   {1, 5},    {2, 1},    {63, 1},   {64, 1},   {65, 1},    {130, 1},
@@ -300,12 +360,13 @@ void case_shapes(const at::Device& dev) {
       fill(rp, B, C, rng, 0.8);
       const at::Tensor t_lr = make(lr, {B, C}, dtype, dev), t_rp = make(rp, {B, C}, dtype, dev);
       const std::vector<double> lr_r = values(t_lr), rp_r = values(t_rp);
+      const double ucb = dtype == at::kFloat ? 2.0 : 0.0;
       std::vector<double> ref_run_lr(C, 1.0), ref_run_rp(C, kNaN);
-      const Reference ref = reference(lr_r, rp_r, B, C, &ref_run_lr, &ref_run_rp, 0.9, -1.0);
+      const Reference ref = reference(lr_r, rp_r, B, C, &ref_run_lr, &ref_run_rp, 0.9, -1.0, ucb);
       const auto opt = at::TensorOptions(at::kDouble).device(dev);
       const at::Tensor run_lr = at::full({C}, 1.0, opt), run_rp = at::full({C}, kNaN, opt);
       const auto [g, k, var_lr, var_rp, nonfinite] =
-          ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.9, std::nullopt);
+          ivw_combine(t_lr, t_rp, run_lr, run_rp, 0.9, std::nullopt, ucb);
       compare(("ivw " + what).c_str(), g, k, var_lr, var_rp, nonfinite, ref, lr_r, rp_r, C, dtype);
       check_running(what, run_lr, run_rp, ref_run_lr, ref_run_rp, 1e-10);
 
@@ -320,9 +381,9 @@ void case_shapes(const at::Device& dev) {
                        t_adv = make(adv, {B}, at::kDouble, dev);
       std::vector<double> glr, grp;
       gaussian_grads(values(t_d), values(t_eps), values(t_sigma), adv, B, C, &glr, &grp);
-      const Reference gref = reference(glr, grp, B, 2 * C, nullptr, nullptr, 0.0, -1.0);
+      const Reference gref = reference(glr, grp, B, 2 * C, nullptr, nullptr, 0.0, -1.0, 2.0 - ucb);
       const auto [gmu, gsig, gk, gvar_lr, gvar_rp, gnonfinite] = gaussian_tpx_backward(
-          t_d, t_eps, t_sigma, t_adv, std::nullopt, std::nullopt, 0.0, std::nullopt, true);
+          t_d, t_eps, t_sigma, t_adv, std::nullopt, std::nullopt, 0.0, std::nullopt, true, 2.0 - ucb);
       TEST_CHECK(gmu.scalar_type() == dtype && gsig.scalar_type() == dtype, "%s", what.c_str());
       compare(("gaussian " + what).c_str(), at::cat({gmu, gsig}, 1), gk, gvar_lr, gvar_rp,
               gnonfinite, gref, glr, grp, 2 * C, dtype);
@@ -449,6 +510,8 @@ void case_errors(const at::Device& dev) {
   });
   expect_error("momentum", [&] { ivw_combine(a, a, std::nullopt, std::nullopt, 1.0, std::nullopt); });
   expect_error("fixed_weight", [&] { ivw_combine(a, a, std::nullopt, std::nullopt, 0.9, 1.5); });
+  for (double ucb : {-1.0, kInf, kNaN})
+    expect_error("ucb", [&] { ivw_combine(a, a, std::nullopt, std::nullopt, 0.9, std::nullopt, ucb); });
   expect_error("adv", [&] {
     gaussian_tpx_backward(a, a, a.abs() + 1, at::zeros({7}, f), std::nullopt, std::nullopt, 0.9,
                           std::nullopt, false);
@@ -462,6 +525,7 @@ void run_all(const at::Device& dev) {
   case_running(dev, at::kDouble);  // updated in place
   case_running(dev, at::kFloat);   // updated through a float64 copy
   case_fixed(dev);
+  case_ucb(dev);
   case_gaussian(dev);
   case_shapes(dev);
   case_overflow(dev);

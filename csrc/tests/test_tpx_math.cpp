@@ -519,30 +519,77 @@ void test_combine() {
   std::printf("  combine: k=0/1 exact, NaN k -> +0, %d sweep cases equal the branchy form\n", cases);
 }
 
+// Moments of one coordinate: m2, bad, pass 1b's sum (unused at ucb = 0).
+tpx::CoordinateMoments cm(double m2, bool bad = false, double sum_z2 = 0.0) {
+  return {m2, bad, sum_z2};
+}
+
 void test_coordinate_weight() {
   double run_lr = kNaN, run_rp = kNaN;
   // n = 3, m2_lr = 4 -> var 2; m2_rp = 12 -> var 6; k = 6 / 8.
   tpx::CoordinateResult r =
-      tpx::coordinate_weight(3.0, 4.0, false, 12.0, false, false, run_lr, run_rp, 0.5, -1.0);
+      tpx::coordinate_weight(3.0, cm(4.0), cm(12.0), 0.0, false, run_lr, run_rp, 0.5, -1.0);
   TEST_CHECK(r.var_lr == 2.0 && r.var_rp == 6.0 && r.k == 0.75 && !r.both_bad);
   TEST_CHECK(std::isnan(run_lr) && std::isnan(run_rp));  // no running stats: untouched
   // With running stats: first call takes the batch values, second averages.
-  r = tpx::coordinate_weight(3.0, 4.0, false, 12.0, false, true, run_lr, run_rp, 0.5, -1.0);
+  r = tpx::coordinate_weight(3.0, cm(4.0), cm(12.0), 0.0, true, run_lr, run_rp, 0.5, -1.0);
   TEST_CHECK(run_lr == 2.0 && run_rp == 6.0 && r.k == 0.75);
-  r = tpx::coordinate_weight(3.0, 12.0, false, 4.0, false, true, run_lr, run_rp, 0.5, -1.0);
+  r = tpx::coordinate_weight(3.0, cm(12.0), cm(4.0), 0.0, true, run_lr, run_rp, 0.5, -1.0);
   TEST_CHECK(r.var_lr == 6.0 && r.var_rp == 2.0);  // batch variances are reported unsmoothed
   TEST_CHECK(run_lr == 4.0 && run_rp == 4.0 && r.k == 0.5);
   // Both bad: k NaN (coordinate zeroed), running values kept.
-  r = tpx::coordinate_weight(3.0, 0.0, true, 0.0, true, true, run_lr, run_rp, 0.5, -1.0);
+  r = tpx::coordinate_weight(3.0, cm(0.0, true), cm(0.0, true), 0.0, true, run_lr, run_rp, 0.5, -1.0);
   TEST_CHECK(r.both_bad && std::isnan(r.k) && r.var_lr == kInf && r.var_rp == kInf);
   TEST_CHECK(run_lr == 4.0 && run_rp == 4.0);
   // One bad: all weight on the other.
-  r = tpx::coordinate_weight(3.0, 0.0, true, 12.0, false, false, run_lr, run_rp, 0.5, -1.0);
+  r = tpx::coordinate_weight(3.0, cm(0.0, true), cm(12.0), 0.0, false, run_lr, run_rp, 0.5, -1.0);
   TEST_CHECK(r.k == 0.0 && !r.both_bad);
   // Fixed weight bypasses the weighting, even for bad streams.
-  r = tpx::coordinate_weight(3.0, 0.0, true, 0.0, true, false, run_lr, run_rp, 0.5, 0.3);
+  r = tpx::coordinate_weight(3.0, cm(0.0, true), cm(0.0, true), 0.0, false, run_lr, run_rp, 0.5, 0.3);
   TEST_CHECK(r.k == 0.3 && r.both_bad);
-  std::printf("  coordinate_weight: running stats, both-bad, fixed weight\n");
+  // ucb = 1, n = 4: var_lr = 2 with sum z^2 = 4 * 3 (m4 / s^4 = 3, excess 2):
+  // bound 2 (1 + sqrt(2 / 4)); var_rp = 6 with sum z^2 = 4 (excess 0): bound
+  // 6. The weight uses the bounds, the reported variances stay plain, and
+  // with running stats the bounds are averaged.
+  const double bound_lr = 2.0 * (1.0 + std::sqrt(0.5));
+  r = tpx::coordinate_weight(4.0, cm(6.0, false, 12.0), cm(18.0, false, 4.0), 1.0, false, run_lr,
+                             run_rp, 0.5, -1.0);
+  TEST_CHECK(r.var_lr == 2.0 && r.var_rp == 6.0);
+  TEST_CHECK_NEAR(r.k, 6.0 / (bound_lr + 6.0), 1e-15);
+  double ucb_lr = kNaN, ucb_rp = 1.0;
+  r = tpx::coordinate_weight(4.0, cm(6.0, false, 12.0), cm(18.0, false, 4.0), 1.0, true, ucb_lr,
+                             ucb_rp, 0.5, -1.0);
+  TEST_CHECK_NEAR(ucb_lr, bound_lr, 1e-15);
+  TEST_CHECK(ucb_rp == 3.5);
+  TEST_CHECK_NEAR(r.k, 3.5 / (bound_lr + 3.5), 1e-15);
+  std::printf("  coordinate_weight: running stats, both-bad, fixed weight, ucb bounds\n");
+}
+
+// The variance bound's pieces: the standardised 4th-power sums against
+// their definition, the cases that return s^2 itself, and magnitudes whose
+// 4th powers are beyond double.
+void test_variance_bound() {
+  TEST_CHECK(tpx::inverse_variance_or_zero(4.0) == 0.25);
+  for (double v : {0.0, -1.0, kInf, kNaN, 1e-320}) TEST_CHECK(tpx::inverse_variance_or_zero(v) == 0.0, "%g", v);
+  for (double scale : {1.0, 1e-150, 1e150}) {
+    const double x[] = {1.0, -2.0, 0.5, 7.0, -3.0};
+    double mean = 0.0, m2 = 0.0, m4 = 0.0;
+    for (double v : x) mean += v / 5.0;
+    for (double v : x) m2 += (v - mean) * (v - mean), m4 += std::pow(v - mean, 4) / 5.0;
+    const double var = m2 / 4.0, iv = tpx::inverse_variance_or_zero(var * scale * scale);
+    double sum = 0.0;
+    for (double v : x) tpx::standardized_fourth_add(v * scale, mean * scale, iv, sum);
+    TEST_CHECK_NEAR(sum / 5.0, m4 / (var * var), 1e-12, "scale %g", scale);
+    const double bound = tpx::variance_bound(var, sum, 5.0, 2.0);
+    TEST_CHECK_NEAR(bound, var * (1.0 + 2.0 * std::sqrt((m4 / (var * var) - 1.0) / 5.0)), 1e-12);
+  }
+  // s^2 itself: ucb 0, one sample, s^2 = 0 or not finite, and an excess below 0.
+  TEST_CHECK(tpx::variance_bound(3.0, 100.0, 5.0, 0.0) == 3.0);
+  TEST_CHECK(tpx::variance_bound(0.0, 0.0, 1.0, 2.0) == 0.0);
+  TEST_CHECK(tpx::variance_bound(0.0, kNaN, 5.0, 2.0) == 0.0);
+  TEST_CHECK(tpx::variance_bound(kInf, kNaN, 5.0, 2.0) == kInf);
+  TEST_CHECK(tpx::variance_bound(3.0, 4.0, 5.0, 2.0) == 3.0);  // sum z^2 / n < 1
+  std::printf("  variance_bound: 4th-moment sums, edge cases, no overflow at 1e150 (4th powers 1e600)\n");
 }
 
 void test_sources() {
@@ -813,6 +860,7 @@ int main() {
   test_smoothed_variance();
   test_combine();
   test_coordinate_weight();
+  test_variance_bound();
   test_sources();
   test_shifted_sums();
   test_merge_equal_streams();

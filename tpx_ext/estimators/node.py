@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops import gaussian_tpx_backward
 from .tp import tp_weight
-from .weights import WeightRule, combine
+from .weights import WeightRule
 
 
 @dataclass(eq=False)
@@ -74,12 +74,12 @@ class Node:
             fixed = float(k)
         flat = (d.reshape(B, -1), eps.reshape(B, -1), sigma.reshape(B, -1), self.adv)
         if fixed is None:  # tpx
-            *grads, k, var_lr, var_rp, nonfinite = combine(self.rule, self.running, *flat,
-                                                           check_sigma=self.check_sigma)
-            self._record(k, var_lr, var_rp, nonfinite)
-            return grads[0].view(d.shape), grads[1].view(d.shape)
-        r = gaussian_tpx_backward(*flat, None, None, 0.0, fixed, self.check_sigma)
-        if self.source is None:  # lr, mix (tp recorded its own statistics above)
+            running = self.running if self.running is not None else (None, None)
+            r = gaussian_tpx_backward(*flat, *running, self.rule.momentum, None,
+                                      self.check_sigma, self.rule.ucb)
+        else:
+            r = gaussian_tpx_backward(*flat, None, None, 0.0, fixed, self.check_sigma)
+        if self.source is None:  # tpx, lr, mix (tp recorded its own statistics above)
             self._record(r.k, r.var_lr, r.var_rp, r.nonfinite)
         return r.grad_mu.view(d.shape), r.grad_sigma.view(d.shape)
 

@@ -59,7 +59,7 @@ ESTIMATORS: Dict[str, Dict] = {
     "tpx": {"mode": "tpx"},  # the default rule: batch variances' upper bounds, ucb = 2
     # other tpx weight rules (docs/results/gradvar_rules.md has the ones measured and dropped)
     "tpx-ucb1": {"mode": "tpx", "ucb": 1.0},
-    "tpx-batch": {"mode": "tpx", "ucb": 0.0},  # plain batch variances (the fused op's rule)
+    "tpx-batch": {"mode": "tpx", "ucb": 0.0},  # plain batch variances
     "tpx-ema0.9": {"mode": "tpx", "momentum": 0.9},  # running averages of the bounds
 }
 BASIC = MODES  # the default of --modes outside the suite
