@@ -27,7 +27,12 @@ from common import machine_description, write_section
 from tpx_ext.dreamer.configs import build
 from tpx_ext.dreamer import Dreamer
 
-ESTIMATORS = ("rp", "tpx", "lr", "mix")
+# Name -> config overrides. "tpx" is the default rule (variance bounds, one more pass over
+# each node's batch); "tpx ucb0" the plain batch variances.
+VARIANTS = {"rp": {"estimator": "rp"}, "tpx": {"estimator": "tpx"},
+            "tpx ucb0": {"estimator": "tpx", "tpx_ucb": 0.0},
+            "lr": {"estimator": "lr"}, "mix": {"estimator": "mix"}}
+ESTIMATORS = tuple(VARIANTS)
 
 
 def make_batch(cfg, obs_dim, action_dim, seed=0):
@@ -57,7 +62,7 @@ def time_horizon(presets, horizon, device, rounds, obs_dim, action_dim):
     agents, starts = {}, {}
     batch = None
     for est in ESTIMATORS:
-        cfg = build(presets, {"estimator": est, "horizon": horizon})
+        cfg = build(presets, {**VARIANTS[est], "horizon": horizon})
         torch.manual_seed(0)
         agents[est] = Dreamer((obs_dim,), action_dim, cfg, device)
         batch = batch or make_batch(cfg, obs_dim, action_dim)

@@ -194,3 +194,14 @@ def test_every_estimator_of_the_suite_runs_on_every_system():
             grad_fn(est, 2, 8, torch.Generator().manual_seed(0))
             g = gradvar.flat_grad(policy)
             assert bool(torch.isfinite(g).all()), (system, name)
+
+
+def test_row_reports_the_median_norm_of_the_finite_gradients():
+    """`norm` is how the gradient's size grows with the horizon: the median |g| over the
+    reps whose gradient is finite; a non-finite rep counts in `nonfinite` only."""
+    grads = torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.0, 1.0], [float("inf"), 0.0]],
+                         dtype=torch.float64)
+    r = gradvar.row("x", 10, "rp", 8, grads, torch.ones(4), torch.zeros(2), "rp", 0.0)
+    assert r["norm"] == 5.0 and r["nonfinite"] == 0.25
+    r = gradvar.row("x", 10, "rp", 8, grads[3:], torch.ones(1), torch.zeros(2), "rp", 0.0)
+    assert math.isnan(r["norm"]) and r["nonfinite"] == 1.0

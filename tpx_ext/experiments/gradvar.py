@@ -16,6 +16,8 @@ the imagination's), and reports:
   lower variance there (its standard error is printed, so errors below it are
   not resolved);
 - snr: |g_ref| / sqrt(variance);
+- norm: median |g| over the reps with a finite gradient (how the gradient's size grows with
+  the horizon; NaN if none was finite);
 - ms/grad: median wall time of one gradient (rollout + backward);
 - nonfinite: fraction of the reps whose gradient had an inf or NaN.
 Every estimator sees the same noise (rep i of horizon H draws from the same
@@ -47,8 +49,8 @@ from ..estimators import MODES, Estimator
 from ..extras import needs
 from .systems import CHAOTIC, SYSTEMS, policy_gradient
 
-COLUMNS = ("system", "horizon", "mode", "batch", "reps", "variance", "error", "snr", "ms_per_grad",
-           "nonfinite", "reference", "ref_stderr")
+COLUMNS = ("system", "horizon", "mode", "batch", "reps", "variance", "error", "snr", "norm",
+           "ms_per_grad", "nonfinite", "reference", "ref_stderr")
 
 # Name -> Estimator arguments. "mix" and "tpx" take --rho and --momentum.
 ESTIMATORS: Dict[str, Dict] = {
@@ -180,13 +182,15 @@ def reference(grad_fn, policy, name: str, horizon: int, batch: int, count: int, 
 
 def row(system_name, horizon, name, batch, grads, secs, g_ref, ref_name, ref_stderr) -> Dict:
     var = trace_variance(grads)
+    finite = torch.isfinite(grads).all(1)
     return {
         "system": system_name, "horizon": horizon, "mode": name, "batch": batch,
         "reps": grads.shape[0], "variance": var,
         "error": ((grads - g_ref) ** 2).sum(1).mean().sqrt().item(),
         "snr": g_ref.norm().item() / math.sqrt(var) if var > 0 else math.inf,
+        "norm": grads[finite].norm(dim=1).median().item() if bool(finite.any()) else math.nan,
         "ms_per_grad": 1e3 * secs.median().item(),
-        "nonfinite": (~torch.isfinite(grads).all(1)).double().mean().item(),
+        "nonfinite": (~finite).double().mean().item(),
         "reference": ref_name, "ref_stderr": ref_stderr,
     }
 
@@ -417,11 +421,12 @@ def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: fl
 
 def format_table(rows: Sequence[Dict]) -> str:
     width = max([4] + [len(r["mode"]) for r in rows])
-    lines = [f"{'H':>4} {'mode':>{width}} {'variance':>10} {'error':>10} {'snr':>9} {'ms/grad':>8} "
-             f"{'nonfinite':>9}  reference (stderr)"]
+    lines = [f"{'H':>4} {'mode':>{width}} {'variance':>10} {'error':>10} {'snr':>9} {'norm':>10} "
+             f"{'ms/grad':>8} {'nonfinite':>9}  reference (stderr)"]
     for r in rows:
         lines.append(f"{r['horizon']:>4} {r['mode']:>{width}} {r['variance']:>10.3g} "
-                     f"{r['error']:>10.3g} {r['snr']:>9.3g} {r['ms_per_grad']:>8.2f} "
+                     f"{r['error']:>10.3g} {r['snr']:>9.3g} {r.get('norm', math.nan):>10.3g} "
+                     f"{r['ms_per_grad']:>8.2f} "
                      f"{r['nonfinite']:>9.2f}  {r['reference']} ({r['ref_stderr']:.3g})")
     return "\n".join(lines)
 
