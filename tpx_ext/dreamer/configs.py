@@ -3,7 +3,7 @@
     python -m tpx_ext.train --configs dmc_vision --task walker_walk --estimator tpx
 
 `Config`'s defaults are always applied first: the CPU default, a small state-based agent
-that learns cartpole_balance on a 2-core machine in about 30 minutes. Every key can be
+that learns cartpole_balance on a 2-core machine in about 20 minutes. Every key can be
 overridden with `--<key> <value>` (parsed as the default's type).
 
 The CPU default differs from DreamerV1 (the `dmc_*` presets) in the values marked "V1:" in
@@ -13,7 +13,7 @@ gradient flows through the actor's input state, as the estimators' total propaga
 defines it (docs/API.md), where V1 and V2 detach that input; the other marked choices (KL
 balancing, free nats, slow critic, entropy bonus, actor std, no exploration noise, Adam
 eps) are DreamerV2's (the `dreamerv2_choices` preset) and have not been compared with V1's
-values on this task: they stay because the documented result (794 evaluation return) was
+values on this task: they stay because the documented result (989 evaluation return) was
 obtained with them. docs/DREAMER.md tabulates every difference between each preset and
 DreamerV1.
 """
@@ -75,10 +75,10 @@ class Config:
     latent_nodes: bool = False      # also make the imagined latents z_t nodes
     mix_rho: float = 0.5            # mix: weight on LR
     tpx_momentum: float = 0.0       # tpx: EMA of the variances (0: batch statistics)
-    # tpx: standard errors added to each batch variance (tpx_ext.Estimator's ucb). 0 is the
-    # fused op's rule, with which the CPU default's result and costs were measured; ucb > 0
-    # runs in float64 PyTorch until the op has the 4th moment, and is not yet measured here.
-    tpx_ucb: float = 0.0
+    # tpx: standard errors added to each batch variance before weighting (tpx_ext.Estimator's
+    # ucb, the library default; docs/TPX.md sec. 2). 0: plain batch variances, the rule
+    # with which the CPU default's documented result was obtained.
+    tpx_ucb: float = 2.0
     gamma: float = 0.99
     lam: float = 0.95
     actor_weights: str = "discount"  # discount | uniform | start (see behavior.objective_weights)
