@@ -67,6 +67,17 @@ def test_dmc_presets_are_dreamerv1(preset, obs):
     assert cfg.replay_capacity >= cfg.steps // cfg.action_repeat + episodes
 
 
+def test_horizon_gpu_is_dreamerv1_from_pixels_for_500k_steps():
+    """Stacked on dmc_vision it changes the run length and the evaluation/checkpoint
+    schedule only; every training value stays DreamerV1's."""
+    base = dataclasses.asdict(configs.build(["dmc_vision"], {}))
+    stacked = dataclasses.asdict(configs.build(["dmc_vision", "horizon_gpu"], {}))
+    changed = {k for k in base if base[k] != stacked[k]}
+    assert changed == {"steps", "eval_every", "checkpoint_every"}
+    assert stacked["steps"] == 500_000 and stacked["obs"] == "pixels"
+    assert stacked["replay_capacity"] >= stacked["steps"] // stacked["action_repeat"]
+
+
 def test_dreamerv2_choices_are_the_cpu_defaults():
     """The preset holds the DreamerV2-style values of the CPU default, so stacking it on a
     dmc preset reproduces those choices at that scale."""

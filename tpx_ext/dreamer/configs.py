@@ -147,6 +147,12 @@ PRESETS: Dict[str, Dict] = {
         obs="state", **DREAMERV1, mlp_layers=3, eval_every=10_000, eval_episodes=10,
         checkpoint_every=50_000,
     ),
+    # The horizon experiment of docs/RESULTS.md (sec. 7) on one GPU, from pixels: stack it on
+    # dmc_vision (--configs dmc_vision horizon_gpu). DreamerV1's agent unchanged, for 500k
+    # environment steps instead of 5M so that 12 trials (rp and tpx, two horizons, 3 seeds)
+    # fit one GPU; evaluation (10 episodes) and checkpoints every 25k steps.
+    "horizon_gpu": dict(steps=500_000, eval_every=25_000, eval_episodes=10,
+                        checkpoint_every=25_000),
     # DreamerV2's choices that the CPU default uses (danijar/dreamerv2, configs.yaml, dmc):
     # KL balancing 0.8 with 1 free nat, a slow critic copied every 100 updates, entropy
     # bonus 1e-4, actor min std 0.1, Adam eps 1e-5, no exploration noise. Stack it on a
