@@ -108,6 +108,36 @@ TPX_HD MergedMoments merge_chunks(const Partials& p, int64_t q, int64_t GC, int6
   return m;
 }
 
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TPX_DEVICE __device__ __forceinline__
+#else
+#define TPX_DEVICE inline
+#endif
+
+// Where a thread of a row pass works (moments, fourth and apply kernels share
+// the layout): threads map to consecutive elements of the row-major [B, C]
+// inputs, lrow-th row of each step of rows_per_step rows, column col; the
+// block's row chunk is [r0, r1). Inactive threads (past C, or beyond the
+// step's rows) take part in the barriers only.
+struct RowSlot {
+  int tid;
+  int lrow;
+  int64_t col;
+  bool active;
+  int64_t r0, r1;
+};
+
+TPX_DEVICE RowSlot row_slot(const Tiling& t, int64_t B, int64_t C) {
+  RowSlot s;
+  s.tid = static_cast<int>(threadIdx.x);
+  s.lrow = s.tid / t.cols_per_block;
+  s.col = static_cast<int64_t>(blockIdx.x) * t.cols_per_block + s.tid % t.cols_per_block;
+  s.active = s.lrow < t.rows_per_step && s.col < C;
+  s.r0 = static_cast<int64_t>(blockIdx.y) * t.rows_per_chunk;
+  s.r1 = min(B, s.r0 + t.rows_per_chunk);
+  return s;
+}
+
 template <typename Source>
 __global__ void __launch_bounds__(kThreads)
     moments_kernel(Source src, int64_t B, int64_t C, Tiling t, Partials p, int* invalid) {
@@ -117,12 +147,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double sh_mean[S][kThreads];
   __shared__ double sh_m2[S][kThreads];
 
-  const int tid = threadIdx.x;
-  const int lrow = tid / t.cols_per_block;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * t.cols_per_block + tid % t.cols_per_block;
-  const bool active = lrow < t.rows_per_step && col < C;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * t.rows_per_chunk;
-  const int64_t r1 = min(B, r0 + t.rows_per_chunk);
+  const RowSlot slot = row_slot(t, B, C);
+  const int tid = slot.tid, lrow = slot.lrow;
+  const int64_t col = slot.col, r0 = slot.r0, r1 = slot.r1;
+  const bool active = slot.active;
 
   double n = 0.0, mean[S], m2[S];
 #pragma unroll
@@ -194,12 +222,10 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int S = 2 * G;  // streams: LR then RP for each group
   __shared__ double sh_sum[S][kThreads];
 
-  const int tid = threadIdx.x;
-  const int lrow = tid / t.cols_per_block;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * t.cols_per_block + tid % t.cols_per_block;
-  const bool active = lrow < t.rows_per_step && col < C;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * t.rows_per_chunk;
-  const int64_t r1 = min(B, r0 + t.rows_per_chunk);
+  const RowSlot slot = row_slot(t, B, C);
+  const int tid = slot.tid, lrow = slot.lrow;
+  const int64_t col = slot.col, r0 = slot.r0, r1 = slot.r1;
+  const bool active = slot.active;
   const int64_t GC = G * C;
 
   double sum[S], mean[S], iv[S];
@@ -271,17 +297,13 @@ template <typename Source>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(Source src, int64_t B, int64_t C, Tiling t, const double* k) {
   constexpr int G = Source::G;
-  const int tid = threadIdx.x;
-  const int lrow = tid / t.cols_per_block;
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * t.cols_per_block + tid % t.cols_per_block;
-  if (lrow >= t.rows_per_step || col >= C) return;
+  const RowSlot slot = row_slot(t, B, C);
+  if (!slot.active) return;
   double kg[G];
 #pragma unroll
-  for (int g = 0; g < G; ++g) kg[g] = k[g * C + col];
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * t.rows_per_chunk;
-  const int64_t r1 = min(B, r0 + t.rows_per_chunk);
-  for (int64_t i = r0 + lrow; i < r1; i += t.rows_per_step) {
-    const int64_t e = i * C + col;
+  for (int g = 0; g < G; ++g) kg[g] = k[g * C + slot.col];
+  for (int64_t i = slot.r0 + slot.lrow; i < slot.r1; i += t.rows_per_step) {
+    const int64_t e = i * C + slot.col;
     double lr[G], rp[G], out[G];
     src.read(e, src.row_value(i), lr, rp);
 #pragma unroll
