@@ -411,8 +411,7 @@ def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: fl
     lines += ["", "## All estimators", "", "variance: trace of the covariance of the batch gradient "
               "over the reps; error: RMS distance to the reference (the mean of high-sample rp or lr "
               "gradients, its standard error in the last column); ms/grad: median time of one "
-              "gradient on one thread of a shared machine (noisy; the tpx rules with ucb > 0 run as "
-              "float64 PyTorch, not in the fused op).", ""]
+              "gradient on one thread of a shared machine (noisy).", ""]
     for system in dict.fromkeys(r["system"] for r in rows):
         lines += [f"### {system}", "", "```", format_table([r for r in rows if r["system"] == system]),
                   "```", ""]
