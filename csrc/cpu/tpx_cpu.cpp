@@ -141,8 +141,10 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
 
   // Pass 1b (ucb > 0): per chunk, the sums of z^2 given the batch means and
   // variances; added in chunk order, so the result does not depend on timing.
-  std::vector<double> sum_z2(2 * GC, 0.0);  // LR, then RP
+  // Empty, and so no allocation on the two-pass path, where ucb = 0 ignores the sums.
+  std::vector<double> sum_z2;  // LR, then RP
   if (buf.ucb > 0.0) {
+    sum_z2.assign(2 * GC, 0.0);
     std::vector<double> centre(4 * GC);  // mean_lr, iv_lr, mean_rp, iv_rp
     for (int64_t q = 0; q < GC; ++q) {
       centre[q] = all.mean_lr[q];
@@ -169,8 +171,10 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
   bool mix = true;  // every weight inside (0, 1)
   for (int64_t q = 0; q < GC; ++q) {
     double unused_lr = kNaN, unused_rp = kNaN;
+    const double z2_lr = sum_z2.empty() ? 0.0 : sum_z2[q];
+    const double z2_rp = sum_z2.empty() ? 0.0 : sum_z2[GC + q];
     const CoordinateResult r = coordinate_weight(
-        all.n, {all.m2_lr[q], lr_of(q), sum_z2[q]}, {all.m2_rp[q], rp_of(q), sum_z2[GC + q]},
+        all.n, {all.m2_lr[q], lr_of(q), z2_lr}, {all.m2_rp[q], rp_of(q), z2_rp},
         buf.ucb, has_running, has_running ? run_lr[q] : unused_lr,
         has_running ? run_rp[q] : unused_rp, momentum, buf.fixed_k);
     k[q] = r.k;
