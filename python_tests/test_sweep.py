@@ -167,3 +167,26 @@ def test_summary_marks_a_stopped_trial_incomplete(tmp_path):
     assert row["status"] == "incomplete" and row["env_steps"] == 200
     assert sweep.group_rows([row])[0]["seeds"] == 0
     assert sweep.trial_row(out, sweep.Trial("cartpole_balance", "rp", 5, 0), 400)["status"] == "not run"
+
+
+def test_groups_compare_each_estimator_with_rp_by_welch_test():
+    """vs_rp_* holds the difference of means and Welch's two-sided p. For returns 4,5,6
+    against 1,2,3: t = 3 / sqrt(1/3 + 1/3) = 3.674 with 4 degrees of freedom (equal sample
+    variances), p = 0.02131 from the t distribution. No comparison for rp itself, below 2
+    finished seeds, or where both sides are constant."""
+    def rows(est, h, returns, status="done"):
+        return [{"task": "t", "estimator": est, "horizon": h, "seed": i, "status": status,
+                 "eval_return": x} for i, x in enumerate(returns)]
+
+    groups = {(g["estimator"], g["horizon"]): g for g in sweep.group_rows(
+        rows("rp", 15, [1.0, 2.0, 3.0]) + rows("tpx", 15, [4.0, 5.0, 6.0])
+        + rows("rp", 200, [1.0, 2.0]) + rows("tpx", 200, [7.0]) + rows("tpx", 200, [9.0], "incomplete")
+        + rows("rp", 50, [2.0, 2.0]) + rows("lr", 50, [3.0, 3.0]))}
+    tpx = groups[("tpx", 15)]
+    assert tpx["vs_rp_diff"] == pytest.approx(3.0)
+    assert tpx["vs_rp_p"] == pytest.approx(0.02131, abs=5e-5)
+    assert groups[("rp", 15)]["vs_rp_diff"] is None
+    assert groups[("tpx", 200)]["seeds"] == 1 and groups[("tpx", 200)]["vs_rp_p"] is None
+    assert groups[("lr", 50)]["vs_rp_diff"] == 1.0 and groups[("lr", 50)]["vs_rp_p"] is None
+    md = sweep.markdown({"configs": [], "set": {}, "steps": 1}, [], list(groups.values()))
+    assert "| t | tpx | 15 | 5.0 +- 0.8 | 3 | +3.0 (p = 0.021) |" in md

@@ -39,7 +39,10 @@ GRID_AXES = ("tasks", "estimators", "horizons", "seeds")  # a grid may grow alon
 TRIAL_COLUMNS = ("task", "estimator", "horizon", "seed", "status", "eval_return", "env_steps",
                  "actor_skipped_frac", "actor_clipped_frac", "actor_grad_norm", "k_lr_first",
                  "k_lr_last")
-GROUP_COLUMNS = ("task", "estimator", "horizon", "eval_return_mean", "eval_return_std", "seeds")
+GROUP_COLUMNS = ("task", "estimator", "horizon", "eval_return_mean", "eval_return_std", "seeds",
+                 "vs_rp_diff", "vs_rp_p")
+# The estimator every other one is compared with, at the same task and horizon.
+BASELINE = "rp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,18 +313,35 @@ def finite_mean(values: List[float]) -> Optional[float]:
 
 
 def group_rows(rows: List[Dict]) -> List[Dict]:
-    """Mean and (population) std of the final eval return over the finished seeds."""
+    """Mean and (population) std of the final eval return over the finished seeds, and the
+    difference to `rp` at the same task and horizon with Welch's t-test (two-sided p)."""
     groups = {}
     for r in rows:
         groups.setdefault((r["task"], r["estimator"], r["horizon"]), []).append(r)
+    finished = {key: [r["eval_return"] for r in members if r["status"] == "done"]
+                for key, members in groups.items()}
     out = []
-    for (task, est, h), members in groups.items():
-        returns = [r["eval_return"] for r in members if r["status"] == "done"]
+    for (task, est, h), returns in finished.items():
         mean = sum(returns) / len(returns) if returns else None
         std = math.sqrt(sum((x - mean) ** 2 for x in returns) / len(returns)) if returns else None
+        diff, p = None, None
+        base = finished.get((task, BASELINE, h), [])
+        if est != BASELINE and len(returns) >= 2 and len(base) >= 2:
+            diff, p = mean - sum(base) / len(base), welch_p(returns, base)
         out.append({"task": task, "estimator": est, "horizon": h, "eval_return_mean": mean,
-                    "eval_return_std": std, "seeds": len(returns)})
+                    "eval_return_std": std, "seeds": len(returns), "vs_rp_diff": diff,
+                    "vs_rp_p": p})
     return out
+
+
+def welch_p(a: List[float], b: List[float]) -> Optional[float]:
+    """Two-sided p-value of Welch's t-test (unequal variances); None when both samples are
+    constant, where the test is undefined."""
+    from scipy import stats  # dm_control's dependency, so present wherever trials run
+
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
+        return None
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
 def fmt(value, spec: str) -> str:
@@ -342,10 +362,13 @@ def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
           fmt(r["k_lr_first"], ".3g"), fmt(r["k_lr_last"], ".3g")]
          for r in rows])
     grouped = table(
-        ["task", "estimator", "H", "eval return (mean +- std over seeds)", "seeds"],
+        ["task", "estimator", "H", "eval return (mean +- std over seeds)", "seeds",
+         f"vs {BASELINE} (Welch p)"],
         [[g["task"], g["estimator"], str(g["horizon"]),
           "-" if g["eval_return_mean"] is None
-          else f"{g['eval_return_mean']:.1f} +- {g['eval_return_std']:.1f}", str(g["seeds"])]
+          else f"{g['eval_return_mean']:.1f} +- {g['eval_return_std']:.1f}", str(g["seeds"]),
+          "-" if g["vs_rp_diff"] is None
+          else f"{g['vs_rp_diff']:+.1f} (p = {fmt(g['vs_rp_p'], '.2g')})"]
          for g in groups])
     presets = " ".join(spec["configs"]) or "(defaults)"
     sets = " ".join(f"{k}={v}" for k, v in spec["set"].items()) or "none"
@@ -356,7 +379,10 @@ def markdown(spec: Dict, rows: List[Dict], groups: List[Dict]) -> str:
             f"training records of the actor gradient's norm before clipping. k_LR first / last: mean TPX "
             f"weight on LR (0 = all RP, 1 = all LR) at the first / last horizon step over the "
             f"last {pct}% of the training records. status: done; incomplete (stopped after a "
-            f"checkpoint: a re-run resumes it); failed (no checkpoint); not run.\n\n{trials}\n\n## Over seeds\n\n{grouped}\n")
+            f"checkpoint: a re-run resumes it); failed (no checkpoint); not run.\n\n{trials}\n\n## Over seeds\n\n"
+            f"Population std over the finished seeds. vs {BASELINE}: difference of the mean to "
+            f"{BASELINE}'s at the same task and horizon, and the two-sided p-value of Welch's "
+            f"t-test, where both have at least 2 finished seeds.\n\n{grouped}\n")
 
 
 def write_csv(path: str, columns, rows: List[Dict]) -> None:
