@@ -124,6 +124,15 @@ def test_sweep_fails_resumes_skips_and_summarizes(tmp_path, capsys):
     assert [(r["estimator"], r["status"]) for r in rows] == [("rp", "done"), ("tpx", "done"),
                                                              ("lr", "done")]
 
+    # --summary: the whole grid from sweep.json, nothing run, no run dir touched.
+    os.remove(os.path.join(out, "summary.md"))
+    assert sweep.main(["--out", out, "--summary"]) == 0
+    printed = capsys.readouterr().out
+    assert "| cartpole_balance | lr | 5 | 0 | done |" in printed
+    assert open(os.path.join(out, "summary.md")).read() in printed
+    assert all(snapshot(out)[p] == t for p, t in after.items()
+               if os.path.basename(p) not in SUMMARIES)
+
 
 @pytest.mark.parametrize("args,match", [
     (["--set", "horizon=3"], "set by the sweep itself"),
@@ -190,3 +199,12 @@ def test_groups_compare_each_estimator_with_rp_by_welch_test():
     assert groups[("lr", 50)]["vs_rp_diff"] == 1.0 and groups[("lr", 50)]["vs_rp_p"] is None
     md = sweep.markdown({"configs": [], "set": {}, "steps": 1}, [], list(groups.values()))
     assert "| t | tpx | 15 | 5.0 +- 0.8 | 3 | +3.0 (p = 0.021) |" in md
+
+
+def test_summary_needs_a_sweep_and_a_run_needs_the_grid(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="holds no sweep"):
+        sweep.main(["--out", str(tmp_path / "none"), "--summary"])
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(tmp_path / "s"), "--tasks", "cartpole_balance"])
+    assert "the grid needs --estimators, --horizons, --seeds" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "s") and not os.path.exists(tmp_path / "none")

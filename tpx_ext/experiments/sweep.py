@@ -8,7 +8,8 @@ Every grid point is one `tpx_ext.train` run in OUT/<task>_<estimator>_h<H>_s<see
 as a Ray task: on a local Ray instance by default, on a running Ray cluster with --address.
 Re-running the same command skips finished trials and resumes the others from their last
 checkpoint. At the end OUT holds summary.md, summary.csv, summary_groups.csv and
-curves_<task>.png. See docs/SWEEP.md.
+curves_<task>.png; `python -m tpx_ext.sweep --out OUT --summary` writes them at any time,
+running nothing. See docs/SWEEP.md.
 """
 
 import argparse
@@ -67,10 +68,13 @@ def parse_args(argv: Optional[List[str]]):
     p = argparse.ArgumentParser(prog="python -m tpx_ext.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="sweep directory (holds one run dir per trial)")
-    p.add_argument("--tasks", nargs="+", required=True, help="dm_control tasks, e.g. walker_walk")
-    p.add_argument("--estimators", nargs="+", required=True, help="rp, lr, mix, tpx")
-    p.add_argument("--horizons", nargs="+", type=int, required=True)
-    p.add_argument("--seeds", nargs="+", type=int, required=True)
+    p.add_argument("--summary", action="store_true",
+                   help="only write and print the summaries of the grid OUT holds, running nothing "
+                        "(also while another command runs its trials)")
+    p.add_argument("--tasks", nargs="+", help="dm_control tasks, e.g. walker_walk")
+    p.add_argument("--estimators", nargs="+", help="rp, lr, mix, tpx")
+    p.add_argument("--horizons", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--configs", nargs="+", default=[], metavar="PRESET",
                    help=f"trainer presets ({', '.join(configs.PRESETS)}), applied left to right")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -83,7 +87,11 @@ def parse_args(argv: Optional[List[str]]):
                    help="GPUs Ray reserves for a trial; Ray hides the GPUs from a trial without one")
     p.add_argument("--address", default=None,
                    help="Ray cluster to run on ('auto' or HEAD_IP:6379); default: a local Ray")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    missing = [f"--{a}" for a in GRID_AXES if getattr(args, a) is None]
+    if missing and not args.summary:
+        p.error(f"the grid needs {', '.join(missing)} (or --summary to summarize {args.out})")
+    return args
 
 
 def build_spec(args) -> Dict:
@@ -410,10 +418,25 @@ def summarize(out: str, spec: Dict, trials: List[Trial]) -> str:
     return text
 
 
+def print_summary(out: str) -> int:
+    """Summarizes the grid recorded in OUT/sweep.json as far as its trials have got."""
+    path = os.path.join(out, SPEC_FILE)
+    if not os.path.exists(path):
+        sys.exit(f"{out} holds no sweep (no {SPEC_FILE})")
+    with open(path) as f:
+        spec = json.load(f)
+    print(summarize(out, spec, trials_of(spec)), flush=True)
+    print(f"summary: {os.path.join(out, 'summary.md')}, summary.csv, summary_groups.csv, "
+          "curves_<task>.png", flush=True)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     """Returns the exit status: 1 if any trial failed."""
     args = parse_args(argv)
+    if args.summary:
+        return print_summary(args.out)
     ray = import_ray()
     spec = build_spec(args)
     held = check_spec(args.out, spec)  # the grid OUT holds, of which this command may name a part
@@ -423,9 +446,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if finished:
         print(f"{finished}/{total} trials already finished, skipped", flush=True)
     failed = run_trials(ray, args, spec, todo, finished, total) if todo else {}
-    print(summarize(args.out, held, trials_of(held)), flush=True)
-    print(f"summary: {os.path.join(args.out, 'summary.md')}, summary.csv, summary_groups.csv, "
-          "curves_<task>.png", flush=True)
+    print_summary(args.out)
     if failed:
         for name, error in failed.items():
             print(f"\n{name} failed:\n{error}", file=sys.stderr)
