@@ -345,7 +345,7 @@ def group_rows(rows: List[Dict]) -> List[Dict]:
 def welch_p(a: List[float], b: List[float]) -> Optional[float]:
     """Two-sided p-value of Welch's t-test (unequal variances); None when both samples are
     constant, where the test is undefined."""
-    from scipy import stats  # dm_control's dependency, so present wherever trials run
+    from scipy import stats  # the experiments extra; imported here, as only summaries need it
 
     if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
         return None
