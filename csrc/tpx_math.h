@@ -275,6 +275,61 @@ TPX_HD V refine_reciprocal(V s, V r0) {
   return r0 * (2.0 - s * r0);
 }
 
+// ---- Co-moments: the joint covariance of a node's per-sample gradients -------------
+// gaussian_tpx_comoments (TPX.md sec. 1-2, the matrix weight rules) needs the
+// unbiased covariance of z_i = [g_LR,i, g_RP,i] over the batch, K = 2 G C
+// columns. The co-moment M_ab = sum_i (z_ia - mean_a)(z_ib - mean_b) is
+// accumulated like the variances above: shifted block sums folded into a
+// stream (n, mean, M), and streams merged pairwise by Chan et al.'s formula,
+//   M = M_a + M_b + dx dy n_a n_b / n,   dx, dy the differences of the means,
+// which for a = b is chan_merge. A constant column has y = 0 exactly in every
+// sum and delta 0 in every merge, so its row and column of M are exactly 0;
+// a non-finite sample makes its column's mean and M_aa non-finite for good
+// (moments_bad), and only its own row and column of M (the caller drops them).
+
+// Chan's merge of one co-moment entry: stream b (n_b samples, means mx_b,
+// my_b of the two columns, co-moment m_b) into stream a. The a-side means are
+// updated too, so a caller that merges a sequence of streams per entry keeps
+// them (for a = b pass the same mean twice: the result is chan_merge's).
+TPX_HD void comoment_merge(double n_a, double& mx_a, double& my_a, double& m_a, double n_b,
+                           double mx_b, double my_b, double m_b) {
+  if (n_b == 0.0) return;
+  const double n = n_a + n_b, f = n_b / n;
+  const double dx = mx_b - mx_a, dy = my_b - my_a;
+  mx_a += dx * f;
+  my_a += dy * f;
+  // dx * (dy * w), as chan_merge: w = 0 must not meet an infinite product.
+  m_a += m_b + dx * (dy * (n_a * n_b / n));
+}
+
+// Folds a block of nb samples into a co-moment entry m: s1x, s1y are the
+// block's sums of the two columns' values relative to the stream's current
+// means (its shifts), s2 the sum of their products, n the stream's samples
+// before the block. merge_shifted's rule for a co-moment (for x = y it adds
+// what merge_shifted adds to m2); the means themselves move on as there:
+// mean += s1 / (n + nb). V as in merge_shifted.
+template <typename V>
+TPX_HD void comoment_add(double n, double nb, V s1x, V s1y, V s2, V& m) {
+  const double inv_nb = 1.0 / nb, w = n * nb / (n + nb);
+  const V dx = s1x * inv_nb, dy = s1y * inv_nb;  // block means minus the shifts
+  m += (s2 - s1x * dy) + dx * (dy * w);
+}
+
+// An entry of the output covariance from the merged co-moment m of n samples:
+// a column with a non-finite sample (bad) has +inf on the diagonal and 0 in
+// the rest of its row and column; otherwise m / (n - 1), 0 for one sample
+// (the diagonal is batch_variance's, clamped at 0).
+TPX_HD double comoment_covariance(double m, double n, bool bad_x, bool bad_y, bool diagonal) {
+  if (diagonal) return batch_variance(m, n, bad_x);
+  if (bad_x || bad_y) return 0.0;
+  return n > 1.0 ? m / (n - 1.0) : 0.0;
+}
+
+// A column's upper confidence bound (variance_bound), +inf where it is bad.
+TPX_HD double comoment_bound(double var, bool bad, double sum_z2, double n, double ucb) {
+  return bad ? kInf : variance_bound(var, sum_z2, n, ucb);
+}
+
 // ---------------------------------------------------------------------------
 // Element sources: what an op reads at (row i, column j) and writes back.
 // Both backends loop over (i, j) and call these; nothing else differs.
@@ -346,6 +401,51 @@ struct GaussianSource {
   TPX_HD void write(int64_t e, const double* g) const {
     grad_mu[e] = store_cast<T>(g[0]);
     grad_sigma[e] = store_cast<T>(g[1]);
+  }
+};
+
+// The columns of gaussian_tpx_comoments: z = [g_LR, g_RP] of a Gaussian node
+// over its first `groups` coordinate groups (TPX.md sec. 1 table; groups = 1:
+// the D mu coordinates, 2: mu then sigma), GC = groups * D columns each, so
+// K = 2 GC: column c < GC is LR coordinate c, column GC + c is RP coordinate c.
+// Coordinate q is group q / D, column q % D of the [B, D] inputs. Per-sample
+// values are formed by gaussian_per_sample from A / sigma, as in GaussianSource.
+template <typename T>
+struct ComomentSource {
+  const T* d;
+  const T* eps;
+  const T* sigma;
+  const double* adv;  // [B], converted to double by the host code
+  int64_t D;
+  int64_t groups;
+
+  TPX_HD int64_t columns() const { return 2 * groups * D; }
+
+  // z_ic: one column of one sample.
+  TPX_HD double value(int64_t i, int64_t c) const {
+    const int64_t gc = groups * D;
+    const bool rp = c >= gc;
+    const int64_t q = rp ? c - gc : c;
+    const int g = q >= D ? 1 : 0;
+    const int64_t e = i * D + (q - g * D);
+    double lr[2], rpv[2];
+    gaussian_per_sample(adv[i] / load(sigma, e), load(eps, e), load(d, e), lr, rpv);
+    return rp ? rpv[g] : lr[g];
+  }
+
+  // z_i: all K columns of sample i into z.
+  TPX_HD void row(int64_t i, double* z) const {
+    const int64_t gc = groups * D;
+    const double a = adv[i];
+    for (int64_t j = 0; j < D; ++j) {
+      const int64_t e = i * D + j;
+      double lr[2], rpv[2];
+      gaussian_per_sample(a / load(sigma, e), load(eps, e), load(d, e), lr, rpv);
+      for (int64_t g = 0; g < groups; ++g) {
+        z[g * D + j] = lr[g];
+        z[gc + g * D + j] = rpv[g];
+      }
+    }
   }
 };
 

@@ -10,7 +10,9 @@
 // combined gradient. With ucb > 0 a pass 1b between them sums the
 // standardised 4th powers of the deviations (tpx_math.h, variance_bound).
 // The per-sample gradients are formed in registers in every pass and never
-// stored.
+// stored. gaussian_tpx_comoments (gaussian_tpx_comoments_impl) is one pass
+// (co-moments of all K = 2 groups D columns, Chan-merged), plus pass 1b
+// where ucb > 0; it returns statistics only.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -73,8 +75,7 @@ void check_options(const char* op, const at::Tensor& like, int64_t coords,
 }
 
 void check_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
-                    const at::Tensor& adv) {
-  const char* op = "gaussian_tpx_backward";
+                    const at::Tensor& adv, const char* op) {
   check_pair(op, "d", d, "eps", eps);
   check_pair(op, "d", d, "sigma", sigma);
   TORCH_CHECK_VALUE(adv.dim() == 1 && adv.size(0) == d.size(0), op,
@@ -84,6 +85,15 @@ void check_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor
                     d.device());
   TORCH_CHECK_TYPE(supported_dtype(adv.scalar_type()), op,
                    ": adv must be a floating tensor, got ", adv.scalar_type());
+}
+
+void check_comoments(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
+                     const at::Tensor& adv, int64_t groups, double ucb) {
+  const char* op = "gaussian_tpx_comoments";
+  check_gaussian(d, eps, sigma, adv, op);
+  TORCH_CHECK_VALUE(groups == 1 || groups == 2, op,
+                    ": groups must be 1 (the mu coordinates) or 2 (mu and sigma), got ", groups);
+  TORCH_CHECK_VALUE(ucb >= 0.0 && ucb < kInf, op, ": ucb must be finite and >= 0, got ", ucb);
 }
 
 CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
@@ -152,6 +162,9 @@ TORCH_LIBRARY(tpx_ext, m) {
       "Tensor(a!)? running_var_lr, Tensor(b!)? running_var_rp, float momentum, "
       "float? fixed_weight, bool check_sigma, float ucb=0.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gaussian_tpx_comoments(Tensor d, Tensor eps, Tensor sigma, Tensor adv, int groups, "
+      "float ucb) -> (Tensor cov, Tensor bound, Tensor finite)");
 }
 
 }  // namespace tpx

@@ -16,6 +16,8 @@ namespace tpx {
 using IvwResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using GaussianResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// gaussian_tpx_comoments: cov [K, K], bound [K] (float64), finite [K] (bool).
+using ComomentsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Per-coordinate outputs and the double working copies of the running stats.
 struct CoordinateBuffers {
@@ -38,7 +40,11 @@ void check_options(const char* op, const at::Tensor& like, int64_t coords,
                    const std::optional<at::Tensor>& running_var_rp, double momentum,
                    std::optional<double> fixed_weight, double ucb);
 void check_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
-                    const at::Tensor& adv);
+                    const at::Tensor& adv, const char* op = "gaussian_tpx_backward");
+// gaussian_tpx_comoments' arguments: those of a Gaussian node, groups 1 or 2,
+// ucb finite and >= 0. (Sigma's values are not checked here.)
+void check_comoments(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
+                     const at::Tensor& adv, int64_t groups, double ucb);
 
 CoordinateBuffers make_buffers(const at::Tensor& like, int64_t coords,
                                const std::optional<at::Tensor>& running_var_lr,
@@ -105,6 +111,31 @@ GaussianResult gaussian_tpx_backward_impl(const Runner& run, const at::Tensor& d
   if (check_sigma) raise_if_invalid_sigma(buf);
   finish_running(buf, running_var_lr, running_var_rp);
   return {grad_mu, grad_sigma, buf.k, buf.var_lr, buf.var_rp, buf.nonfinite};
+}
+
+// The joint batch covariance of a Gaussian node's per-sample LR and RP
+// gradients over its first `groups` coordinate groups (tpx_ext.reference.
+// gaussian_comoments): K = 2 groups D columns. run.comoments(src, B, cov,
+// bound, finite, ucb) is the backend's kernel; it writes every element of
+// the three outputs.
+template <typename Runner>
+ComomentsResult gaussian_tpx_comoments_impl(const Runner& run, const at::Tensor& d,
+                                            const at::Tensor& eps, const at::Tensor& sigma,
+                                            const at::Tensor& adv, int64_t groups, double ucb) {
+  check_comoments(d, eps, sigma, adv, groups, ucb);
+  const int64_t B = d.size(0), D = d.size(1), K = 2 * groups * D;
+  const at::Tensor dc = d.contiguous(), ec = eps.contiguous(), sc = sigma.contiguous();
+  const at::Tensor ac = advantages_as_double(adv);
+  const auto f64 = dc.options().dtype(at::kDouble);
+  at::Tensor cov = at::empty({K, K}, f64);
+  at::Tensor bound = at::empty({K}, f64);
+  at::Tensor finite = at::empty({K}, dc.options().dtype(at::kBool));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dc.scalar_type(), "gaussian_tpx_comoments", [&] {
+    const ComomentSource<scalar_t> src{dc.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>(),
+                                       sc.data_ptr<scalar_t>(), ac.data_ptr<double>(), D, groups};
+    run.comoments(src, B, cov, bound, finite, ucb);
+  });
+  return {cov, bound, finite};
 }
 
 }  // namespace tpx

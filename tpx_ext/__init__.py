@@ -20,9 +20,11 @@ except ImportError as exc:  # no silent fallback: the ops are the product
     ) from exc
 
 from .ops import (  # noqa: E402
+    ComomentsResult,
     GaussianTpxResult,
     IvwResult,
     gaussian_tpx_backward,
+    gaussian_tpx_comoments,
     ivw_combine,
     new_running_stats,
 )
@@ -41,6 +43,7 @@ def cuda_compiled() -> bool:
 
 
 __all__ = [
+    "ComomentsResult",
     "Estimator",
     "GaussianTpxResult",
     "IvwResult",
@@ -51,6 +54,7 @@ __all__ = [
     "build_info",
     "cuda_compiled",
     "gaussian_tpx_backward",
+    "gaussian_tpx_comoments",
     "ivw_combine",
     "lambda_return_terms",
     "new_running_stats",

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import GaussianTpxResult, IvwResult
+from .ops import DEFAULT_UCB, GaussianTpxResult, IvwResult
 
 
 def batch_variance(x: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ def ivw_combine(
     running_var_rp: Optional[Tensor] = None,
     momentum: float = 0.0,
     fixed_weight: Optional[float] = None,
-    ucb: float = 0.0,
+    ucb: float = DEFAULT_UCB,
 ) -> IvwResult:
     """Reference of tpx_ext.ivw_combine. Running buffers must be float64 (updated in place)."""
     g_lr, g_rp = g_lr.double(), g_rp.double()
@@ -114,7 +114,7 @@ def gaussian_tpx_backward(
     momentum: float = 0.0,
     fixed_weight: Optional[float] = None,
     check_sigma: bool = True,
-    ucb: float = 0.0,
+    ucb: float = DEFAULT_UCB,
 ) -> GaussianTpxResult:
     """Reference of tpx_ext.gaussian_tpx_backward."""
     d, eps, sigma, adv = d.double(), eps.double(), sigma.double(), adv.double()
@@ -124,3 +124,167 @@ def gaussian_tpx_backward(
     g_lr, g_rp = gaussian_per_sample(d, eps, sigma, adv)
     r = ivw_combine(g_lr, g_rp, running_var_lr, running_var_rp, momentum, fixed_weight, ucb)
     return GaussianTpxResult(r.g[:, :D], r.g[:, D:], r.k, r.var_lr, r.var_rp, r.nonfinite)
+
+
+# ------------------------------------------------------------------ matrix weights
+def covariance(x: Tensor, y: Tensor) -> Tensor:
+    """Unbiased cross-covariance [C1, C2] over dim 0 of finite x [B, C1], y [B, C2] (float64),
+    each shifted by its first row first (a constant column has exactly zero covariance)."""
+    B = x.shape[0]
+    if B < 2:
+        return x.new_zeros((x.shape[1], y.shape[1]))
+    x = x - x[:1]
+    y = y - y[:1]
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return x.T @ y / (B - 1)
+
+
+def robust_pinv_solve(A: Tensor, S: Tensor) -> Tensor:
+    """K = A S^+ for a symmetric PSD S [C, C], plus 0.5 (I - P) on the null space of S
+    (P projects onto its range): where S has zero variance in a direction, both estimators
+    are exact there and the weight is 0.5, as in the coordinate-wise rule. S is scaled to
+    unit diagonal before the eigendecomposition, so entries from 1e-60 to 1e60 keep their
+    relative precision; eigenvalues below C * 1e-12 of the largest count as zero."""
+    C = S.shape[0]
+    diag = S.diagonal().clamp_min(0)
+    live = diag > 0
+    inv_scale = torch.where(live, diag.rsqrt(), 0.0)
+    Sn = S * inv_scale[:, None] * inv_scale[None, :]
+    Sn = 0.5 * (Sn + Sn.T)
+    lam, U = torch.linalg.eigh(Sn)
+    keep = lam > max(C, 1) * 1e-12 * lam.abs().max().clamp_min(torch.finfo(S.dtype).tiny)
+    lam_inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    Sn_pinv = (U * lam_inv) @ U.T
+    P = (U * keep.to(S.dtype)) @ U.T  # projector onto the range of Sn
+    # K = A D^-1/2 Sn^+ D^-1/2 + 0.5 D^-1/2 (I - P) D^1/2 (null space in original coordinates);
+    # dead coordinates (zero variance in S) lie in the null space: weight 0.5 on them.
+    An = A * inv_scale[None, :]
+    K = An @ Sn_pinv * inv_scale[None, :]
+    scale = torch.where(live, diag.sqrt(), 0.0)
+    null = (torch.eye(C, dtype=S.dtype, device=S.device) - P) * inv_scale[:, None] * scale[None, :]
+    null = torch.where(live[:, None] & live[None, :], null, torch.eye(C, dtype=S.dtype, device=S.device) * (~live)[:, None])
+    return K + 0.5 * null
+
+
+def matrix_ivw_combine(
+    g_lr: Tensor,
+    g_rp: Tensor,
+    running: Optional[Tensor] = None,
+    momentum: float = 0.0,
+    ucb: float = DEFAULT_UCB,
+    cross: bool = False,
+    diagonal: bool = False,
+    shrink=None,
+) -> IvwResult:
+    """Matrix inverse-variance weighting of per-sample LR and RP gradients [B, C].
+
+    g_i = K g_LR,i + (I - K) g_RP,i with the K that minimises the covariance of g (in the
+    Loewner order, so for every linear map of g at once, e.g. the node's Jacobian to the
+    parameters): K = S_RP (S_LR + S_RP)^+ from the batch's C x C covariances; with
+    `cross`, also the LR-RP cross-covariance X = Cov(LR, RP) (they share samples):
+    K = (S_RP - X^T) (S_LR + S_RP - X - X^T)^+. ucb > 0 inflates each estimator's
+    covariance as F S F, F = diag(sqrt(bound / var)) from `variance_bound` (the
+    coordinate-wise upper bounds). `running` [3, C, C] float64 (LR, RP, cross; NaN: no data
+    yet) holds exponential moving averages of momentum `momentum`, updated in place.
+    Non-finite coordinates: LR non-finite -> that coordinate takes RP (k = 0), RP
+    non-finite -> LR (k = 1), both -> gradient 0 (k NaN, counted); they are left out of
+    the matrix, and no other coordinate mixes them in. k [C] is diag(K).
+    """
+    g_lr, g_rp = g_lr.double(), g_rp.double()
+    B, C = g_lr.shape
+    var_lr, var_rp = batch_variance(g_lr), batch_variance(g_rp)
+    ok_lr, ok_rp = torch.isfinite(var_lr), torch.isfinite(var_rp)
+    good = ok_lr & ok_rp
+    idx = good.nonzero()[:, 0]
+    a = torch.where(torch.isfinite(g_lr), g_lr, 0.0)
+    b = torch.where(torch.isfinite(g_rp), g_rp, 0.0)
+    ag, bg = a[:, idx], b[:, idx]
+    S = torch.stack([covariance(ag, ag), covariance(bg, bg), covariance(ag, bg)])
+    if ucb:
+        f_lr = (variance_bound(ag, var_lr[idx], ucb) / var_lr[idx]).sqrt()
+        f_rp = (variance_bound(bg, var_rp[idx], ucb) / var_rp[idx]).sqrt()
+        f_lr = torch.where(var_lr[idx] > 0, f_lr, 1.0)
+        f_rp = torch.where(var_rp[idx] > 0, f_rp, 1.0)
+        S = S * torch.stack([f_lr[:, None] * f_lr, f_rp[:, None] * f_rp, f_lr[:, None] * f_rp])
+    if running is not None:
+        sub = running[:, idx[:, None], idx[None, :]]
+        ema = torch.where(torch.isnan(sub), S, momentum * sub + (1 - momentum) * S)
+        ema = torch.where(torch.isfinite(S), ema, sub)
+        running[:, idx[:, None], idx[None, :]] = ema
+        S = torch.where(torch.isnan(ema), S, ema)
+    if shrink:  # Ledoit-Wolf: off-diagonal entries of the joint covariance toward 0
+        z = torch.cat([ag, bg], dim=1)
+        y = z - z.mean(0)
+        n = ag.shape[1]
+        J = torch.cat([torch.cat([S[0], S[2]], 1), torch.cat([S[2].T, S[1]], 1)], 0)
+        var_entries = ((y[:, :, None] * y[:, None, :] - J * (B - 1) / B) ** 2).mean(0) / B
+        off = ~torch.eye(2 * n, dtype=torch.bool)
+        if shrink == "coord":  # keep each coordinate's own LR-RP pair
+            same = torch.arange(2 * n) % max(n, 1)
+            off = off & (same[:, None] != same[None, :])
+        num = var_entries[off].sum()
+        den = (J[off] ** 2).sum()
+        lam = float((num / den).clamp(0, 1)) if den > 0 else 0.0
+        J = torch.where(off, (1 - lam) * J, J)
+        S = torch.stack([J[:n, :n], J[n:, n:], J[:n, n:]])
+    S_lr, S_rp, X = S
+    if diagonal:  # coordinate-wise weights (with the cross term where `cross`)
+        S_lr, S_rp, X = (torch.diag(m.diagonal()) for m in (S_lr, S_rp, X))
+    if cross:
+        Kg = robust_pinv_solve(S_rp - X.T, S_lr + S_rp - X - X.T)
+    else:
+        Kg = robust_pinv_solve(S_rp, S_lr + S_rp)
+    K = torch.zeros((C, C), dtype=torch.float64, device=g_lr.device)
+    K[idx[:, None], idx[None, :]] = Kg
+    diag = torch.where(ok_rp & ~ok_lr, 0.0, torch.where(ok_lr & ~ok_rp, 1.0, torch.nan))
+    K = torch.where(torch.eye(C, dtype=torch.bool, device=K.device) & ~good[:, None], torch.diag(diag), K)
+    k = K.diagonal().clone()
+    both_bad = ~ok_lr & ~ok_rp
+    Kz = torch.nan_to_num(K, nan=0.0)
+    g = b + (a - b) @ Kz.T
+    g = torch.where(both_bad[None, :], 0.0, g)
+    return IvwResult(g, k, var_lr, var_rp, both_bad.sum())
+
+
+def gaussian_comoments(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, groups: int = 2,
+                       ucb: float = DEFAULT_UCB):
+    """Reference of tpx_ext.gaussian_tpx_comoments: the joint batch covariance of a Gaussian
+    node's per-sample gradients z_i = [g_LR,i, g_RP,i], each over the node's first `groups`
+    coordinate groups (1: the D mu coordinates; 2: mu then sigma, C = 2D), so z has 2C columns.
+
+    Returns (cov [2C, 2C], bound [2C], finite [2C] bool), float64: cov the unbiased
+    covariance; a column with a non-finite sample is not finite, its row and column of cov
+    are 0 but for the diagonal, +inf (as `batch_variance`); bound is `variance_bound` of each
+    column's variance (+inf where not finite).
+    """
+    d, eps, sigma, adv = d.double(), eps.double(), sigma.double(), adv.double()
+    D = d.shape[1]
+    g_lr, g_rp = gaussian_per_sample(d, eps, sigma, adv)
+    cols = torch.cat([torch.arange(groups * D), 2 * D + torch.arange(groups * D)])
+    z = torch.cat([g_lr, g_rp], dim=1)[:, cols]
+    var = batch_variance(z)
+    finite = torch.isfinite(var)
+    zf = torch.where(finite[None, :], z, 0.0)
+    cov = covariance(zf, zf)
+    cov = torch.where(finite[:, None] & finite[None, :], cov, 0.0)
+    cov = cov + torch.diag(torch.where(finite, 0.0, torch.inf))
+    bound = variance_bound(zf, torch.where(finite, var, 0.0), ucb)
+    return cov, torch.where(finite, bound, torch.inf), finite
+
+
+def matrix_tpx_backward(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor,
+                        running: Optional[Tensor] = None, momentum: float = 0.0,
+                        ucb: float = DEFAULT_UCB, groups: int = 2):
+    """Reference of a tpx node's backward with matrix weights (Estimator("tpx")): the joint
+    covariance of `gaussian_comoments`, K from `tpx_ext.estimators.weights.matrix_weight`
+    (the float64 PyTorch solve the node itself runs), and g = K g_LR + (I - K) g_RP.
+    Returns (grad_mu [B, D], grad_sigma [B, D] or None for groups 1, K [C, C], cov)."""
+    from .estimators.weights import apply_matrix_weight, matrix_weight
+
+    D = d.shape[1]
+    cov, bound, finite = gaussian_comoments(d, eps, sigma, adv, groups, ucb)
+    KL = matrix_weight(cov, bound, finite, running, momentum)
+    g_lr, g_rp = gaussian_per_sample(d.double(), eps.double(), sigma.double(), adv.double())
+    g = apply_matrix_weight(g_lr[:, :groups * D], g_rp[:, :groups * D], KL)
+    return g[:, :D], (g[:, D:] if groups == 2 else None), KL[0], cov

@@ -39,6 +39,7 @@
 #define TPX_ISA base
 #define TPX_ISA_AVX2 0
 #include "tpx_cpu_kernels.inc"
+#include "tpx_cpu_comoments.inc"
 #undef TPX_ISA
 #undef TPX_ISA_AVX2
 
@@ -49,6 +50,7 @@
 #define TPX_ISA avx2
 #define TPX_ISA_AVX2 1
 #include "tpx_cpu_kernels.inc"
+#include "tpx_cpu_comoments.inc"
 #undef TPX_ISA
 #undef TPX_ISA_AVX2
 #pragma GCC pop_options
@@ -102,6 +104,23 @@ void chunk_combine(const Source& src, int64_t C, int64_t r0, int64_t r1, const d
                    bool mix) {
   return mix ? chunk_combine_mode<true>(src, C, r0, r1, k)
              : chunk_combine_mode<false>(src, C, r0, r1, k);
+}
+
+template <typename T>
+void chunk_comoments(const ComomentSource<T>& src, int64_t r0, int64_t r1, CoAccumulator& acc) {
+#if TPX_MULTIVERSION
+  if (kHaveAvx2) return avx2::chunk_comoments_isa(src, r0, r1, acc);
+#endif
+  base::chunk_comoments_isa(src, r0, r1, acc);
+}
+
+template <typename T>
+void chunk_comoment_fourth(const ComomentSource<T>& src, int64_t r0, int64_t r1,
+                           const double* centre, double* sum) {
+#if TPX_MULTIVERSION
+  if (kHaveAvx2) return avx2::chunk_comoment_fourth_isa(src, r0, r1, centre, sum);
+#endif
+  base::chunk_comoment_fourth_isa(src, r0, r1, centre, sum);
 }
 
 // Below this many elements one thread is faster than waking the pool.
@@ -188,6 +207,59 @@ void run_node_cpu(const Source& src, int64_t B, int64_t C, CoordinateBuffers& bu
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) chunk_combine(src, C, bound(c), bound(c + 1), k, mix);
   });
+}
+
+// gaussian_tpx_comoments on the CPU: co-moments of one chunk of rows per
+// thread (tpx_cpu_comoments.inc), merged in chunk order by Chan's formula;
+// then the covariance, the non-finite columns, and the bounds (pass 1b over
+// the same chunks where ucb > 0).
+constexpr int64_t kComomentGrain = 1 << 16;  // multiply-adds below which one thread runs
+
+template <typename T>
+void run_comoments_cpu(const ComomentSource<T>& src, int64_t B, double* cov, double* bound,
+                       bool* finite, double ucb) {
+  const int64_t K = src.columns();
+  const int64_t nchunks =
+      B * K * K / 2 < kComomentGrain
+          ? 1
+          : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / kCoBlock));
+  const auto bound_of = [&](int64_t c) { return B * c / nchunks; };
+  std::vector<CoAccumulator> parts(nchunks, CoAccumulator(K));
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) chunk_comoments(src, bound_of(c), bound_of(c + 1), parts[c]);
+  });
+  CoAccumulator& all = parts[0];
+  for (int64_t c = 1; c < nchunks; ++c) all.merge(parts[c]);
+
+  const int64_t Kp = all.Kp;
+  std::vector<char> bad(K);
+  std::vector<double> var(K), centre(2 * K);
+  for (int64_t a = 0; a < K; ++a) {
+    bad[a] = moments_bad(all.mean[a], all.m[a * Kp + a]);
+    var[a] = batch_variance(all.m[a * Kp + a], all.n, bad[a]);
+    centre[a] = all.mean[a];
+    centre[K + a] = inverse_variance_or_zero(var[a]);
+    finite[a] = !bad[a];
+  }
+  for (int64_t a = 0; a < K; ++a) {
+    for (int64_t b = a; b < K; ++b) {
+      const double v = comoment_covariance(all.m[a * Kp + b], all.n, bad[a], bad[b], a == b);
+      cov[a * K + b] = v;
+      cov[b * K + a] = v;
+    }
+  }
+
+  std::vector<double> sum_z2(K, 0.0);
+  if (ucb > 0.0 && B > 1) {
+    std::vector<std::vector<double>> sums(nchunks, std::vector<double>(K, 0.0));
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        chunk_comoment_fourth(src, bound_of(c), bound_of(c + 1), centre.data(), sums[c].data());
+    });
+    for (const auto& part : sums)
+      for (int64_t a = 0; a < K; ++a) sum_z2[a] += part[a];
+  }
+  for (int64_t a = 0; a < K; ++a) bound[a] = comoment_bound(var[a], bad[a], sum_z2[a], all.n, ucb);
 }
 
 // Large CPU outputs, recycled. A CPU tensor of more than a few hundred KiB
@@ -291,6 +363,13 @@ struct CpuRunner {
                   double momentum, bool check_valid) const {
     run_node_cpu(src, B, C, buf, momentum, check_valid);
   }
+
+  template <typename T>
+  void comoments(const ComomentSource<T>& src, int64_t B, at::Tensor& cov, at::Tensor& bound,
+                 at::Tensor& finite, double ucb) const {
+    run_comoments_cpu(src, B, cov.data_ptr<double>(), bound.data_ptr<double>(),
+                      finite.data_ptr<bool>(), ucb);
+  }
 };
 
 IvwResult ivw_combine_cpu(const at::Tensor& g_lr, const at::Tensor& g_rp,
@@ -311,6 +390,12 @@ GaussianResult gaussian_tpx_backward_cpu(const at::Tensor& d, const at::Tensor& 
                                     running_var_rp, momentum, fixed_weight, check_sigma, ucb);
 }
 
+ComomentsResult gaussian_tpx_comoments_cpu(const at::Tensor& d, const at::Tensor& eps,
+                                           const at::Tensor& sigma, const at::Tensor& adv,
+                                           int64_t groups, double ucb) {
+  return gaussian_tpx_comoments_impl(CpuRunner{}, d, eps, sigma, adv, groups, ucb);
+}
+
 }  // namespace
 
 std::string cpu_kernel_isa() {
@@ -325,6 +410,7 @@ int cpu_threads() { return at::get_num_threads(); }
 TORCH_LIBRARY_IMPL(tpx_ext, CPU, m) {
   m.impl("ivw_combine", &ivw_combine_cpu);
   m.impl("gaussian_tpx_backward", &gaussian_tpx_backward_cpu);
+  m.impl("gaussian_tpx_comoments", &gaussian_tpx_comoments_cpu);
 }
 
 }  // namespace tpx

@@ -60,6 +60,42 @@ struct Moments {
   }
 };
 
+// ---- Co-moments (gaussian_tpx_comoments) ------------------------------------------
+// One stream of K columns: n samples, the column means and the co-moments
+// M_ab = sum (z_a - mean_a)(z_b - mean_b) of the upper triangle, in rows of
+// Kp (K padded to whole blocks of kCoBlock columns, the CPU kernel's unit;
+// tpx_cpu_comoments.inc). Entries below the diagonal are not maintained.
+constexpr int64_t kCoBlock = 16;
+
+struct CoAccumulator {
+  explicit CoAccumulator(int64_t K)
+      : K(K), Kp((K + kCoBlock - 1) / kCoBlock * kCoBlock), mean(Kp, 0.0), m(Kp * Kp, 0.0) {}
+  int64_t K, Kp;
+  double n = 0.0;
+  std::vector<double> mean;
+  std::vector<double> m;
+
+  // Chan's merge of stream o into this one, entry by entry (comoment_merge),
+  // the means from the diagonal entries' merges.
+  void merge(const CoAccumulator& o) {
+    if (o.n == 0.0) return;
+    if (n == 0.0) {
+      *this = o;
+      return;
+    }
+    std::vector<double> merged(K);
+    for (int64_t a = 0; a < K; ++a) {
+      for (int64_t b = a; b < K; ++b) {
+        double mx = mean[a], my = mean[b];
+        comoment_merge(n, mx, my, m[a * Kp + b], o.n, o.mean[a], o.mean[b], o.m[a * Kp + b]);
+        if (a == b) merged[a] = mx;
+      }
+    }
+    std::copy(merged.begin(), merged.end(), mean.begin());
+    n += o.n;
+  }
+};
+
 // ---- Lanes: W at a time (vd) or one (double) -------------------------------------
 // GCC vector extensions: the same source compiles to SSE2 for the baseline
 // ISA and to AVX2 in the second copy of tpx_cpu_kernels.inc.

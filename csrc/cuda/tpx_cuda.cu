@@ -13,6 +13,7 @@
 
 #include "build_info.h"
 #include "tpx_cuda_kernels.cuh"
+#include "tpx_cuda_comoments.cuh"
 #include "tpx_cuda_node_args.h"
 #include "tpx_math.h"
 #include "tpx_ops.h"
@@ -49,6 +50,18 @@ struct CudaRunner {
     const at::Tensor ws = at::empty({plan.workspace_size()}, buf.k.options());
     launch_node(StreamLaunch{stream}, src, B, C, plan, ws.data_ptr<double>(), args);
   }
+
+  template <typename T>
+  void comoments(const ComomentSource<T>& src, int64_t B, at::Tensor& cov, at::Tensor& bound,
+                 at::Tensor& finite, double ucb) const {
+    const c10::cuda::CUDAGuard guard(cov.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const ComomentPlan plan = plan_comoments(B, src.columns(), sms, ucb > 0.0);
+    const at::Tensor ws = at::empty({plan.workspace_size()}, cov.options());
+    const ComomentArgs out{cov.data_ptr<double>(), bound.data_ptr<double>(), finite.data_ptr<bool>(), ucb};
+    launch_comoments(StreamLaunch{stream}, src, B, plan, ws.data_ptr<double>(), out);
+  }
 };
 
 IvwResult ivw_combine_cuda(const at::Tensor& g_lr, const at::Tensor& g_rp,
@@ -69,6 +82,12 @@ GaussianResult gaussian_tpx_backward_cuda(const at::Tensor& d, const at::Tensor&
                                     running_var_rp, momentum, fixed_weight, check_sigma, ucb);
 }
 
+ComomentsResult gaussian_tpx_comoments_cuda(const at::Tensor& d, const at::Tensor& eps,
+                                            const at::Tensor& sigma, const at::Tensor& adv,
+                                            int64_t groups, double ucb) {
+  return gaussian_tpx_comoments_impl(CudaRunner{}, d, eps, sigma, adv, groups, ucb);
+}
+
 }  // namespace
 
 int cuda_compiled_version() { return CUDART_VERSION; }
@@ -86,6 +105,7 @@ int cuda_driver_version() {
 TORCH_LIBRARY_IMPL(tpx_ext, CUDA, m) {
   m.impl("ivw_combine", &ivw_combine_cuda);
   m.impl("gaussian_tpx_backward", &gaussian_tpx_backward_cuda);
+  m.impl("gaussian_tpx_comoments", &gaussian_tpx_comoments_cuda);
 }
 
 }  // namespace tpx

@@ -140,6 +140,114 @@ inline void gaussian_grads(const std::vector<double>& d, const std::vector<doubl
   }
 }
 
+// ---- Co-moments (gaussian_tpx_comoments) -------------------------------------------
+
+struct ComomentReference {
+  std::vector<double> cov;    // [K, K]
+  std::vector<double> bound;  // [K]
+  std::vector<char> finite;   // [K]
+};
+
+// z [B, K] of a Gaussian node (tpx_ext.reference.gaussian_comoments): the LR
+// gradients of the first `groups` coordinate groups (mu, then sigma), then
+// the RP ones, from gaussian_grads (A / sigma first, as the kernels).
+inline std::vector<double> comoment_columns(const std::vector<double>& d,
+                                            const std::vector<double>& eps,
+                                            const std::vector<double>& sigma,
+                                            const std::vector<double>& adv, int64_t B, int64_t D,
+                                            int64_t groups) {
+  std::vector<double> lr, rp;
+  gaussian_grads(d, eps, sigma, adv, B, D, &lr, &rp);
+  const int64_t GC = groups * D, K = 2 * GC;
+  std::vector<double> z(B * K);
+  for (int64_t i = 0; i < B; ++i) {
+    for (int64_t q = 0; q < GC; ++q) {
+      z[i * K + q] = lr[i * 2 * D + q];
+      z[i * K + GC + q] = rp[i * 2 * D + q];
+    }
+  }
+  return z;
+}
+
+// The unbiased covariance of z [B, K], two-pass on the data shifted by their
+// first row (a constant column has exactly zero covariance); a column with a
+// non-finite entry (column_variance +inf) has +inf on the diagonal and 0 in
+// the rest of its row and column; B = 1: zeros. bound: column_bound of each
+// column's variance, +inf where not finite.
+inline ComomentReference comoment_reference(const std::vector<double>& z, int64_t B, int64_t K,
+                                            double ucb) {
+  ComomentReference r;
+  r.cov.assign(K * K, 0.0);
+  r.bound.assign(K, 0.0);
+  r.finite.assign(K, 0);
+  std::vector<double> mean(K, 0.0);
+  for (int64_t a = 0; a < K; ++a) {
+    const double var = column_variance(z, B, K, a);
+    r.finite[a] = std::isfinite(var);
+    r.bound[a] = r.finite[a] ? column_bound(z, B, K, a, var, ucb) : kInf;
+    if (!r.finite[a]) continue;
+    double sum = 0.0;
+    for (int64_t i = 0; i < B; ++i) sum += z[i * K + a] - z[a];
+    mean[a] = sum / static_cast<double>(B);
+  }
+  for (int64_t a = 0; a < K; ++a) {
+    for (int64_t b = 0; b < K; ++b) {
+      if (!r.finite[a] || !r.finite[b]) {
+        r.cov[a * K + b] = a == b ? kInf : 0.0;
+        continue;
+      }
+      if (B < 2) continue;
+      double q = 0.0;
+      for (int64_t i = 0; i < B; ++i)
+        q += (z[i * K + a] - z[a] - mean[a]) * (z[i * K + b] - z[b] - mean[b]);
+      r.cov[a * K + b] = q / static_cast<double>(B - 1);
+    }
+  }
+  return r;
+}
+
+// One op result (cov [K, K], bound [K], finite [K] as 0/1) against the
+// reference: the non-finite pattern and the zero rows of constant columns
+// exactly, the symmetry exactly, entries to tol relative to their scale
+// sqrt(var_a var_b), bounds to tol relative. `constant`: columns known to be
+// constant, whose finite rows and columns must be exactly 0.
+inline void compare_comoments(const char* what, const std::vector<double>& cov,
+                              const std::vector<double>& bound, const std::vector<char>& finite,
+                              const ComomentReference& ref, int64_t K, double tol,
+                              const std::vector<int64_t>& constant = {}) {
+  TEST_CHECK(static_cast<int64_t>(cov.size()) == K * K && static_cast<int64_t>(bound.size()) == K,
+             "%s", what);
+  for (int64_t a = 0; a < K; ++a) {
+    TEST_CHECK(finite[a] == ref.finite[a], "%s: finite[%lld] = %d, expected %d", what,
+               (long long)a, finite[a], ref.finite[a]);
+    TEST_CHECK(same(bound[a], ref.bound[a]) || std::fabs(bound[a] - ref.bound[a]) <= tol * std::fabs(ref.bound[a]),
+               "%s: bound[%lld] = %.17g, expected %.17g", what, (long long)a, bound[a], ref.bound[a]);
+  }
+  for (int64_t a = 0; a < K; ++a) {
+    for (int64_t b = 0; b < K; ++b) {
+      const double got = cov[a * K + b], want = ref.cov[a * K + b];
+      TEST_CHECK_SAME(got, cov[b * K + a], "%s: cov not symmetric at (%lld, %lld)", what,
+                      (long long)a, (long long)b);
+      if (!ref.finite[a] || !ref.finite[b]) {
+        TEST_CHECK_SAME(got, want, "%s: cov(%lld, %lld) of a non-finite column", what,
+                        (long long)a, (long long)b);
+        continue;
+      }
+      const double scale = std::sqrt(ref.cov[a * K + a] * ref.cov[b * K + b]);
+      TEST_CHECK(std::fabs(got - want) <= tol * scale || got == want,
+                 "%s: cov(%lld, %lld) = %.17g, expected %.17g (scale %.3g, tol %g)", what,
+                 (long long)a, (long long)b, got, want, scale, tol);
+    }
+  }
+  for (int64_t c : constant) {
+    for (int64_t b = 0; b < K; ++b) {
+      if (!ref.finite[b]) continue;
+      TEST_CHECK(cov[c * K + b] == 0.0, "%s: cov(%lld, %lld) = %.17g of a constant column", what,
+                 (long long)c, (long long)b, cov[c * K + b]);
+    }
+  }
+}
+
 // ---- Checks against the reference ------------------------------------------------
 
 // Compares one op result (as float64 values: g [B, C], k / var_lr / var_rp

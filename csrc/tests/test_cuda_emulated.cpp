@@ -1,5 +1,6 @@
-// The CUDA kernels (csrc/cuda/tpx_cuda_kernels.cuh), executed on the CPU
-// through the emulation shim (cuda_emulation.h), against the float64
+// The CUDA kernels (csrc/cuda/tpx_cuda_kernels.cuh, and those of
+// gaussian_tpx_comoments in csrc/cuda/tpx_cuda_comoments.cuh), executed on
+// the CPU through the emulation shim (cuda_emulation.h), against the float64
 // reference (reference.h). No GPU and no torch library are needed (only
 // c10's header-only Half and BFloat16), so the device code runs in every CI
 // run. Run by ctest (test_cuda_emulated).
@@ -21,6 +22,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -31,6 +33,7 @@
 #include "reference.h"
 // The shim must come first: the kernels header uses its built-ins.
 #include "cuda/tpx_cuda_kernels.cuh"
+#include "cuda/tpx_cuda_comoments.cuh"
 
 namespace {
 
@@ -314,6 +317,104 @@ void case_gaussian(int64_t B, int64_t D, int64_t sms, Mode mode, int64_t invalid
   if (o.running) check_running_values(what, r.run_lr, r.run_rp, ref_lr, ref_rp, 1e-10);
 }
 
+// ---- gaussian_tpx_comoments ----------------------------------------------------------
+
+// kSpecial: non-finite and constant columns (where D allows), and ucb = 2;
+// kScaled: columns of d and sigma scaled by 1e30 and 1e-30 (not float16,
+// whose range ends at 65504); kUcb: the bounds (pass 1b).
+enum class CoMode { kPlain, kSpecial, kScaled, kUcb };
+
+const char* co_mode_name(CoMode m) {
+  switch (m) {
+    case CoMode::kPlain: return "plain";
+    case CoMode::kSpecial: return "special";
+    case CoMode::kScaled: return "scaled";
+    default: return "ucb";
+  }
+}
+
+// The plan's invariants: every row in one chunk, no empty chunk, a
+// launchable grid, and the tile pairs enumerated one to one.
+void check_comoment_plan(const tpx::ComomentPlan& p, int64_t B, const std::string& what) {
+  TEST_CHECK(p.tiles * tpx::kCoTile >= p.K && (p.tiles - 1) * tpx::kCoTile < p.K, "%s", what.c_str());
+  TEST_CHECK(p.chunks >= 1 && p.chunks <= 65535 && p.chunks * p.rows_per_chunk >= B &&
+                 (p.chunks - 1) * p.rows_per_chunk < B,
+             "%s: %lld chunks of %lld rows", what.c_str(), (long long)p.chunks,
+             (long long)p.rows_per_chunk);
+  int64_t pair = 0;
+  for (int64_t ta = 0; ta < p.tiles; ++ta) {
+    for (int64_t tb = ta; tb < p.tiles; ++tb, ++pair) {
+      int64_t a = -1, b = -1;
+      tpx::tile_pair(pair, p.tiles, a, b);
+      TEST_CHECK(a == ta && b == tb && tpx::pair_index(ta, tb, p.tiles) == pair,
+                 "%s: tile pair %lld", what.c_str(), (long long)pair);
+    }
+  }
+  TEST_CHECK(pair == p.pairs, "%s: %lld pairs", what.c_str(), (long long)p.pairs);
+}
+
+template <typename T>
+void case_comoments(int64_t B, int64_t D, int64_t groups, int64_t sms, CoMode mode) {
+  if (mode == CoMode::kScaled && std::is_same_v<T, c10::Half>) mode = CoMode::kPlain;
+  const std::string what = "gaussian_tpx_comoments " + std::string(DType<T>::name) + " [" +
+                           std::to_string(B) + ", " + std::to_string(D) + "] groups=" +
+                           std::to_string(groups) + " sms=" + std::to_string(sms) + " " +
+                           co_mode_name(mode);
+  std::mt19937_64 rng(3000017 * B + 3011 * D + 17 * groups + sms);
+  std::normal_distribution<double> normal;
+  std::vector<double> d, eps, sigma, adv(B);
+  fill_node(d, eps, sigma, B, D, rng, 0.3);
+  for (int64_t i = 0; i < B; ++i) adv[i] = 0.5 + static_cast<double>(i % 7) + normal(rng);
+  const int64_t GC = groups * D, K = 2 * GC;
+  std::vector<int64_t> constant;  // columns of z that are constant
+  if (mode == CoMode::kSpecial && D >= 4) {
+    d[(B / 2) * D + 1] = kInf;      // RP of mu_1 (and sigma_1): not finite
+    eps[(B - 1) * D + 2] = kNaN;    // LR of mu_2 (and sigma_2, RP of sigma_2): not finite
+    for (int64_t i = 0; i < B; ++i) {
+      d[i * D + 3] = -0.75;  // RP of mu_3: constant
+      eps[i * D] = 0.0;      // LR of mu_0 and RP of sigma_0: constant 0
+    }
+    constant = {0, GC + 3};
+    if (groups == 2) constant.push_back(GC + D);
+  }
+  if (mode == CoMode::kScaled) {
+    const double scales[] = {1e30, 1e-30, 1.0};
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t j = 0; j < D; ++j) {
+        d[i * D + j] *= scales[j % 3];
+        sigma[i * D + j] *= scales[(j + 1) % 3];
+      }
+    }
+  }
+  const double ucb = mode == CoMode::kSpecial || mode == CoMode::kUcb ? 2.0 : 0.0;
+  const std::vector<T> t_d = to_dtype<T>(d), t_eps = to_dtype<T>(eps), t_sigma = to_dtype<T>(sigma);
+  const tpx_test::ComomentReference ref = tpx_test::comoment_reference(
+      tpx_test::comoment_columns(values(t_d), values(t_eps), values(t_sigma), adv, B, D, groups), B,
+      K, ucb);
+
+  // Outputs poisoned: signalling NaNs, and each finite flag the opposite of the expected one.
+  std::vector<double> cov(K * K, kSNaN), bound(K, kSNaN);
+  std::unique_ptr<bool[]> finite(new bool[K]);
+  for (int64_t a = 0; a < K; ++a) finite[a] = !ref.finite[a];
+  const tpx::ComomentPlan plan = tpx::plan_comoments(B, K, sms, ucb > 0.0);
+  check_comoment_plan(plan, B, what);
+  std::vector<double> ws(plan.workspace_size(), kSNaN);
+  const tpx::ComomentSource<T> src{t_d.data(), t_eps.data(), t_sigma.data(), adv.data(), D, groups};
+  tpx::launch_comoments(EmuLaunch{&what, &g_blocks}, src, B, plan, ws.data(),
+                        tpx::ComomentArgs{cov.data(), bound.data(), finite.get(), ucb});
+  std::vector<char> fin(finite.get(), finite.get() + K);
+  tpx_test::compare_comoments(what.c_str(), cov, bound, fin, ref, K, 1e-12, constant);
+  if (mode == CoMode::kScaled) {
+    for (int64_t a = 0; a < K; ++a)
+      TEST_CHECK(fin[a] && (B == 1 || cov[a * K + a] > 0.0),
+                 "%s: column %lld not finite and positive", what.c_str(), (long long)a);
+  }
+  if (mode == CoMode::kSpecial && D >= 4) {
+    TEST_CHECK(!fin[GC + 1] && !fin[2] && fin[0] && fin[GC + 3], "%s: special columns",
+               what.c_str());
+  }
+}
+
 // ---- The tiling, directly -----------------------------------------------------------
 
 // make_tiling's invariants for a shape and SM count: every element is in
@@ -441,7 +542,9 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // dtype (float32, float16, float64, bfloat16) and the mode (plain, running
 // statistics, fixed weight, special columns, ucb) rotate through the cases, so
 // that every dtype meets every mode across the grid. Then invalid sigma,
-// first, inside and last element, on a few shapes.
+// first, inside and last element, on a few shapes. Then gaussian_tpx_comoments
+// (case_comoments: plain, special columns, 1e30 / 1e-30 scales, ucb) on its
+// own grid, the same in CI and --full.
 // CI runs every (B, C) with B * C <= 1e6 at 7 SMs (row chunks > 1 for most),
 // and at 1 and 132 SMs those that need at most 300 blocks; --full runs all
 // 189 (B, C, sms), a few minutes.
@@ -491,6 +594,36 @@ int main(int argc, char** argv) {
     }
   }
   std::printf("  invalid sigma: flagged, running statistics untouched\n");
+
+  // gaussian_tpx_comoments: B (1, 2, and not a multiple of the 32-row panel)
+  // x D x groups; the mode rotates so that each meets every D and both group
+  // counts, the SM count (one row chunk, a few, many) and the dtype rotate
+  // too. Then a Dreamer latent node (2C = 120) with a long chunk per block,
+  // a matrix of more than 256 columns (2C = 280: 9 tiles) and 2C = 140 (5).
+  const auto tco = std::chrono::steady_clock::now();
+  const int64_t b0 = g_blocks;
+  const CoMode co_modes[] = {CoMode::kPlain, CoMode::kSpecial, CoMode::kScaled, CoMode::kUcb};
+  const int64_t co_Bs[] = {1, 2, 3, 33, 257, 1000};
+  const int64_t co_Ds[] = {1, 5, 30};
+  int co_cases = 0;
+  for (int bi = 0; bi < 6; ++bi) {
+    for (int di = 0; di < 3; ++di) {
+      for (int64_t groups : {int64_t{1}, int64_t{2}}) {
+        const int i = co_cases++;
+        const CoMode mode = co_modes[(bi + di) % 4];
+        with_dtype(i / 2 + i, [&](auto t) {
+          case_comoments<decltype(t)>(co_Bs[bi], co_Ds[di], groups, kSms[i % 3], mode);
+        });
+      }
+    }
+  }
+  case_comoments<float>(2500, 30, 2, 7, CoMode::kUcb);
+  case_comoments<float>(40, 70, 2, 7, CoMode::kSpecial);
+  case_comoments<double>(77, 70, 1, 1, CoMode::kScaled);
+  co_cases += 3;
+  cases += co_cases;
+  std::printf("  gaussian_tpx_comoments: %d cases, %lld blocks: ok (%.1f s)\n", co_cases,
+              (long long)(g_blocks - b0), seconds_since(tco));
   std::printf("test_cuda_emulated: %d cases, %lld blocks emulated, all passed (%.1f s)\n", cases,
               (long long)g_blocks, seconds_since(t0));
   return 0;

@@ -6,8 +6,8 @@
 // the float64 reference over a larger grid without torch.
 //
 // EmuRunner is CudaRunner (csrc/cuda/tpx_cuda.cu) on CPU tensors: the same
-// node_args, node_plan and launch_node, with the launches run by the
-// emulation shim.
+// node_args, node_plan and launch_node (and plan_comoments, launch_comoments
+// for gaussian_tpx_comoments_impl), with the launches run by the emulation shim.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -29,6 +29,7 @@
 // and before the kernels header, which uses it.
 #include "cuda_emulation.h"
 #include "cuda/tpx_cuda_kernels.cuh"
+#include "cuda/tpx_cuda_comoments.cuh"
 #include "cuda/tpx_cuda_node_args.h"
 
 namespace {
@@ -93,12 +94,26 @@ struct EmuRunner {
     for (const at::Tensor& t : {ws, buf.k, buf.var_lr, buf.var_rp}) poison(t);
     tpx::launch_node(EmuLaunch{}, src, B, C, plan, ws.data_ptr<double>(), args);
   }
+
+  // CudaRunner::comoments on CPU tensors, with the outputs and workspace poisoned.
+  template <typename T>
+  void comoments(const tpx::ComomentSource<T>& src, int64_t B, at::Tensor& cov, at::Tensor& bound,
+                 at::Tensor& finite, double ucb) const {
+    const tpx::ComomentPlan plan = tpx::plan_comoments(B, src.columns(), sms, ucb > 0.0);
+    const at::Tensor ws = at::empty({plan.workspace_size()}, cov.options());
+    for (const at::Tensor& t : {ws, cov, bound}) poison(t);
+    finite.fill_(true);
+    const tpx::ComomentArgs out{cov.data_ptr<double>(), bound.data_ptr<double>(),
+                                finite.data_ptr<bool>(), ucb};
+    tpx::launch_comoments(EmuLaunch{}, src, B, plan, ws.data_ptr<double>(), out);
+  }
 };
 
 // ---- The CPU op, through the dispatcher ----------------------------------------------
 
 using IvwOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using GaussOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using CoOut = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 IvwOut cpu_ivw(const at::Tensor& g_lr, const at::Tensor& g_rp, const OptTensor& run_lr,
                const OptTensor& run_rp, double momentum, std::optional<double> fixed,
@@ -122,6 +137,16 @@ GaussOut cpu_gaussian(const at::Tensor& d, const at::Tensor& eps, const at::Tens
                           const at::Tensor&, const OptTensor&, const OptTensor&, double,
                           std::optional<double>, bool, double)>();
   return op.call(d, eps, sigma, adv, run_lr, run_rp, momentum, fixed, check_sigma, ucb);
+}
+
+CoOut cpu_comoments(const at::Tensor& d, const at::Tensor& eps, const at::Tensor& sigma,
+                    const at::Tensor& adv, int64_t groups, double ucb) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("tpx_ext::gaussian_tpx_comoments", "")
+          .typed<CoOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       int64_t, double)>();
+  return op.call(d, eps, sigma, adv, groups, ucb);
 }
 
 // ---- Comparison ------------------------------------------------------------------------
@@ -270,10 +295,57 @@ void case_gaussian(const Setup& s, int64_t invalid_at = -1) {
   }
 }
 
+// gaussian_tpx_comoments: the emulated CUDA kernels behind the host driver
+// against the CPU op. Both accumulate in float64 from the same values, in
+// different orders: entries agree to 1e-12 of their scale sqrt(var_a var_b),
+// the bounds to 1e-12, the non-finite pattern and exact zeros exactly.
+void case_comoments(int64_t B, int64_t D, int64_t groups, int64_t sms, at::ScalarType dtype,
+                    double ucb, bool special) {
+  const std::string what = "gaussian_tpx_comoments " + std::string(c10::toString(dtype)) + " [" +
+                           std::to_string(B) + ", " + std::to_string(D) + "] groups=" +
+                           std::to_string(groups) + " sms=" + std::to_string(sms) +
+                           " ucb=" + std::to_string(ucb) + (special ? " special" : "");
+  const char* w = what.c_str();
+  at::manual_seed(B * 7907 + D * 13 + groups);
+  at::Tensor d = at::randn({B, D}, at::kDouble);
+  at::Tensor eps = at::randn({B, D}, at::kDouble);
+  at::Tensor sigma = at::rand({B, D}, at::kDouble) * 1.7 + 0.3;
+  const at::Tensor adv = at::randn({B}, at::kDouble).to(at::kFloat);
+  if (special && D >= 3) {
+    d.index_put_({B / 2, 0}, kInf);       // RP of mu_0: not finite
+    eps.index_put_({B - 1, 1}, kNaN);     // LR of mu_1: not finite
+    d.select(1, 2).fill_(2.5);            // RP of mu_2: constant
+  }
+  d = d.to(dtype), eps = eps.to(dtype), sigma = sigma.to(dtype);
+  // Non-contiguous inputs: the host driver makes them contiguous.
+  const at::Tensor d_t = d.t().contiguous().t();
+  const auto [ce, be, fe] =
+      tpx::gaussian_tpx_comoments_impl(EmuRunner{sms}, d_t, eps, sigma, adv, groups, ucb);
+  const auto [cc, bc, fc] = cpu_comoments(d, eps, sigma, adv, groups, ucb);
+  const int64_t K = 2 * groups * D;
+  TEST_CHECK(ce.sizes() == at::IntArrayRef({K, K}) && be.numel() == K && fe.numel() == K &&
+                 fe.scalar_type() == at::kBool && ce.scalar_type() == at::kDouble,
+             "%s: output shapes or dtypes", w);
+  TEST_CHECK(at::equal(fe, fc), "%s: finite differs", w);
+  const std::vector<double> cv = values(ce), cw = values(cc), bv = values(be), bw = values(bc);
+  for (int64_t a = 0; a < K; ++a) {
+    TEST_CHECK(tpx_test::same(bv[a], bw[a]) || std::fabs(bv[a] - bw[a]) <= 1e-12 * std::fabs(bw[a]),
+               "%s: bound[%lld] = %.17g vs %.17g", w, (long long)a, bv[a], bw[a]);
+    for (int64_t b = 0; b < K; ++b) {
+      const double x = cv[a * K + b], y = cw[a * K + b];
+      const double scale = std::sqrt(std::fabs(cw[a * K + a] * cw[b * K + b]));
+      TEST_CHECK(tpx_test::same(x, y) || std::fabs(x - y) <= 1e-12 * scale,
+                 "%s: cov(%lld, %lld) = %.17g vs %.17g", w, (long long)a, (long long)b, x, y);
+      if (y == 0.0 || std::isinf(y)) TEST_CHECK_SAME(x, y, "%s: cov(%lld, %lld)", w, (long long)a, (long long)b);
+    }
+  }
+}
+
 }  // namespace
 
 // Every dtype and mode on shapes with one row chunk (sms = 1) and with
-// several (7, 132 SMs), both ops; then an invalid sigma.
+// several (7, 132 SMs), both ops; then an invalid sigma; then
+// gaussian_tpx_comoments, every dtype, groups 1 and 2, ucb 0 and 2.
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   std::printf("test_cuda_emulated_ops\n");
@@ -293,6 +365,13 @@ int main() {
     case_gaussian(Setup{B, C, sms, at::kFloat, 1, 2.0}, B * C - 1);
     case_gaussian(Setup{B, C, sms, at::kDouble, 1}, 0);
     cases += 2;
+  }
+  const int64_t co_shapes[][3] = {{1, 3, 1}, {2, 1, 7}, {33, 5, 7}, {257, 30, 132}, {1000, 6, 1}};
+  for (const auto& [B, D, sms] : co_shapes) {
+    for (int t = 0; t < 4; ++t) {  // each (groups, ucb) once per shape, special with both groups
+      case_comoments(B, D, 1 + (t + t / 2) % 2, sms, dtypes[t], (t % 2) * 2.0, t >= 2);
+      ++cases;
+    }
   }
   std::printf("test_cuda_emulated_ops: %d cases, emulated CUDA kernels agree with the CPU op\n",
               cases);

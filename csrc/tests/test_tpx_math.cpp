@@ -846,6 +846,129 @@ void test_mix_and_gaussian_per_sample() {
 
 }  // namespace
 
+// Co-moments (gaussian_tpx_comoments): comoment_add over panels of a stream
+// and comoment_merge of streams agree with the two-pass co-moment, away from
+// the origin (means +-1e3 with spreads 1 and 0.6: to 8 eps n cond of the
+// scale, as test_shifted_sums); a constant column's co-moments are
+// exactly 0; a non-finite sample spoils only its own column; the covariance
+// and bound of a bad column; ComomentSource's columns.
+void test_comoments() {
+  const size_t n = 1001;
+  std::mt19937_64 rng(11);
+  std::normal_distribution<double> normal;
+  std::vector<double> x(n), y(n), c(n, -3.25);
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = 1e3 + normal(rng);
+    y[i] = -1e3 + 0.5 * normal(rng) + 0.3 * (x[i] - 1e3);
+  }
+  auto two_pass = [&](const std::vector<double>& u, const std::vector<double>& v) {
+    long double mu = 0.0L, mv = 0.0L, q = 0.0L;
+    for (size_t i = 0; i < n; ++i) mu += u[i], mv += v[i];
+    mu /= n, mv /= n;
+    for (size_t i = 0; i < n; ++i) q += (u[i] - mu) * (v[i] - mv);
+    return static_cast<double>(q);
+  };
+  // One stream, panels of P samples shifted by the running means (the kernels' pattern).
+  auto panels = [&](const std::vector<double>& u, const std::vector<double>& v, size_t P, double& mu,
+                    double& mv) {
+    double m = 0.0, k = 0.0;
+    mu = u[0], mv = v[0];
+    for (size_t i0 = 0; i0 < n; i0 += P) {
+      const size_t nb = std::min(P, n - i0);
+      double su = 0.0, sv = 0.0, s2 = 0.0;
+      for (size_t i = i0; i < i0 + nb; ++i) su += u[i] - mu, sv += v[i] - mv, s2 += (u[i] - mu) * (v[i] - mv);
+      tpx::comoment_add(k, static_cast<double>(nb), su, sv, s2, m);
+      mu += su / (k + nb), mv += sv / (k + nb);
+      k += nb;
+    }
+    return m;
+  };
+  const double want = two_pass(x, y), scale = std::sqrt(two_pass(x, x) * two_pass(y, y));
+  const double cond = 1.0 + 1e3 / std::sqrt(two_pass(y, y) / n);
+  const double tol = 8.0 * DBL_EPSILON * static_cast<double>(n) * cond;
+  for (size_t P : {size_t{1}, size_t{7}, size_t{32}, n}) {
+    double mu, mv;
+    const double got = panels(x, y, P, mu, mv);
+    TEST_CHECK(std::fabs(got - want) <= tol * scale, "panels of %zu: %.17g vs %.17g", P, got, want);
+    TEST_CHECK(panels(c, x, P, mu, mv) == 0.0 && mu == -3.25, "constant column, panels of %zu", P);
+    TEST_CHECK(panels(x, c, P, mu, mv) == 0.0 && mv == -3.25, "constant column, panels of %zu", P);
+    TEST_CHECK(panels(c, c, P, mu, mv) == 0.0, "constant column, panels of %zu", P);
+  }
+  // Streams of blocks (one sample, 10, 333: the last one shorter), each
+  // summed about its first sample, merged by Chan's formula in order; and a
+  // constant column (-3.25) with itself.
+  for (size_t blk : {size_t{1}, size_t{10}, size_t{333}}) {
+    double N = 0.0, mx = 0.0, my = 0.0, m = 0.0, cx = -3.25, cy = -3.25, cm = 0.0;
+    for (size_t i0 = 0; i0 < n; i0 += blk) {
+      const double nb = static_cast<double>(std::min(blk, n - i0));
+      double bx = x[i0], by = y[i0], su = 0.0, sv = 0.0, s2 = 0.0, mb = 0.0;
+      for (size_t i = i0; i < i0 + static_cast<size_t>(nb); ++i)
+        su += x[i] - bx, sv += y[i] - by, s2 += (x[i] - bx) * (y[i] - by);
+      tpx::comoment_add(0.0, nb, su, sv, s2, mb);
+      bx += su / nb, by += sv / nb;
+      if (i0 == 0) {
+        mx = bx, my = by, m = mb;
+      } else {
+        tpx::comoment_merge(N, mx, my, m, nb, bx, by, mb);
+        tpx::comoment_merge(N, cx, cy, cm, nb, -3.25, -3.25, 0.0);
+      }
+      N += nb;
+    }
+    TEST_CHECK(std::fabs(m - want) <= tol * scale, "merged blocks of %zu: %.17g vs %.17g", blk, m, want);
+    TEST_CHECK(cm == 0.0 && cx == -3.25 && cy == -3.25, "merged constant blocks of %zu", blk);
+  }
+  // Merging with a = b is chan_merge.
+  double ma = 1.0, mb = 1.0, m = 2.0, cm = 1.0, c2 = 2.0;
+  tpx::comoment_merge(3.0, ma, mb, m, 2.0, 4.0, 4.0, 1.5);
+  tpx::chan_merge(3.0, cm, c2, 2.0, 4.0, 1.5);
+  TEST_CHECK(ma == cm && mb == cm && m == c2, "comoment_merge(a, a) = chan_merge");
+  // A non-finite sample: its column is bad, the other keeps its moments.
+  {
+    std::vector<double> u = x;
+    u[500] = kInf;
+    double mu, mv;
+    const double muu = panels(u, u, 32, mu, mv);
+    double mv2, mx2;
+    const double myy = panels(y, y, 32, mv2, mx2);
+    TEST_CHECK(tpx::moments_bad(mu, muu) && !tpx::moments_bad(mv2, myy), "one bad column");
+  }
+  // Covariance entries and bounds.
+  TEST_CHECK(tpx::comoment_covariance(8.0, 5.0, false, false, false) == 2.0);
+  TEST_CHECK(tpx::comoment_covariance(-8.0, 5.0, false, false, false) == -2.0);
+  TEST_CHECK(tpx::comoment_covariance(-8.0, 5.0, false, false, true) == 0.0);  // clamped diagonal
+  TEST_CHECK(tpx::comoment_covariance(8.0, 1.0, false, false, false) == 0.0);
+  TEST_CHECK(tpx::comoment_covariance(kNaN, 5.0, true, false, false) == 0.0);
+  TEST_CHECK(tpx::comoment_covariance(kNaN, 5.0, false, true, false) == 0.0);
+  TEST_CHECK(tpx::comoment_covariance(kNaN, 5.0, true, true, true) == kInf);
+  TEST_CHECK(tpx::comoment_bound(3.0, true, 1.0, 5.0, 2.0) == kInf);
+  TEST_CHECK(tpx::comoment_bound(3.0, false, 0.0, 5.0, 0.0) == 3.0);
+  TEST_CHECK(tpx::comoment_bound(3.0, false, 10.0, 5.0, 2.0) == tpx::variance_bound(3.0, 10.0, 5.0, 2.0));
+
+  // ComomentSource: B = 2, D = 2; groups 2: [LR mu, LR sigma, RP mu, RP sigma].
+  const double d[] = {4.0, -1.0, 0.5, 2.0};
+  const double eps[] = {0.5, 2.0, -1.0, 0.0};
+  const double sigma[] = {2.0, 0.25, 1.0, 4.0};
+  const double adv[] = {2.0, -4.0};
+  for (int64_t groups : {int64_t{1}, int64_t{2}}) {
+    const tpx::ComomentSource<double> src{d, eps, sigma, adv, 2, groups};
+    const int64_t K = src.columns();
+    TEST_CHECK(K == 4 * groups, "columns");
+    for (int64_t i = 0; i < 2; ++i) {
+      double z[8];
+      src.row(i, z);
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t e = i * 2 + j, gc = groups * 2;
+        const double a_s = adv[i] / sigma[e];
+        TEST_CHECK(z[j] == a_s * eps[e] && z[gc + j] == d[e], "groups %lld row %lld", (long long)groups, (long long)i);
+        if (groups == 2)
+          TEST_CHECK(z[2 + j] == a_s * (eps[e] * eps[e] - 1.0) && z[gc + 2 + j] == d[e] * eps[e], "sigma columns");
+      }
+      for (int64_t col = 0; col < K; ++col) TEST_CHECK(src.value(i, col) == z[col], "value(%lld, %lld)", (long long)i, (long long)col);
+    }
+  }
+  std::printf("  comoments: panels and Chan merges vs two-pass, constant and bad columns, sources\n");
+}
+
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);  // keep progress and failures in order
   std::printf("test_tpx_math\n");
@@ -866,6 +989,7 @@ int main() {
   test_merge_equal_streams();
   test_refine_reciprocal();
   test_mix_and_gaussian_per_sample();
+  test_comoments();
   std::printf("test_tpx_math: all checks passed\n");
   return 0;
 }

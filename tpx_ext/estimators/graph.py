@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..ops import new_running_stats
 from .node import GaussianNode, Node, NodeStats
 from .returns import returns_to_go
-from .weights import DEFAULT_UCB, WeightRule
+from .weights import DEFAULT_UCB, DEFAULT_WEIGHTS, WeightRule
 
 MODES = ("rp", "lr", "mix", "tp", "tpx")
 
@@ -33,21 +33,29 @@ class Estimator:
     mode: "rp" (backprop through the model), "lr" (REINFORCE with baselines),
         "mix" (rho * LR + (1 - rho) * RP at every node, with total propagation),
         "tp" (2018: one inverse-variance weight per node from per-sample parameter
-        gradients; O(B x P), small models only), "tpx" (coordinate-wise inverse-variance
-        weight at every node, with total propagation).
+        gradients; O(B x P), small models only), "tpx" (inverse-variance weights at every
+        node, with total propagation).
     rho: the weight on LR; "mix" only, in [0, 1].
+    weights: "tpx" only: "matrix" (default) weighs the node's per-sample LR and RP
+        gradients with matrices from their joint batch covariance (cross-covariance
+        included), K = (S_RP - X^T)(S_LR + S_RP - X - X^T)^+: the combination of least
+        variance for every linear map of the node's gradient, so coordinates that move
+        together are weighed together; "coordinate": the paper's rule, one weight per
+        coordinate from the two variances, k = v_RP / (v_LR + v_RP) (docs/TPX.md sec. 2).
     momentum: "tpx" only, in [0, 1): the weights use exponential moving averages of the
-        variances, kept per node (name, step) across graphs; 0 uses batch statistics,
-        whose correlation with the batch they weight biases tpx by O(1/B) (docs/API.md).
-    ucb: "tpx" only, >= 0 (default 2): each variance is replaced by its batch value plus
-        `ucb` standard errors of it (from the batch's 4th moment), which raises the
-        variance of a heavy-tailed estimator in the batches where its outliers would leak
-        into the combined gradient (`tpx_ext.estimators.weights`); 0: plain variances.
+        node's statistics, kept per node (name, step) across graphs; 0 uses batch
+        statistics, whose correlation with the batch they weight biases tpx by O(1/B)
+        (docs/API.md).
+    ucb: "tpx" only, >= 0 (default 2): each variance is raised by `ucb` standard errors of
+        it (from the batch's 4th moment), which raises the variance of a heavy-tailed
+        estimator in the batches where its outliers would leak into the combined gradient
+        (`tpx_ext.estimators.weights`); 0: plain variances.
     check_sigma: raise in backward if a sigma is <= 0, inf or NaN.
     """
 
     def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: float = 0.0,
-                 ucb: Optional[float] = None, check_sigma: bool = True):
+                 ucb: Optional[float] = None, weights: Optional[str] = None,
+                 check_sigma: bool = True):
         if mode not in MODES:
             raise ValueError(f"unknown estimator mode {mode!r}; valid modes: {', '.join(MODES)}")
         if (rho is not None) != (mode == "mix"):
@@ -60,12 +68,16 @@ class Estimator:
             raise ValueError(f"momentum applies to mode 'tpx' only (mode {mode!r})")
         if ucb is not None and mode != "tpx":
             raise ValueError(f"ucb applies to mode 'tpx' only (mode {mode!r})")
-        self.rule = WeightRule(momentum, DEFAULT_UCB if ucb is None else ucb)
+        if weights is not None and mode != "tpx":
+            raise ValueError(f"weights applies to mode 'tpx' only (mode {mode!r})")
+        self.rule = WeightRule(momentum, DEFAULT_UCB if ucb is None else ucb,
+                               DEFAULT_WEIGHTS if weights is None else weights)
         self.rule.validate()
         self.mode, self.rho, self.momentum, self.check_sigma = mode, rho, momentum, check_sigma
         self.ucb = self.rule.ucb if mode == "tpx" else None
-        # (name, step) -> (var_lr, var_rp) float64 EMA buffers of the node's 2D coordinates.
-        self.running_stats: Dict[Tuple[str, int], Tuple[Tensor, Tensor]] = {}
+        # (name, step) -> float64 EMA buffers of the node's 2D coordinates: matrix weights
+        # [3, 2D, 2D] (LR, RP, LR-RP cross covariances), coordinate weights (var_lr, var_rp).
+        self.running_stats: Dict[Tuple[str, int], object] = {}
 
     def graph(self, generator: Optional[torch.Generator] = None) -> "StochasticGraph":
         """A new graph for one gradient; `generator` draws the eps of its nodes."""
@@ -75,6 +87,8 @@ class Estimator:
         extra = f", rho={self.rho}" if self.mode == "mix" else ""
         extra += f", momentum={self.momentum}" if self.momentum else ""
         extra += f", ucb={self.ucb}" if self.mode == "tpx" and self.ucb != DEFAULT_UCB else ""
+        if self.mode == "tpx" and self.rule.weights != DEFAULT_WEIGHTS:
+            extra += f", weights={self.rule.weights!r}"
         return f"Estimator({self.mode!r}{extra})"
 
 
@@ -92,7 +106,7 @@ class StochasticGraph:
         self._generator = generator
         self._batch: Optional[int] = None
         self._device: Optional[torch.device] = None  # of the first mu or objective term
-        self._nodes: List[Tuple[Node, Optional[Tensor]]] = []  # (node, baseline)
+        self._nodes: List[Tuple[Node, Union[Tensor, str, None]]] = []  # (node, baseline)
         self._outputs: List[Tensor] = []  # node outputs, each seeded in backward
         self._terms: Dict[int, Tensor] = {}
         self.stats: List[NodeStats] = []
@@ -100,14 +114,18 @@ class StochasticGraph:
         self._done = False
 
     # ----------------------------------------------------------------- building
-    def sample(self, mu: Tensor, sigma: Tensor, step: int, *, baseline: Optional[Tensor] = None,
+    def sample(self, mu: Tensor, sigma: Tensor, step: int, *,
+               baseline: Union[Tensor, str, None] = None,
                name: Optional[str] = None, eps: Optional[Tensor] = None,
                source: Optional[Source] = None) -> Tensor:
         """Draw x = mu + sigma * eps, eps ~ N(0, I), as a node of step `step`.
 
         mu, sigma: [B, *event], same shape, dtype and device (expand a shared sigma).
         step: the node is credited with the objective terms of steps >= step.
-        baseline: [B] b_t for the LR gradient (detached; default 0).
+        baseline: [B] b_t for the LR gradient (detached; default 0), or "leave-one-out":
+            b_t,i = the mean of the other samples' returns-to-go G_t,j (j != i), which
+            needs no value function and keeps LR unbiased (independent samples; the
+            baseline of proppo's TP demos and of RLOO).
         name: identifies the node with `step` (for running statistics and diagnostics);
             default "node<n>", n counting the nodes of that step.
         eps: the standard-normal noise to use instead of a fresh draw.
@@ -128,7 +146,11 @@ class StochasticGraph:
             raise ValueError(f"sample: mu and sigma must be floating tensors of one dtype and device, "
                              f"got {mu.dtype}/{mu.device} and {sigma.dtype}/{sigma.device}")
         B = self._check_batch(mu.shape[0], "mu", mu)
-        if baseline is not None:
+        if isinstance(baseline, str):
+            if baseline != "leave-one-out" or B < 2:
+                raise ValueError(f"sample: baseline must be a [B] tensor or 'leave-one-out' "
+                                 f"(batch >= 2), got {baseline!r} with batch {B}")
+        elif baseline is not None:
             if not isinstance(baseline, Tensor) or baseline.shape != (B,):
                 shape = tuple(baseline.shape) if isinstance(baseline, Tensor) else type(baseline)
                 raise ValueError(f"sample: baseline must have shape ({B},), got {shape}")
@@ -232,6 +254,8 @@ class StochasticGraph:
             G = torch.zeros((1, B), device=self._device)
         for node, baseline in self._nodes:
             G_t = G[bisect.bisect_left(steps, node.stats.step)]
+            if isinstance(baseline, str):  # leave-one-out
+                baseline = (G_t.sum() - G_t) / (B - 1)
             adv = G_t if baseline is None else G_t - baseline
             node.stats.adv = adv
             node.adv = adv / B  # J averages over the batch; d carries the same 1/B
@@ -273,9 +297,13 @@ class StochasticGraph:
             return None
         coords = 2 * mu[0].numel()
         buffers = est.running_stats.get((name, step))
+        if buffers is None and est.rule.weights != "coordinate":  # (LR, RP, cross) C x C
+            buffers = est.running_stats[(name, step)] = torch.full(
+                (3, coords, coords), float("nan"), dtype=torch.float64, device=mu.device)
+            return buffers
         if buffers is None:
             buffers = est.running_stats[(name, step)] = new_running_stats(coords, mu.device)
-        elif buffers[0].numel() != coords or buffers[0].device != mu.device:
+        elif buffers[0].shape[0] != coords or buffers[0].device != mu.device:
             raise ValueError(f"sample: node {name!r} at step {step} has {coords} coordinates on "
                              f"{mu.device}, but its running statistics have {buffers[0].numel()} "
                              f"on {buffers[0].device}")

@@ -15,9 +15,19 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..ops import gaussian_tpx_backward
+from ..ops import gaussian_tpx_backward, gaussian_tpx_comoments
 from .tp import tp_weight
-from .weights import WeightRule
+from .weights import WeightRule, apply_matrix_weight, matrix_weight
+
+
+def per_sample_gradients(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, groups: int = 2):
+    """float64 per-sample (LR, RP) gradients [B, groups * D] of a Gaussian node (TPX.md sec. 1):
+    the mu coordinates, then (groups 2) the sigma coordinates."""
+    d, eps, sigma = d.double(), eps.double(), sigma.double()
+    a = adv.double()[:, None]
+    g_lr = [a * eps / sigma, a * (eps * eps - 1) / sigma][:groups]
+    g_rp = [d, d * eps][:groups]
+    return torch.cat(g_lr, dim=1), torch.cat(g_rp, dim=1)
 
 
 @dataclass(eq=False)
@@ -58,7 +68,7 @@ class Node:
     source: Optional[Tuple[nn.Module, Tuple[Tensor, ...]]]  # tp mode: module(*inputs) = (mu, sigma)
     adv: Optional[Tensor] = None  # [B] kernel advantages, set by StochasticGraph.backward
 
-    def combine(self, d: Tensor, eps: Tensor, sigma: Tensor) -> Tuple[Tensor, Tensor]:
+    def combine(self, d: Tensor, eps: Tensor, sigma: Tensor, needs_sigma: bool = True) -> Tuple[Tensor, Tensor]:
         if self.adv is None:
             raise RuntimeError(
                 f"node {self.stats.name!r} (step {self.stats.step}): its backward ran before its "
@@ -73,6 +83,23 @@ class Node:
                 return torch.zeros_like(d), torch.zeros_like(d)
             fixed = float(k)
         flat = (d.reshape(B, -1), eps.reshape(B, -1), sigma.reshape(B, -1), self.adv)
+        if fixed is None and self.rule.weights in ("matrix", "matrix-ridge"):
+            return self._matrix_combine(*flat, needs_sigma, d.shape)
+        if fixed is None and self.rule.weights not in ("coordinate", "matrix", "matrix-ridge"):
+            # study prototypes (float64 reference): coordinate-cross, matrix-cross/-nocross/-lw
+            from .. import reference
+            g_lr, g_rp = reference.gaussian_per_sample(*(t.double() for t in flat))
+            D = flat[0].shape[1]
+            C = 2 * D if needs_sigma else D
+            running = self.running[:, :C, :C] if self.running is not None else None
+            w = self.rule.weights
+            r = reference.matrix_ivw_combine(
+                g_lr[:, :C], g_rp[:, :C], running, self.rule.momentum, self.rule.ucb,
+                w in ("matrix-cross", "coordinate-cross") or "lw" in w, w.startswith("coordinate"),
+                {"matrix-lw": "all", "matrix-lwc": "coord"}.get(w))
+            self._record(r.k, r.var_lr, r.var_rp, r.nonfinite)
+            gs = r.g[:, D:] if C == 2 * D else None
+            return r.g[:, :D].to(d.dtype).view(d.shape), gs.to(d.dtype).view(d.shape) if gs is not None else None
         if fixed is None:  # tpx
             running = self.running if self.running is not None else (None, None)
             r = gaussian_tpx_backward(*flat, *running, self.rule.momentum, None,
@@ -82,6 +109,26 @@ class Node:
         if self.source is None:  # tpx, lr, mix (tp recorded its own statistics above)
             self._record(r.k, r.var_lr, r.var_rp, r.nonfinite)
         return r.grad_mu.view(d.shape), r.grad_sigma.view(d.shape)
+
+    def _matrix_combine(self, d, eps, sigma, adv, needs_sigma: bool, shape):
+        """tpx with matrix weights: the joint covariance from the fused op, K from it in
+        float64 PyTorch (`weights.matrix_weight`), the per-sample combination in float64.
+        Where sigma needs no gradient (a fixed noise scale), its coordinates are left out."""
+        if self.check_sigma and not bool(((sigma > 0) & torch.isfinite(sigma)).all()):
+            raise ValueError("tpx node: sigma must be finite and > 0 everywhere (found an entry "
+                             "<= 0, inf or NaN); pass check_sigma=False to skip this check")
+        D, groups = d.shape[1], 2 if needs_sigma else 1
+        C = groups * D
+        r = gaussian_tpx_comoments(d, eps, sigma, adv, groups, self.rule.ucb)
+        running = self.running[:, :C, :C] if self.running is not None else None  # a view
+        KL = matrix_weight(r.cov, r.bound, r.finite, running, self.rule.momentum,
+                           self.rule.weights == "matrix-ridge")
+        g_lr, g_rp = per_sample_gradients(d, eps, sigma, adv, groups)
+        g = apply_matrix_weight(g_lr, g_rp, KL).to(d.dtype)
+        var, k = r.cov.diagonal(), KL[0].diagonal()
+        self._record(k, var[:C], var[C:], torch.isnan(k).sum())
+        grad_sigma = g[:, D:].reshape(shape) if needs_sigma else None
+        return g[:, :D].reshape(shape), grad_sigma
 
     def _record(self, k, var_lr, var_rp, nonfinite):
         s = self.stats
@@ -101,5 +148,5 @@ class GaussianNode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, d: Tensor):
         eps, sigma = ctx.saved_tensors
-        grad_mu, grad_sigma = ctx.node.combine(d, eps, sigma)
+        grad_mu, grad_sigma = ctx.node.combine(d, eps, sigma, ctx.needs_input_grad[1])
         return grad_mu, grad_sigma, None, None

@@ -21,8 +21,18 @@ specification.
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
-DEFAULT_UCB = 2.0
+import torch
+from torch import Tensor
+
+from ..ops import DEFAULT_UCB
+
+# "matrix": weights from each node's joint LR-RP covariance (the default); "coordinate": one
+# weight per coordinate from the two variances (the paper's rule; with ucb = 0 exactly it).
+WEIGHTS = ("matrix", "coordinate")
+DEFAULT_WEIGHTS = "matrix"
+
 
 
 @dataclass(frozen=True)
@@ -31,9 +41,103 @@ class WeightRule:
 
     momentum: float = 0.0
     ucb: float = DEFAULT_UCB
+    weights: str = "matrix"
 
     def validate(self) -> None:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not (self.ucb >= 0.0 and self.ucb < float("inf")):
             raise ValueError(f"ucb must be finite and >= 0, got {self.ucb}")
+        if self.weights not in WEIGHTS + ("matrix-ridge", "coordinate-cross", "matrix-cross",
+                                          "matrix-nocross", "matrix-lw", "matrix-lwc"):
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+
+
+# ------------------------------------------------------------------ matrix weights
+def pinv_weights(A: Tensor, Z: Tensor, S: Tensor):
+    """(A S^+ + N / 2, Z S^+ + N / 2) for a symmetric PSD S [C, C] with A + Z = S, so that the
+    two weights add up to the identity exactly (in exact arithmetic).
+
+    N / 2 is the null space of S: where S has no variance in a direction, the two
+    estimators agree along it and each gets half. S is scaled to unit diagonal before its
+    eigendecomposition, so entries from 1e-60 to 1e60 keep their relative precision;
+    eigenvalues below C * 1e-12 of the largest count as zero (singular covariances, e.g. a
+    rank-one map's RP gradients, or B <= C). Both weights are formed as products, so a
+    weight of 1e-30 on an estimator of 1e15 is exact, not the rounding error of 1 - (1 - x).
+    """
+    C = S.shape[0]
+    eye = torch.eye(C, dtype=S.dtype, device=S.device)
+    diag = S.diagonal().clamp_min(0)
+    live = diag > 0
+    inv_scale = torch.where(live, diag.rsqrt(), 0.0)
+    scale = torch.where(live, diag.sqrt(), 0.0)
+    Sn = S * inv_scale[:, None] * inv_scale[None, :]
+    lam, U = torch.linalg.eigh(0.5 * (Sn + Sn.T))
+    keep = lam > max(C, 1) * 1e-12 * lam.abs().max().clamp_min(torch.finfo(S.dtype).tiny)
+    lam_inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+    S_pinv = (U * lam_inv) @ U.T * inv_scale[:, None] * inv_scale[None, :]
+    # S S^+ = D^1/2 P D^-1/2 (P projects onto the range of the scaled S), so the null part
+    # D^1/2 (I - P) D^-1/2 completes it to the identity; formed from the null eigenvectors,
+    # not as I - P, whose rounding errors D^1/2 would amplify. A dead coordinate (no
+    # variance) is its own null space.
+    null = (U * (~keep).to(S.dtype)) @ U.T * scale[:, None] * inv_scale[None, :]
+    null = torch.where(live[:, None] & live[None, :], null, eye * (~live).to(S.dtype))
+    return A @ S_pinv + 0.5 * null, Z @ S_pinv + 0.5 * null
+
+
+def matrix_weight(cov: Tensor, bound: Tensor, finite: Tensor, running: Optional[Tensor] = None,
+                  momentum: float = 0.0, ridge: bool = False) -> Tensor:
+    """The weight matrices [2, C, C] on LR (K) and on RP (L = I - K) from the joint
+    covariance of z = [g_LR, g_RP].
+
+    cov [2C, 2C], bound [2C], finite [2C]: `tpx_ext.gaussian_tpx_comoments`'s outputs (or
+    the reference's). With S_LR, S_RP the two diagonal blocks and X = Cov(LR, RP) (the two
+    share samples), K = (S_RP - X^T) (S_LR + S_RP - X - X^T)^+ minimises the covariance of
+    g = K g_LR + (I - K) g_RP in the Loewner order, i.e. the variance of every linear map of
+    g at once (the node's Jacobian to the parameters among them). ucb bounds enter as
+    cov -> F cov F, F = diag(sqrt(bound / var)). running [3, C, C] float64 (LR, RP, X; NaN:
+    no data yet) keeps their exponential moving averages (momentum > 0), updated in place.
+    Coordinates with a non-finite estimator are left out of the matrix: LR non-finite -> k 0,
+    RP non-finite -> k 1, both -> NaN (their gradient is zeroed by `apply_matrix_weight`).
+    """
+    C = cov.shape[0] // 2
+    ok_lr, ok_rp = finite[:C], finite[C:]
+    good = ok_lr & ok_rp
+    idx = good.nonzero()[:, 0]
+    var = cov.diagonal()
+    if ridge:  # the bounds' excess over the variances added to the diagonal only
+        cov = cov + torch.diag(torch.where(finite, bound - var, 0.0))
+    else:
+        f = torch.where(finite & (var > 0), (bound / torch.where(var > 0, var, 1.0)).sqrt(), 1.0)
+        cov = cov * f[:, None] * f[None, :]
+    both = torch.cat([idx, C + idx])
+    sub = cov[both[:, None], both[None, :]]
+    n = idx.numel()
+    S = torch.stack([sub[:n, :n], sub[n:, n:], sub[:n, n:]])
+    if running is not None:
+        old = running[:, idx[:, None], idx[None, :]]
+        ema = torch.where(torch.isnan(old), S, momentum * old + (1 - momentum) * S)
+        running[:, idx[:, None], idx[None, :]] = ema
+        S = ema
+    S_lr, S_rp, X = S
+    K_good, L_good = pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T)
+    eye = torch.eye(C, dtype=torch.bool, device=cov.device)
+    KL = torch.zeros((2, C, C), dtype=cov.dtype, device=cov.device)
+    KL[0, idx[:, None], idx[None, :]] = K_good
+    KL[1, idx[:, None], idx[None, :]] = L_good
+    edge = torch.where(ok_rp & ~ok_lr, 0.0, torch.where(ok_lr & ~ok_rp, 1.0, torch.nan))
+    KL[0] = torch.where(eye & ~good[:, None], torch.diag(edge), KL[0])
+    KL[1] = torch.where(eye & ~good[:, None], torch.diag(1 - edge), KL[1])
+    return KL
+
+
+def apply_matrix_weight(g_lr: Tensor, g_rp: Tensor, KL: Tensor) -> Tensor:
+    """g_i = K g_LR,i + L g_RP,i [B, C] (float64) with (K, L) = KL from `matrix_weight`
+    (L = I - K, formed on its own); non-finite samples of a coordinate that `matrix_weight`
+    left out enter with weight 0, and a coordinate with NaN weight (both estimators
+    non-finite) gets gradient 0."""
+    a = torch.where(torch.isfinite(g_lr), g_lr, 0.0)
+    b = torch.where(torch.isfinite(g_rp), g_rp, 0.0)
+    KL = torch.nan_to_num(KL, nan=0.0)
+    g = a @ KL[0].T + b @ KL[1].T
+    return g

@@ -28,6 +28,11 @@ noise without trainable parameters) and in where the objective is:
 - `TanhRNN`: the same with tanh units, where RP stays the better estimator
   for ~30 steps before it explodes (not chaotic on average: its gradient
   grows by intermittent bursts).
+- `SigmoidRNN`: proppo's demo, a 2-D sigmoid network of rank one with tiny noise
+  (not chaotic: a stable cycle).
+- `LowRankSigmoidRNN`, `LowRankTanhRNN`: chaotic 4-D sigmoid and 6-D tanh networks
+  whose maps have rank one and two, so the node's coordinates move together (small and
+  moderate noise).
 - `LogisticMap`: the logistic map whose growth rate a policy sets; RP
   overflows float32 at long horizons.
 - `Lorenz`: the Lorenz-63 system pushed by a policy; slow chaos.
@@ -69,6 +74,7 @@ class ToySystem:
 
     squash = True  # the action is tanh of the node
     terminal = False  # True: only the last step has an objective term
+    baseline = None  # the action nodes' LR baseline (None: 0; or "leave-one-out")
     features_dim = 1
     action_dim = 1
 
@@ -144,7 +150,8 @@ class RNNCell(nn.Module):
         self.register_buffer("W", torch.tensor(W, dtype=dtype))
         self.register_buffer("b", torch.tensor(bias, dtype=dtype))
         self.gain = nn.Parameter(torch.tensor(gain, dtype=dtype))
-        self.noise, self.act = noise, {"sin": torch.sin, "tanh": torch.tanh}[activation]
+        self.noise = noise
+        self.act = {"sin": torch.sin, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[activation]
 
     def forward(self, x: Tensor):
         mu = self.act(self.gain * (x @ self.W.T) + self.b)
@@ -176,7 +183,8 @@ class NoisyRNN(ToySystem):
         self.bias, self.noise, self.target = bias, noise, target
 
     def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        u = torch.rand((B, 2), generator=generator, dtype=like.dtype, device=like.device)
+        u = torch.rand((B, self.features_dim), generator=generator, dtype=like.dtype,
+                       device=like.device)
         return 2 * u - 1
 
     def step(self, s: Tensor, x: Tensor, graph=None, t: int = 0) -> Tensor:
@@ -202,6 +210,81 @@ class TanhRNN(NoisyRNN):
     def __init__(self, gain: float = 0.55, W=((1.3254, 11.9891), (-0.8789, -2.4027)),
                  bias=(-0.4284, -0.5745), noise: float = 0.1, target=(0.5, -0.5)):
         super().__init__(gain, [list(r) for r in W], bias, noise, target)
+
+
+class SigmoidRNN(NoisyRNN):
+    """proppo's `examples/rnn_demo.py` (the TP authors' demo), exactly: s' = sigmoid(g s W) +
+    noise eps with W = [[-5, -25], [5, 25]] (row vector times W), g = 2.4, noise 0.001,
+    s_0 = (0.35, 0.55) for every sample, and the loss 0.5 |1 - s_H|^2 on the final state (the
+    objective is its negative). The map is rank one: s W = (s2 - s1) (5, 25), so the node's two
+    coordinates move together, and the noise is tiny against the state's range (0, 1): the
+    class of system where per-coordinate variances misjudge what each estimator adds to the
+    parameter's gradient. Not chaotic: d = s2 - s1 follows d' = sigmoid(25 g d) - sigmoid(5 g d),
+    which at g = 2.4 has a stable 4-cycle that the tiny noise does not leave (largest Lyapunov
+    exponent ~-0.2 per step); RP and LR variances grow alike with the horizon."""
+
+    activation = "sigmoid"
+    baseline = "leave-one-out"  # as the demo's LR and TP
+
+    def __init__(self, gain: float = 2.4, W=((-5.0, -25.0), (5.0, 25.0)), bias=(0.0, 0.0),
+                 noise: float = 0.001, start=(0.35, 0.55), target=(1.0, 1.0)):
+        # RNNCell computes x W^T: store the demo's W transposed.
+        super().__init__(gain, [list(c) for c in zip(*W)], bias, noise, target)
+        self.start = start
+
+    def initial(self, B: int, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        return like.new_tensor(self.start).expand(B, -1).clone()
+
+    def reward(self, s: Tensor) -> Tensor:
+        return -0.5 * ((s - s.new_tensor(self.target)) ** 2).sum(1)
+
+
+def _low_rank(us, vs):
+    """W = sum_k u_k v_k^T as nested lists: x W^T = sum_k (x . v_k) u_k."""
+    return [[sum(u[i] * v[j] for u, v in zip(us, vs)) for j in range(len(vs[0]))]
+            for i in range(len(us[0]))]
+
+
+class LowRankSigmoidRNN(SigmoidRNN):
+    """`SigmoidRNN` in 4-D: s' = sigmoid(g W s + b) + noise eps with W = u v^T of rank one,
+    u = (-14, 10, 19, 15), v = (0.5, 0.5, -1, 0.5), b = (-1.9, -1.6, 0.2, -1.6) (from a random
+    search for a map that stays chaotic under this noise for gains within 5% of g = 1), small
+    noise 0.002, s_0 = (0.35, 0.55, 0.45, 0.65) for every sample, and the loss
+    0.5 |1 - s_H|^2 on the final state. W s = (v . s) u: every coordinate of the next state is
+    a function of the one scalar v . s, so the node's four coordinates move together (their
+    means lie on a curve) and the dynamics is the 1-D map z' = v . sigmoid(g z u + b) + v . eps.
+    Largest Lyapunov exponent ~0.2 per step."""
+
+    features_dim = 4
+    action_dim = 4
+
+    def __init__(self, gain: float = 1.0, u=(-14.0, 10.0, 19.0, 15.0), v=(0.5, 0.5, -1.0, 0.5),
+                 bias=(-1.9, -1.6, 0.2, -1.6), noise: float = 0.002,
+                 start=(0.35, 0.55, 0.45, 0.65), target=(1.0, 1.0, 1.0, 1.0)):
+        # SigmoidRNN takes the demo's s W: W = v u^T gives (s . v) u.
+        super().__init__(gain, _low_rank((v,), (u,)), bias, noise, start, target)
+
+
+class LowRankTanhRNN(NoisyRNN):
+    """A 6-D tanh network of rank two: s' = tanh(g W s + b) + noise eps with
+    W = u1 v1^T + u2 v2^T (the numbers below, from a random search for a map that stays
+    chaotic under this noise for gains within 5% of g = 1), moderate noise 0.03,
+    s_0 ~ U(-1, 1)^6, and one objective term on the final state, -|s_H - target|^2.
+    W s = (v1 . s) u1 + (v2 . s) u2: the next state depends on s only through two
+    projections, so the node's six coordinates are driven by two shared inputs and move
+    together (the dynamics is a 2-D map through six tanh units). Largest Lyapunov exponent
+    ~0.18 per step."""
+
+    features_dim = 6
+    action_dim = 6
+    activation = "tanh"
+
+    def __init__(self, gain: float = 1.0,
+                 u=((-0.5, 0.0, 2.0, 2.0, 1.0, 2.5), (-1.0, 2.5, -3.0, 1.0, -0.5, -2.0)),
+                 v=((0.5, 0.5, -0.5, -1.0, 0.5, 0.5), (0.0, 1.0, 1.0, 1.0, 0.5, -0.5)),
+                 bias=(0.5, 0.1, 0.4, -0.7, 0.3, -0.3), noise: float = 0.03,
+                 target=(0.5, -0.5, 0.5, -0.5, 0.5, -0.5)):
+        super().__init__(gain, _low_rank(u, v), bias, noise, target)
 
 
 class LogisticMap(ToySystem):
@@ -351,10 +434,12 @@ class DoublePendulum(ToySystem):
 
 
 SYSTEMS: Dict[str, Type[ToySystem]] = {
-    "rotor": ChaoticRotor, "rnn": NoisyRNN, "rnn-tanh": TanhRNN, "logistic": LogisticMap,
+    "rotor": ChaoticRotor, "rnn": NoisyRNN, "rnn-tanh": TanhRNN, "rnn-sigmoid": SigmoidRNN,
+    "rnn-sigmoid4": LowRankSigmoidRNN, "rnn-tanh6": LowRankTanhRNN, "logistic": LogisticMap,
     "lorenz": Lorenz, "pendulum": DoublePendulum, "linear": LinearGaussian,
 }
-CHAOTIC = ("rotor", "rnn", "rnn-tanh", "logistic", "lorenz", "pendulum")
+CHAOTIC = ("rotor", "rnn", "rnn-tanh", "rnn-sigmoid", "rnn-sigmoid4", "rnn-tanh6", "logistic",
+           "lorenz", "pendulum")
 
 
 def lyapunov_exponent(system: ToySystem, policy: nn.Module, steps: int = 200, batch: int = 256,
@@ -397,7 +482,7 @@ def policy_gradient(estimator: Estimator, policy: nn.Module, system, horizon: in
     for t in range(horizon):
         x = graph.cut(system.features(s))
         mu, sigma = policy(x)
-        a = draw(mu, sigma, step=t, source=(policy, x))
+        a = draw(mu, sigma, step=t, source=(policy, x), baseline=system.baseline)
         s = system.step(s, a, graph, t)
         if not system.terminal or t == horizon - 1:
             graph.add_objective(system.reward(s), step=t)

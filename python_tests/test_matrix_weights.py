@@ -1,0 +1,238 @@
+"""The matrix weight rule of tpx (tpx_ext.estimators.weights): the solve against closed forms
+and optimality conditions in float64, its edge cases, and the fused node against the reference.
+
+Tolerances: the solve runs in float64 on covariances scaled to unit diagonal, so closed forms
+agree to ~1e-12 relative for condition numbers up to ~1e3 (the cases below)."""
+
+import math
+
+import pytest
+import torch
+
+from tpx_ext import reference
+from tpx_ext.estimators.weights import apply_matrix_weight, matrix_weight, pinv_weights
+
+
+def joint(g_lr, g_rp, ucb=0.0):
+    """(cov, bound, finite) of z = [g_LR, g_RP] from the float64 reference."""
+    z = torch.cat([g_lr, g_rp], dim=1).double()
+    var = reference.batch_variance(z)
+    finite = torch.isfinite(var)
+    zf = torch.where(finite[None, :], z, 0.0)
+    cov = reference.covariance(zf, zf)
+    cov = torch.where(finite[:, None] & finite[None, :], cov, 0.0)
+    cov = cov + torch.diag(torch.where(finite, 0.0, torch.inf))
+    bound = reference.variance_bound(zf, torch.where(finite, var, 0.0), ucb)
+    return cov, torch.where(finite, bound, torch.inf), finite
+
+
+def correlated_pair(B=400, C=4, seed=0):
+    """LR and RP samples of one mean, correlated across coordinates and with each other."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(B, 1, generator=gen, dtype=torch.float64)
+    mix = torch.randn(C, C, generator=gen, dtype=torch.float64)
+    g_rp = common * torch.linspace(1, 2, C, dtype=torch.float64) + 0.3 * torch.randn(B, C, generator=gen, dtype=torch.float64) @ mix
+    g_lr = g_rp + 2.0 * torch.randn(B, C, generator=gen, dtype=torch.float64) @ mix.T + 0.5 * common
+    return g_lr, g_rp
+
+
+def K_of(*args, **kw):
+    """The weight on LR, K, of `matrix_weight`, which also returns L = I - K formed on its own."""
+    K, L = matrix_weight(*args, **kw)
+    K0, L0 = torch.nan_to_num(K), torch.nan_to_num(L)  # NaN: both estimators non-finite
+    err = K0 + L0 - torch.eye(K.shape[0], dtype=K.dtype)
+    err = torch.where(torch.isnan(K), 0.0, err)
+    assert bool((err.abs() <= 1e-9 * (1 + K0.abs() + L0.abs())).all()), err
+    return K
+
+
+def combine(g_lr, g_rp, K):
+    return apply_matrix_weight(g_lr, g_rp, torch.stack([K, torch.eye(K.shape[0], dtype=K.dtype) - K]))
+
+
+def blocks(cov):
+    C = cov.shape[0] // 2
+    return cov[:C, :C], cov[C:, C:], cov[:C, C:]
+
+
+def test_scalar_case_is_the_closed_form_with_the_cross_covariance():
+    g_lr, g_rp = correlated_pair(C=1)
+    cov, bound, finite = joint(g_lr, g_rp)
+    v_lr, v_rp, c = cov[0, 0], cov[1, 1], cov[0, 1]
+    K = K_of(cov, bound, finite)
+    assert float(K[0, 0]) == pytest.approx(float((v_rp - c) / (v_lr + v_rp - 2 * c)), rel=1e-12)
+
+
+def test_without_cross_terms_it_is_the_coordinate_wise_rule():
+    """Diagonal blocks and no LR-RP covariance: K = diag(v_rp / (v_lr + v_rp))."""
+    v_lr = torch.tensor([1.0, 4.0, 1e-6, 3.0], dtype=torch.float64)
+    v_rp = torch.tensor([2.0, 1.0, 1.0, 3.0], dtype=torch.float64)
+    cov = torch.diag(torch.cat([v_lr, v_rp]))
+    K = K_of(cov, cov.diagonal(), torch.ones(8, dtype=torch.bool))
+    torch.testing.assert_close(K, torch.diag(v_rp / (v_lr + v_rp)), rtol=1e-12, atol=1e-15)
+
+
+def test_the_weight_minimises_the_covariance_of_the_combination():
+    """First-order condition K M = S_RP - X^T, and any perturbation of K raises the
+    covariance of the combined samples in the Loewner order (its change is PSD)."""
+    g_lr, g_rp = correlated_pair(C=4)
+    cov, bound, finite = joint(g_lr, g_rp)
+    S_lr, S_rp, X = blocks(cov)
+    M = S_lr + S_rp - X - X.T
+    K = K_of(cov, bound, finite)
+    torch.testing.assert_close(K @ M, S_rp - X.T, rtol=1e-10, atol=1e-10)
+
+    def comb_cov(K_):
+        g = combine(g_lr, g_rp, K_)
+        return reference.covariance(g, g)
+
+    base = comb_cov(K)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        E = 0.1 * torch.randn(4, 4, generator=gen, dtype=torch.float64)
+        assert torch.linalg.eigvalsh(comb_cov(K + E) - base).min() > -1e-10
+
+
+def test_the_weight_follows_a_change_of_scale_of_each_coordinate():
+    """K(D cov D) = D K D^-1 for a diagonal D (a coordinate in other units), and a common
+    factor from 1e-30 to 1e30 leaves K unchanged: no overflow, no loss of precision."""
+    g_lr, g_rp = correlated_pair(C=3)
+    cov, bound, finite = joint(g_lr, g_rp)
+    K = K_of(cov, bound, finite)
+    for s in (1e-30, 1e30):
+        torch.testing.assert_close(K_of(cov * s * s, bound * s * s, finite), K,
+                                   rtol=1e-10, atol=1e-12)
+    d = torch.tensor([1e-20, 1.0, 1e20], dtype=torch.float64)
+    dd = torch.cat([d, d])
+    Ks = K_of(cov * dd[:, None] * dd[None, :], bound * dd * dd, finite)
+    torch.testing.assert_close(Ks, d[:, None] * K / d[None, :], rtol=1e-9, atol=1e-12)
+    g = combine(g_lr * d * 1e15, g_rp * d * 1e15, Ks)
+    torch.testing.assert_close(g / (d * 1e15), combine(g_lr, g_rp, K), rtol=1e-9, atol=1e-9)
+
+
+def test_singular_and_zero_covariances_stay_finite():
+    """Two identical coordinates (rank deficient), a coordinate with no variance, and an
+    all-zero covariance: K is finite, solves K M = A on M's range, and takes 0.5 on its
+    null space (both estimators exact there), as the coordinate-wise rule does."""
+    g_lr, g_rp = correlated_pair(C=3)
+    g_lr = torch.cat([g_lr, g_lr[:, :1]], dim=1)  # coordinate 3 copies coordinate 0
+    g_rp = torch.cat([g_rp, g_rp[:, :1]], dim=1)
+    g_lr[:, 2] = 1.5
+    g_rp[:, 2] = 1.5  # both constant: zero variance
+    cov, bound, finite = joint(g_lr, g_rp)
+    K = K_of(cov, bound, finite)
+    assert bool(torch.isfinite(K).all())
+    S_lr, S_rp, X = blocks(cov)
+    M = S_lr + S_rp - X - X.T
+    torch.testing.assert_close(K @ M, S_rp - X.T, rtol=1e-9, atol=1e-9)
+    assert float(K[2, 2]) == 0.5 and float(K[2, [0, 1, 3]].abs().max()) == 0.0
+    # the combination is the same for the copies, so the copies' gradients stay equal
+    g = combine(g_lr, g_rp, K)
+    torch.testing.assert_close(g[:, 0], g[:, 3], rtol=1e-9, atol=1e-9)
+    zero = torch.zeros(8, 8, dtype=torch.float64)
+    torch.testing.assert_close(K_of(zero, zero.diagonal(), torch.ones(8, dtype=torch.bool)),
+                               0.5 * torch.eye(4, dtype=torch.float64))
+    ones = torch.ones(2, 2, dtype=torch.float64)
+    assert all(bool(torch.isfinite(w).all()) for w in pinv_weights(ones, 0 * ones, ones))
+
+
+def test_nonfinite_coordinates_take_the_other_estimator_or_zero():
+    g_lr, g_rp = correlated_pair(C=4)
+    g_lr[5, 0] = float("nan")  # LR bad: k 0, RP's gradient
+    g_rp[7, 1] = float("inf")  # RP bad: k 1, LR's gradient
+    g_lr[9, 2] = g_rp[9, 2] = float("inf")  # both: k NaN, gradient 0
+    cov, bound, finite = joint(g_lr, g_rp)
+    K = K_of(cov, bound, finite)
+    assert float(K[0, 0]) == 0 and float(K[1, 1]) == 1 and math.isnan(float(K[2, 2]))
+    off = torch.nan_to_num(K) - torch.diag(torch.nan_to_num(K.diagonal()))
+    assert float(off[:, :3].abs().max()) == 0 and float(off[:3, :].abs().max()) == 0
+    g = combine(g_lr, g_rp, K)
+    assert bool(torch.isfinite(g).all())
+    torch.testing.assert_close(g[:, 0], torch.where(torch.isfinite(g_rp[:, 0]), g_rp[:, 0], 0.0))
+    torch.testing.assert_close(g[:, 1], torch.where(torch.isfinite(g_lr[:, 1]), g_lr[:, 1], 0.0))
+    assert float(g[:, 2].abs().max()) == 0
+    # coordinate 3 alone: the scalar closed form on its own samples
+    c3 = joint(g_lr[:, 3:], g_rp[:, 3:])
+    torch.testing.assert_close(K[3, 3], K_of(*c3)[0, 0], rtol=1e-12, atol=0)
+
+
+def test_upper_bounds_inflate_each_estimators_covariance():
+    """ucb > 0: cov -> F cov F with F = sqrt(bound / var); a heavy-tailed RP moves K to LR."""
+    g_lr, g_rp = correlated_pair(B=256, C=2)
+    g_rp[::17] *= 10  # tails
+    cov, bound0, finite = joint(g_lr, g_rp)
+    _, bound2, _ = joint(g_lr, g_rp, ucb=2.0)
+    f = (bound2 / cov.diagonal()).sqrt()
+    K2 = K_of(cov, bound2, finite)
+    cov_inflated = cov * f[:, None] * f[None, :]
+    torch.testing.assert_close(K2, K_of(cov_inflated, cov_inflated.diagonal(), finite),
+                               rtol=1e-12, atol=1e-14)
+    assert float(K2.diagonal().min()) > float(K_of(cov, bound0, finite).diagonal().min())
+
+
+def test_running_averages_of_the_three_blocks():
+    running = torch.full((3, 2, 2), float("nan"), dtype=torch.float64)
+    covs = []
+    for seed in range(3):
+        g_lr, g_rp = correlated_pair(B=200, C=2, seed=seed)
+        cov, bound, finite = joint(g_lr, g_rp)
+        covs.append(torch.stack(blocks(cov)))
+        K = K_of(cov, bound, finite, running, momentum=0.5)
+    want = 0.5 * (0.5 * covs[0] + 0.5 * covs[1]) + 0.5 * covs[2]
+    torch.testing.assert_close(running, want, rtol=1e-12, atol=0)
+    S_lr, S_rp, X = want
+    torch.testing.assert_close(K @ (S_lr + S_rp - X - X.T), S_rp - X.T, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ the node
+from tpx_ext.estimators.node import Node, NodeStats  # noqa: E402
+from tpx_ext.estimators.weights import WeightRule  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def node_inputs(B, D, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.randn(B, D, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, D, dtype=torch.float64)
+    eps = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    sigma = torch.rand(B, D, generator=gen, dtype=torch.float64) + 0.5
+    adv = torch.randn(B, generator=gen, dtype=torch.float64) + d[:, 0] * eps[:, 0]  # LR-RP correlated
+    return [t.to(dtype=dtype, device=device) for t in (d, eps, sigma)] + [adv.to(device)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("needs_sigma", (True, False))
+def test_node_matches_the_reference(needs_sigma, dtype, device):
+    """A tpx node's backward (fused co-moments, float64 solve) against
+    reference.matrix_tpx_backward on the same inputs, over three calls with running averages
+    (momentum 0.5) and ucb 2: combined gradients within 1e-6 relative (float32 output: a few
+    ulp) or 1e-12 (float64); without a sigma gradient the sigma coordinates are left out."""
+    B, D = 300, 3
+    C = (2 if needs_sigma else 1) * D
+    rule = WeightRule(momentum=0.5, ucb=2.0, weights="matrix")
+    running = torch.full((3, C, C), float("nan"), dtype=torch.float64, device=device)
+    ref_running = running.cpu().clone()
+    for call in range(3):
+        d, eps, sigma, adv = node_inputs(B, D, dtype, device, seed=call)
+        node = Node(NodeStats("n", 0), None, running, rule, True, None, adv=adv)
+        g_mu, g_sigma = node.combine(d, eps, sigma, needs_sigma)
+        r_mu, r_sigma, K, cov = reference.matrix_tpx_backward(
+            *(t.cpu() for t in (d, eps, sigma, adv)), ref_running, 0.5, 2.0, 2 if needs_sigma else 1)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_mu.cpu().double(), r_mu, **tol)
+        if needs_sigma:
+            torch.testing.assert_close(g_sigma.cpu().double(), r_sigma, **tol)
+        else:
+            assert g_sigma is None
+        torch.testing.assert_close(node.stats.k.cpu(), K.diagonal(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(running.cpu(), ref_running, rtol=1e-9, atol=0)
+    assert g_mu.dtype == dtype and node.stats.k.shape == (C,)
+
+
+def test_node_refuses_a_bad_sigma():
+    d, eps, sigma, adv = node_inputs(8, 2, torch.float64, "cpu")
+    sigma[1, 1] = 0.0
+    node = Node(NodeStats("n", 0), None, None, WeightRule(weights="matrix"), True, None, adv=adv)
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+        node.combine(d, eps, sigma)
