@@ -338,12 +338,16 @@ def main(argv=None) -> List[Dict]:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+        # The clone's location is this machine's, not the result's: recorded as a placeholder.
+        clone = "PROPPO_CLONE"
+        words = list(sys.argv[1:] if argv is None else argv)
+        words = [clone if i and words[i - 1] == "--proppo" else w for i, w in enumerate(words)]
         config = {k: v for k, v in vars(args).items() if k != "no_progress"}
+        config.update(proppo=clone if args.proppo else None)
         config.update(estimators=estimators, proppo_found=pp is not None,
-                      proppo_path=pp.path if pp else None, torch=torch.__version__,
+                      torch=torch.__version__,
                       system={"beta": BETA, "W": W, "s0": S0, "noise": NOISE},
-                      command=" ".join([os.path.basename(sys.argv[0])] + list(
-                          sys.argv[1:] if argv is None else argv)),
+                      command=" ".join(["bench/peer_proppo.py"] + words),
                       intervals=INTERVALS, seconds=elapsed)
         with open(stem + ".json", "w") as fh:
             json.dump({"config": config, "rows": rows,

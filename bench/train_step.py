@@ -27,10 +27,10 @@ from common import machine_description, write_section
 from tpx_ext.dreamer.configs import build
 from tpx_ext.dreamer import Dreamer
 
-# Name -> config overrides. "tpx" is the default rule (variance bounds, one more pass over
-# each node's batch); "tpx ucb0" the plain batch variances.
+# Name -> config overrides. "tpx" is the default rule (matrix weights: each node's joint
+# LR-RP covariance, a C x C solve); "tpx coord" the paper's coordinate-wise weights.
 VARIANTS = {"rp": {"estimator": "rp"}, "tpx": {"estimator": "tpx"},
-            "tpx ucb0": {"estimator": "tpx", "tpx_ucb": 0.0},
+            "tpx coord": {"estimator": "tpx", "tpx_weights": "coordinate"},
             "lr": {"estimator": "lr"}, "mix": {"estimator": "mix"}}
 ESTIMATORS = tuple(VARIANTS)
 

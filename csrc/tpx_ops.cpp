@@ -152,15 +152,17 @@ void raise_if_invalid_sigma(const CoordinateBuffers& buf) {
                     "entry <= 0, inf or NaN); pass check_sigma=False to skip this check");
 }
 
+// ucb's default, 2, is tpx_ext.ops.DEFAULT_UCB: the one of the Python wrappers, the float64
+// reference and Estimator("tpx") (python_tests/test_matrix_weights.py checks they agree).
 TORCH_LIBRARY(tpx_ext, m) {
   m.def(
       "ivw_combine(Tensor g_lr, Tensor g_rp, Tensor(a!)? running_var_lr, "
-      "Tensor(b!)? running_var_rp, float momentum, float? fixed_weight, float ucb=0.0) "
+      "Tensor(b!)? running_var_rp, float momentum, float? fixed_weight, float ucb=2.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gaussian_tpx_backward(Tensor d, Tensor eps, Tensor sigma, Tensor adv, "
       "Tensor(a!)? running_var_lr, Tensor(b!)? running_var_rp, float momentum, "
-      "float? fixed_weight, bool check_sigma, float ucb=0.0) "
+      "float? fixed_weight, bool check_sigma, float ucb=2.0) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gaussian_tpx_comoments(Tensor d, Tensor eps, Tensor sigma, Tensor adv, int groups, "

@@ -156,14 +156,18 @@ def test_event_shapes_and_dtypes(device, dtype):
     mu = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     mu.requires_grad_(True)
     log_std = torch.zeros(2, 3, device=device, dtype=dtype, requires_grad=True)
-    graph = tpx_ext.Estimator("tpx").graph(torch.Generator(device).manual_seed(1))
-    x = graph.sample(mu, log_std.exp().expand_as(mu), 0)
-    graph.add_objective((x**2).sum((1, 2)), 0)
-    (stats,) = graph.backward()
-    assert stats.k.shape == (12,) and stats.k.dtype == torch.float64
-    assert bool(((stats.k >= 0) & (stats.k <= 1)).all()) and int(stats.nonfinite) == 0
-    assert mu.grad.shape == mu.shape and mu.grad.dtype == dtype
-    assert log_std.grad.shape == (2, 3) and bool(torch.isfinite(log_std.grad).all())
+    for weights in ("matrix", "coordinate"):
+        mu.grad = log_std.grad = None
+        graph = tpx_ext.Estimator("tpx", weights=weights).graph(torch.Generator(device).manual_seed(1))
+        x = graph.sample(mu, log_std.exp().expand_as(mu), 0)
+        graph.add_objective((x**2).sum((1, 2)), 0)
+        (stats,) = graph.backward()
+        assert stats.k.shape == (12,) and stats.k.dtype == torch.float64
+        assert bool(torch.isfinite(stats.k).all()) and int(stats.nonfinite) == 0
+        if weights == "coordinate":  # a matrix's diagonal is not confined to [0, 1]
+            assert bool(((stats.k >= 0) & (stats.k <= 1)).all())
+        assert mu.grad.shape == mu.shape and mu.grad.dtype == dtype
+        assert log_std.grad.shape == (2, 3) and bool(torch.isfinite(log_std.grad).all())
 
 
 # --------------------------------------------------------------------------- unbiasedness
@@ -307,7 +311,8 @@ def test_tp_weight_is_the_trace_of_per_sample_parameter_gradient_covariances():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tpx_momentum_keeps_running_variances_per_node(device):
-    est = tpx_ext.Estimator("tpx", momentum=0.5, ucb=0.0)  # the fused op's running statistics
+    # the fused op's running statistics
+    est = tpx_ext.Estimator("tpx", momentum=0.5, ucb=0.0, weights="coordinate")
     policy = GaussianPolicy(2, 4).to(device)
     system, gen = ChaoticRotor(), torch.Generator(device).manual_seed(0)
     first = [s.var_lr.clone() for s in policy_gradient(est, policy, system, 3, 8, gen)]
@@ -376,7 +381,7 @@ def test_ucb_moves_the_weight_away_from_a_heavy_tailed_estimator(device, dtype):
     outlier[7] = 5.0
     outlier = outlier * (gaussian.var() / outlier.var()).sqrt()
     g_lr, g_rp = gaussian[:, None].to(device, dtype), outlier[:, None].to(device, dtype)
-    plain = tpx_ext.ivw_combine(g_lr, g_rp)
+    plain = tpx_ext.ivw_combine(g_lr, g_rp, ucb=0.0)
     assert plain.k.item() == pytest.approx(0.5, abs=1e-6)
     got = tpx_ext.ivw_combine(g_lr, g_rp, ucb=2.0)
     want = reference.ivw_combine(g_lr.cpu(), g_rp.cpu(), ucb=2.0)

@@ -84,7 +84,7 @@ def test_ucb_grid(B, C, dtype, device):
     g_rp = g_rp * (1 + 9 * (torch.arange(B, device=device) % 17 == 0))[:, None].to(dtype)  # tails
     got, ref = check_ivw(g_lr, g_rp, ucb=2.0)
     if 17 <= B <= 2500:  # the bounds must move k (by ~2 sqrt(excess / B)), or this is the plain rule
-        plain = reference.ivw_combine(g_lr.cpu(), g_rp.cpu())
+        plain = reference.ivw_combine(g_lr.cpu(), g_rp.cpu(), ucb=0.0)
         assert bool(((ref.k - plain.k).abs() > 1e-2 * plain.k).any())
     check_gaussian(*random_gaussian_node(B, C, dtype, device, seed=B * 31 + C), ucb=1.5)
 
@@ -397,7 +397,7 @@ def test_gaussian_unchecked_invalid_sigma(bad, dtype):
     d, eps, sigma, adv = random_gaussian_node(B, D, dtype, "cpu", seed=22)
     sigma[17, 2] = bad
     sigma[:, 4] = bad  # a whole column
-    for kw in ({}, {"fixed_weight": 0.3}):
+    for kw in ({"ucb": 0.0}, {"fixed_weight": 0.3}):
         _check_against_rounded_reference(d, eps, sigma, adv, dtype, check_sigma=False, **kw)
 
 

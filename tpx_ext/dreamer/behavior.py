@@ -83,7 +83,8 @@ class ActorCritic(nn.Module):
         self.estimator = Estimator(
             cfg.estimator, rho=cfg.mix_rho if cfg.estimator == "mix" else None,
             momentum=cfg.tpx_momentum if cfg.estimator == "tpx" else 0.0,
-            ucb=cfg.tpx_ucb if cfg.estimator == "tpx" else None)
+            ucb=cfg.tpx_ucb if cfg.estimator == "tpx" else None,
+            weights=cfg.tpx_weights if cfg.estimator == "tpx" else None)
         # Gradient ascent on J: StochasticGraph.backward accumulates +dJ/dtheta.
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps,
                                           maximize=True)

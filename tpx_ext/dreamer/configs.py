@@ -23,6 +23,7 @@ import math
 from typing import Dict, List
 
 from ..estimators import MODES
+from ..estimators.weights import DEFAULT_UCB, DEFAULT_WEIGHTS, WEIGHTS
 
 # The agent's actor-gradient estimators: every mode but tp, whose per-sample parameter
 # gradients cost O(B x P) memory at every node.
@@ -74,11 +75,13 @@ class Config:
                                     # posterior states); 0 = all of them
     latent_nodes: bool = False      # also make the imagined latents z_t nodes
     mix_rho: float = 0.5            # mix: weight on LR
-    tpx_momentum: float = 0.0       # tpx: EMA of the variances (0: batch statistics)
-    # tpx: standard errors added to each batch variance before weighting (tpx_ext.Estimator's
-    # ucb, the library default; docs/TPX.md sec. 2). 0: plain batch variances, the rule
-    # with which the CPU default's documented result was obtained.
-    tpx_ucb: float = 2.0
+    # tpx: the weight rule and its knobs (tpx_ext.Estimator's weights, ucb and momentum, with
+    # the library's defaults; docs/TPX.md sec. 2): "matrix" weights from each node's joint
+    # LR-RP covariance, or the paper's "coordinate"-wise weights; ucb: standard errors
+    # added to each batch variance; momentum: EMA of the statistics (0: batch statistics).
+    tpx_weights: str = DEFAULT_WEIGHTS
+    tpx_ucb: float = DEFAULT_UCB
+    tpx_momentum: float = 0.0
     gamma: float = 0.99
     lam: float = 0.95
     actor_weights: str = "discount"  # discount | uniform | start (see behavior.objective_weights)
@@ -206,6 +209,8 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.mix_rho <= 1.0, f"mix_rho must be in [0, 1], got {cfg.mix_rho}"),
         (0.0 <= cfg.tpx_momentum < 1.0, f"tpx_momentum must be in [0, 1), got {cfg.tpx_momentum}"),
         (cfg.tpx_ucb >= 0.0, f"tpx_ucb must be >= 0, got {cfg.tpx_ucb}"),
+        (cfg.tpx_weights in WEIGHTS,
+         f"tpx_weights must be one of {', '.join(WEIGHTS)}, got {cfg.tpx_weights!r}"),
         (cfg.action_repeat >= 1, f"action_repeat must be >= 1, got {cfg.action_repeat}"),
         (cfg.batch_size >= 1 and cfg.seq_len >= 1, "batch_size and seq_len must be >= 1"),
         (cfg.train_every >= 1 and cfg.train_steps >= 1, "train_every and train_steps must be >= 1"),

@@ -83,23 +83,8 @@ class Node:
                 return torch.zeros_like(d), torch.zeros_like(d)
             fixed = float(k)
         flat = (d.reshape(B, -1), eps.reshape(B, -1), sigma.reshape(B, -1), self.adv)
-        if fixed is None and self.rule.weights in ("matrix", "matrix-ridge"):
+        if fixed is None and self.rule.weights == "matrix":
             return self._matrix_combine(*flat, needs_sigma, d.shape)
-        if fixed is None and self.rule.weights not in ("coordinate", "matrix", "matrix-ridge"):
-            # study prototypes (float64 reference): coordinate-cross, matrix-cross/-nocross/-lw
-            from .. import reference
-            g_lr, g_rp = reference.gaussian_per_sample(*(t.double() for t in flat))
-            D = flat[0].shape[1]
-            C = 2 * D if needs_sigma else D
-            running = self.running[:, :C, :C] if self.running is not None else None
-            w = self.rule.weights
-            r = reference.matrix_ivw_combine(
-                g_lr[:, :C], g_rp[:, :C], running, self.rule.momentum, self.rule.ucb,
-                w in ("matrix-cross", "coordinate-cross") or "lw" in w, w.startswith("coordinate"),
-                {"matrix-lw": "all", "matrix-lwc": "coord"}.get(w))
-            self._record(r.k, r.var_lr, r.var_rp, r.nonfinite)
-            gs = r.g[:, D:] if C == 2 * D else None
-            return r.g[:, :D].to(d.dtype).view(d.shape), gs.to(d.dtype).view(d.shape) if gs is not None else None
         if fixed is None:  # tpx
             running = self.running if self.running is not None else (None, None)
             r = gaussian_tpx_backward(*flat, *running, self.rule.momentum, None,
@@ -121,10 +106,9 @@ class Node:
         C = groups * D
         r = gaussian_tpx_comoments(d, eps, sigma, adv, groups, self.rule.ucb)
         running = self.running[:, :C, :C] if self.running is not None else None  # a view
-        KL = matrix_weight(r.cov, r.bound, r.finite, running, self.rule.momentum,
-                           self.rule.weights == "matrix-ridge")
+        KL = matrix_weight(r.cov, r.bound, r.finite, running, self.rule.momentum)
         g_lr, g_rp = per_sample_gradients(d, eps, sigma, adv, groups)
-        g = apply_matrix_weight(g_lr, g_rp, KL).to(d.dtype)
+        g = apply_matrix_weight(g_lr, g_rp, KL, bool(r.finite.all())).to(d.dtype)
         var, k = r.cov.diagonal(), KL[0].diagonal()
         self._record(k, var[:C], var[C:], torch.isnan(k).sum())
         grad_sigma = g[:, D:].reshape(shape) if needs_sigma else None

@@ -48,8 +48,7 @@ class WeightRule:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not (self.ucb >= 0.0 and self.ucb < float("inf")):
             raise ValueError(f"ucb must be finite and >= 0, got {self.ucb}")
-        if self.weights not in WEIGHTS + ("matrix-ridge", "coordinate-cross", "matrix-cross",
-                                          "matrix-nocross", "matrix-lw", "matrix-lwc"):
+        if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
 
 
@@ -86,7 +85,7 @@ def pinv_weights(A: Tensor, Z: Tensor, S: Tensor):
 
 
 def matrix_weight(cov: Tensor, bound: Tensor, finite: Tensor, running: Optional[Tensor] = None,
-                  momentum: float = 0.0, ridge: bool = False) -> Tensor:
+                  momentum: float = 0.0) -> Tensor:
     """The weight matrices [2, C, C] on LR (K) and on RP (L = I - K) from the joint
     covariance of z = [g_LR, g_RP].
 
@@ -95,21 +94,29 @@ def matrix_weight(cov: Tensor, bound: Tensor, finite: Tensor, running: Optional[
     share samples), K = (S_RP - X^T) (S_LR + S_RP - X - X^T)^+ minimises the covariance of
     g = K g_LR + (I - K) g_RP in the Loewner order, i.e. the variance of every linear map of
     g at once (the node's Jacobian to the parameters among them). ucb bounds enter as
-    cov -> F cov F, F = diag(sqrt(bound / var)). running [3, C, C] float64 (LR, RP, X; NaN:
+    cov -> cov + diag(bound - var). running [3, C, C] float64 (LR, RP, X; NaN:
     no data yet) keeps their exponential moving averages (momentum > 0), updated in place.
     Coordinates with a non-finite estimator are left out of the matrix: LR non-finite -> k 0,
     RP non-finite -> k 1, both -> NaN (their gradient is zeroed by `apply_matrix_weight`).
     """
     C = cov.shape[0] // 2
+    # The bounds' excess over the variances goes onto the diagonal only: a heavy-tailed
+    # coordinate's covariances with the others shrink relative to its variance, so the
+    # matrix leans toward the coordinate-wise weights exactly where its cross terms rest on
+    # a few outliers.
+    var = cov.diagonal()
+    cov = cov + torch.diag(torch.where(finite, bound - var, 0.0))
+    if bool(finite.all()):  # the common case: no coordinate to leave out
+        S = torch.stack([cov[:C, :C], cov[C:, C:], cov[:C, C:]])
+        if running is not None:
+            ema = torch.where(torch.isnan(running), S, momentum * running + (1 - momentum) * S)
+            running.copy_(ema)
+            S = ema
+        S_lr, S_rp, X = S
+        return torch.stack(pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T))
     ok_lr, ok_rp = finite[:C], finite[C:]
     good = ok_lr & ok_rp
     idx = good.nonzero()[:, 0]
-    var = cov.diagonal()
-    if ridge:  # the bounds' excess over the variances added to the diagonal only
-        cov = cov + torch.diag(torch.where(finite, bound - var, 0.0))
-    else:
-        f = torch.where(finite & (var > 0), (bound / torch.where(var > 0, var, 1.0)).sqrt(), 1.0)
-        cov = cov * f[:, None] * f[None, :]
     both = torch.cat([idx, C + idx])
     sub = cov[both[:, None], both[None, :]]
     n = idx.numel()
@@ -131,13 +138,16 @@ def matrix_weight(cov: Tensor, bound: Tensor, finite: Tensor, running: Optional[
     return KL
 
 
-def apply_matrix_weight(g_lr: Tensor, g_rp: Tensor, KL: Tensor) -> Tensor:
+def apply_matrix_weight(g_lr: Tensor, g_rp: Tensor, KL: Tensor,
+                        finite_samples: bool = False) -> Tensor:
     """g_i = K g_LR,i + L g_RP,i [B, C] (float64) with (K, L) = KL from `matrix_weight`
     (L = I - K, formed on its own); non-finite samples of a coordinate that `matrix_weight`
     left out enter with weight 0, and a coordinate with NaN weight (both estimators
-    non-finite) gets gradient 0."""
-    a = torch.where(torch.isfinite(g_lr), g_lr, 0.0)
-    b = torch.where(torch.isfinite(g_rp), g_rp, 0.0)
-    KL = torch.nan_to_num(KL, nan=0.0)
-    g = a @ KL[0].T + b @ KL[1].T
-    return g
+    non-finite) gets gradient 0. finite_samples: the caller knows every sample is finite
+    (skips that check)."""
+    C = g_lr.shape[1]
+    KL = torch.nan_to_num(KL, nan=0.0).transpose(1, 2).reshape(2 * C, C)  # [K^T; L^T]
+    g = torch.cat([g_lr, g_rp], dim=1)
+    if not finite_samples:
+        g = torch.where(torch.isfinite(g), g, 0.0)
+    return g @ KL
