@@ -4,7 +4,8 @@
     python bench/ops.py --write          # also rewrite the results section of docs/BENCHMARKS.md
     python bench/ops.py --device cuda    # on the GPU (--write: the CUDA section)
 
-Variants of every row: "fused" (the tpx_ext op), "eager" (the same math composed of
+Variants of every row: "fused" (the tpx_ext op with plain batch variances, ucb = 0, the
+math the eager composition does; bench/cpu_paths.py times the ucb pass), "eager" (the same math composed of
 eager PyTorch ops in the input dtype), "compiled" (that eager composition under
 torch.compile, default inductor backend, compiled for each shape before timing) and
 "reference f64" (tpx_ext.reference).
@@ -133,10 +134,10 @@ def rows(device, dtypes, sizes, ops):
             item = g_lr.element_size()
             pair = (g_lr, g_rp)
             ivw = dict(op="ivw_combine", B=B, C=C, dtype=dtype, bytes=3 * B * C * item + 24 * C,
-                       fns={"fused": lambda a=pair: tpx_ext.ivw_combine(*a),
+                       fns={"fused": lambda a=pair: tpx_ext.ivw_combine(*a, ucb=0.0),
                             "eager": lambda a=pair: eager_ivw(*a),
                             "compiled": lambda a=pair: compiled_ivw(*a),
-                            "reference f64": lambda a=pair: reference.ivw_combine(*a)})
+                            "reference f64": lambda a=pair: reference.ivw_combine(*a, ucb=0.0)})
             D = max(1, C // 2)  # a Gaussian node over D dims has C = 2D coordinates
             d, eps = (torch.randn(B, D, generator=gen).to(dtype).to(device) for _ in range(2))
             sigma = (torch.rand(B, D, generator=gen) + 0.1).to(dtype).to(device)
@@ -144,10 +145,10 @@ def rows(device, dtypes, sizes, ops):
             node = (d, eps, sigma, adv)
             gauss = dict(op="gaussian_tpx_backward", B=B, C=2 * D, dtype=dtype,
                          bytes=5 * B * D * item + 4 * B + 48 * D,
-                         fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_backward(*a),
+                         fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_backward(*a, ucb=0.0),
                               "eager": lambda a=node: eager_gaussian(*a),
                               "compiled": lambda a=node: compiled_gaussian(*a),
-                              "reference f64": lambda a=node: reference.gaussian_tpx_backward(*a)})
+                              "reference f64": lambda a=node: reference.gaussian_tpx_backward(*a, ucb=0.0)})
             yield from (row for row in (ivw, gauss) if row["op"] in ops)
 
 
