@@ -15,15 +15,7 @@ from tpx_ext.estimators.weights import apply_matrix_weight, matrix_weight, pinv_
 
 def joint(g_lr, g_rp, ucb=0.0):
     """(cov, bound, finite) of z = [g_LR, g_RP] from the float64 reference."""
-    z = torch.cat([g_lr, g_rp], dim=1).double()
-    var = reference.batch_variance(z)
-    finite = torch.isfinite(var)
-    zf = torch.where(finite[None, :], z, 0.0)
-    cov = reference.covariance(zf, zf)
-    cov = torch.where(finite[:, None] & finite[None, :], cov, 0.0)
-    cov = cov + torch.diag(torch.where(finite, 0.0, torch.inf))
-    bound = reference.variance_bound(zf, torch.where(finite, var, 0.0), ucb)
-    return cov, torch.where(finite, bound, torch.inf), finite
+    return reference.joint_covariance(g_lr, g_rp, ucb)
 
 
 def correlated_pair(B=400, C=4, seed=0):

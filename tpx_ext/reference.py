@@ -152,10 +152,15 @@ def gaussian_comoments(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, group
     column's variance (+inf where not finite).
     """
     d, eps, sigma, adv = d.double(), eps.double(), sigma.double(), adv.double()
-    D = d.shape[1]
+    C = groups * d.shape[1]
     g_lr, g_rp = gaussian_per_sample(d, eps, sigma, adv)
-    cols = torch.cat([torch.arange(groups * D), 2 * D + torch.arange(groups * D)])
-    z = torch.cat([g_lr, g_rp], dim=1)[:, cols]
+    return joint_covariance(g_lr[:, :C], g_rp[:, :C], ucb)
+
+
+def joint_covariance(g_lr: Tensor, g_rp: Tensor, ucb: float = DEFAULT_UCB):
+    """(cov [2C, 2C], bound [2C], finite [2C]) of z = [g_LR, g_RP] ([B, C] each), as
+    `gaussian_comoments` defines them."""
+    z = torch.cat([g_lr, g_rp], dim=1).double()
     var = batch_variance(z)
     finite = torch.isfinite(var)
     zf = torch.where(finite[None, :], z, 0.0)

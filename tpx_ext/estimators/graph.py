@@ -305,6 +305,6 @@ class StochasticGraph:
             buffers = est.running_stats[(name, step)] = new_running_stats(coords, mu.device)
         elif buffers[0].shape[0] != coords or buffers[0].device != mu.device:
             raise ValueError(f"sample: node {name!r} at step {step} has {coords} coordinates on "
-                             f"{mu.device}, but its running statistics have {buffers[0].numel()} "
+                             f"{mu.device}, but its running statistics have {buffers[0].shape[0]} "
                              f"on {buffers[0].device}")
         return buffers

@@ -106,32 +106,30 @@ def matrix_weight(cov: Tensor, bound: Tensor, finite: Tensor, running: Optional[
     # a few outliers.
     var = cov.diagonal()
     cov = cov + torch.diag(torch.where(finite, bound - var, 0.0))
-    if bool(finite.all()):  # the common case: no coordinate to leave out
-        S = torch.stack([cov[:C, :C], cov[C:, C:], cov[:C, C:]])
-        if running is not None:
-            ema = torch.where(torch.isnan(running), S, momentum * running + (1 - momentum) * S)
-            running.copy_(ema)
-            S = ema
-        S_lr, S_rp, X = S
-        return torch.stack(pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T))
     ok_lr, ok_rp = finite[:C], finite[C:]
     good = ok_lr & ok_rp
-    idx = good.nonzero()[:, 0]
-    both = torch.cat([idx, C + idx])
-    sub = cov[both[:, None], both[None, :]]
-    n = idx.numel()
+    everything = bool(good.all())  # the common case: no coordinate to leave out
+    if everything:
+        sub, n = cov, C
+    else:
+        idx = good.nonzero()[:, 0]
+        both = torch.cat([idx, C + idx])
+        sub, n = cov[both[:, None], both[None, :]], idx.numel()
     S = torch.stack([sub[:n, :n], sub[n:, n:], sub[:n, n:]])
     if running is not None:
-        old = running[:, idx[:, None], idx[None, :]]
-        ema = torch.where(torch.isnan(old), S, momentum * old + (1 - momentum) * S)
-        running[:, idx[:, None], idx[None, :]] = ema
-        S = ema
+        old = running if everything else running[:, idx[:, None], idx[None, :]]
+        S = torch.where(torch.isnan(old), S, momentum * old + (1 - momentum) * S)
+        if everything:
+            running.copy_(S)
+        else:
+            running[:, idx[:, None], idx[None, :]] = S
     S_lr, S_rp, X = S
-    K_good, L_good = pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T)
+    KL_good = torch.stack(pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T))
+    if everything:
+        return KL_good
     eye = torch.eye(C, dtype=torch.bool, device=cov.device)
     KL = torch.zeros((2, C, C), dtype=cov.dtype, device=cov.device)
-    KL[0, idx[:, None], idx[None, :]] = K_good
-    KL[1, idx[:, None], idx[None, :]] = L_good
+    KL[:, idx[:, None], idx[None, :]] = KL_good
     edge = torch.where(ok_rp & ~ok_lr, 0.0, torch.where(ok_lr & ~ok_rp, 1.0, torch.nan))
     KL[0] = torch.where(eye & ~good[:, None], torch.diag(edge), KL[0])
     KL[1] = torch.where(eye & ~good[:, None], torch.diag(1 - edge), KL[1])

@@ -203,7 +203,7 @@ class TanhRNN(NoisyRNN):
     default g = 0.55 the exponent is negative on average (~-0.12 per step), but expansion
     is intermittent and the RP gradient heavy-tailed: its variance grows ~20x from H = 10
     to 30 and ~100x from 30 to 100, so RP is the better estimator up to H ~ 30 and LR
-    beyond, the regime of the issue's peer benchmark (issue 13)."""
+    beyond: the regime where weights from single batches can import LR noise."""
 
     activation = "tanh"
 
