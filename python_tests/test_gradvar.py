@@ -48,8 +48,8 @@ def test_gradvar_rejects_unknown_names():
     with pytest.raises(ValueError, match="valid modes"):
         gradvar.run(modes=["rp", "sf"], horizons=[1], reps=2, progress=False)
     with pytest.raises(ValueError, match="valid: rotor, rnn, rnn-tanh, rnn-sigmoid, rnn-sigmoid4, "
-                                         "rnn-tanh6, logistic, lorenz"):
-        gradvar.run(system_name="cartpole", horizons=[1], reps=2, progress=False)
+                                         "rnn-tanh6, logistic, lorenz, pendulum, cartpole, linear"):
+        gradvar.run(system_name="acrobot", horizons=[1], reps=2, progress=False)
 
 
 def test_gradvar_on_a_dreamer_checkpoint(tmp_path):

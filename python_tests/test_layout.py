@@ -1,5 +1,6 @@
 """The package layout: the experiment tools live in tpx_ext.experiments, and the commands users
-know, `python -m tpx_ext.gradvar` and `python -m tpx_ext.sweep`, run them."""
+know, `python -m tpx_ext.gradvar`, `python -m tpx_ext.control` and `python -m tpx_ext.sweep`, run
+them."""
 
 import os
 import subprocess
@@ -7,14 +8,16 @@ import sys
 
 import pytest
 
+import tpx_ext.control
 import tpx_ext.gradvar
 import tpx_ext.sweep
-from tpx_ext.experiments import gradvar, sweep
+from tpx_ext.experiments import control, gradvar, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("module", ["tpx_ext.gradvar", "tpx_ext.sweep", "tpx_ext.experiments.gradvar",
+@pytest.mark.parametrize("module", ["tpx_ext.gradvar", "tpx_ext.control", "tpx_ext.sweep",
+                                    "tpx_ext.experiments.gradvar", "tpx_ext.experiments.control",
                                     "tpx_ext.experiments.sweep"])
 def test_command_runs(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
@@ -25,6 +28,7 @@ def test_command_runs(module):
 
 def test_commands_are_the_subpackage_mains():
     assert tpx_ext.gradvar.main is gradvar.main
+    assert tpx_ext.control.main is control.main
     assert tpx_ext.sweep.main is sweep.main
 
 
