@@ -1,6 +1,6 @@
 """The package layout: the experiment tools live in tpx_ext.experiments, and the commands users
-know, `python -m tpx_ext.gradvar`, `python -m tpx_ext.control` and `python -m tpx_ext.sweep`, run
-them."""
+know, `python -m tpx_ext.gradvar`, `python -m tpx_ext.control`, `python -m tpx_ext.frozen` and
+`python -m tpx_ext.sweep`, run them."""
 
 import os
 import subprocess
@@ -9,15 +9,17 @@ import sys
 import pytest
 
 import tpx_ext.control
+import tpx_ext.frozen
 import tpx_ext.gradvar
 import tpx_ext.sweep
-from tpx_ext.experiments import control, gradvar, sweep
+from tpx_ext.experiments import control, frozen, gradvar, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("module", ["tpx_ext.gradvar", "tpx_ext.control", "tpx_ext.sweep",
-                                    "tpx_ext.experiments.gradvar", "tpx_ext.experiments.control",
+@pytest.mark.parametrize("module", ["tpx_ext.gradvar", "tpx_ext.control", "tpx_ext.frozen",
+                                    "tpx_ext.sweep", "tpx_ext.experiments.gradvar",
+                                    "tpx_ext.experiments.control", "tpx_ext.experiments.frozen",
                                     "tpx_ext.experiments.sweep"])
 def test_command_runs(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
@@ -29,6 +31,7 @@ def test_command_runs(module):
 def test_commands_are_the_subpackage_mains():
     assert tpx_ext.gradvar.main is gradvar.main
     assert tpx_ext.control.main is control.main
+    assert tpx_ext.frozen.main is frozen.main
     assert tpx_ext.sweep.main is sweep.main
 
 

@@ -47,16 +47,21 @@ class Dreamer(nn.Module):
         metrics["model_grad_norm"] = norm
         metrics["model_skipped"] = torch.tensor(float(not ok))
         if ok:
-            start = post.map(lambda x: x.reshape(-1, x.shape[-1]))
-            n = self.cfg.imag_starts
-            if 0 < n < start.deter.shape[0]:
-                keep = torch.randperm(start.deter.shape[0], device=self.device)[:n]
-                start = start.map(lambda x: x[keep])
-            metrics.update(self.behavior.update(self.world_model, start))
+            metrics.update(self.update_behavior(post))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics["update_seconds"] = torch.tensor(time.perf_counter() - t0)
         return metrics
+
+    def update_behavior(self, post: LatentState) -> Dict[str, Tensor]:
+        """One actor and one critic step imagined from posterior states [B, T, ...] (all of
+        them, or `imag_starts` drawn with torch's RNG)."""
+        start = post.map(lambda x: x.reshape(-1, x.shape[-1]))
+        n = self.cfg.imag_starts
+        if 0 < n < start.deter.shape[0]:
+            keep = torch.randperm(start.deter.shape[0], device=self.device)[:n]
+            start = start.map(lambda x: x[keep])
+        return self.behavior.update(self.world_model, start)
 
     # ----------------------------------------------------------------- acting
     def initial_policy_state(self, n: int = 1) -> PolicyState:

@@ -106,6 +106,13 @@ class ReplayBuffer:
         must not depend on where training stopped)."""
         self._rng = np.random.default_rng(seed)
 
+    def rng_state(self) -> dict:
+        """The sampling RNG's state (for a user of the buffer that checkpoints itself)."""
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state
+
     def sample(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """batch_size sequences of seq_len consecutive steps, each inside one episode, the
         start drawn uniformly over all valid starts of all stored episodes. Returns obs,

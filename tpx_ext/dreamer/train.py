@@ -156,23 +156,9 @@ class Trainer:
         """`eval_episodes` episodes with the mean action on a separately seeded env; the
         first is saved as a GIF. Uses its own torch RNG, so training is not perturbed."""
         cfg, c = self.cfg, self.counters
-        returns, frames = [], []
         gif = cfg.eval_gif and self._can_draw_frames()
-        env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=cfg.seed + 10_000 + c["evals"],
-                       episode_length=cfg.episode_length)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), env:
-            torch.manual_seed(cfg.seed + 10_000 + c["evals"])
-            for i in range(cfg.eval_episodes):
-                obs, state, done, ret = env.reset(), None, False, 0.0
-                record = gif and i == 0
-                while not done:
-                    if record:
-                        frames.append(obs if cfg.obs == "pixels" else env.render(64))
-                    action, state = self.agent.act(obs, state, explore=False)
-                    obs, reward, done, _ = env.step(action)
-                    ret += reward
-                returns.append(ret)
+        returns, frames = evaluate(self.agent, cfg, cfg.seed + 10_000 + c["evals"],
+                                   cfg.eval_episodes, frames=gif)
         if frames:
             save_gif(os.path.join(self.run_dir, "eval", f"step_{c['env_steps']:09d}.gif"), frames)
         c["evals"] += 1
@@ -223,6 +209,27 @@ class Trainer:
         self.env.close()
         if hasattr(self, "logger"):
             self.logger.close()
+
+
+def evaluate(agent: Dreamer, cfg: configs.Config, seed: int, episodes: int, frames: bool = False):
+    """(returns, frames of the first episode) of `episodes` episodes with the mean action on
+    an environment seeded with `seed`. Uses its own torch RNG (seeded with `seed`), so the
+    caller's is not perturbed."""
+    returns, shown = [], []
+    env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=seed, episode_length=cfg.episode_length)
+    devices = [agent.device] if agent.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), env:
+        torch.manual_seed(seed)
+        for i in range(episodes):
+            obs, state, done, ret = env.reset(), None, False, 0.0
+            while not done:
+                if frames and i == 0:
+                    shown.append(obs if cfg.obs == "pixels" else env.render(64))
+                action, state = agent.act(obs, state, explore=False)
+                obs, reward, done, _ = env.step(action)
+                ret += reward
+            returns.append(ret)
+    return returns, shown
 
 
 def load_run(run_dir: str, device="cpu"):

@@ -33,6 +33,10 @@ class WorldModel(nn.Module):
     def embed(self, obs: Tensor) -> Tensor:
         return self.encoder(obs if self.pixels else obs.float())
 
+    def posterior(self, batch: Dict[str, Tensor]) -> LatentState:
+        """The posterior states [B, T, ...] of a replay batch (obs, action), without the loss."""
+        return self.rssm.observe(self.embed(batch["obs"]), batch["action"])[0]
+
     def loss(self, batch: Dict[str, Tensor]) -> Tuple[Tensor, LatentState, Dict[str, Tensor]]:
         """batch: obs [B, T, *obs], action [B, T, A], reward [B, T].
 

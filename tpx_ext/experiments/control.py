@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..dreamer.atomic import atomic_write
-from ..extras import needs
 from .gradvar import ESTIMATORS, make_estimator
+from .report import mean_std, plot_profiles, plot_seed_bands, welch_p
 from .systems import SYSTEMS, policy_gradient
 
 CONTROL_SYSTEMS = ("cartpole", "pendulum", "rotor")
@@ -210,16 +210,6 @@ def write_csv(records: Sequence[Dict], path: str) -> None:
         w.writerows(data)
 
 
-def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p of Welch's t-test (NaN with fewer than two values a side or no spread)."""
-    with needs("experiments"):
-        from scipy import stats
-
-    if len(a) < 2 or len(b) < 2 or (max(a) == min(a) and max(b) == min(b)):
-        return math.nan
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
 def summary(records: Sequence[Dict]) -> List[Dict]:
     """One row per (system, horizon, estimator): final return over seeds, p against rp."""
     groups: Dict[Tuple, List[Dict]] = {}
@@ -230,8 +220,7 @@ def summary(records: Sequence[Dict]) -> List[Dict]:
     for (system, horizon, est), recs in groups.items():
         finals = [r["metrics"][-1]["return"] for r in recs]
         rp = groups.get((system, horizon, "rp"), [])
-        mean = sum(finals) / len(finals)
-        std = math.sqrt(sum((x - mean) ** 2 for x in finals) / (len(finals) - 1)) if len(finals) > 1 else math.nan
+        mean, std = mean_std(finals)
         out.append({
             "system": system, "horizon": horizon, "estimator": est, "seeds": len(recs),
             "initial": sum(r["metrics"][0]["return"] for r in recs) / len(recs),
@@ -262,57 +251,38 @@ def markdown(records: Sequence[Dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def _cells(records):
+    return sorted({(r["spec"]["system"], r["spec"]["horizon"]) for r in records},
+                  key=lambda c: (CONTROL_SYSTEMS.index(c[0]) if c[0] in CONTROL_SYSTEMS else 99, c[1]))
+
+
 def plot(records: Sequence[Dict], path: str, weights_path: str) -> None:
-    with needs("experiments"):
-        import matplotlib
+    """Return against iteration (seed bands) per (system, horizon); tpx's weight on LR over
+    the horizon, per node name (mean over the evaluations of the last quarter and seeds)."""
+    import numpy as np
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-
-    cells = sorted({(r["spec"]["system"], r["spec"]["horizon"]) for r in records},
-                   key=lambda c: (CONTROL_SYSTEMS.index(c[0]) if c[0] in CONTROL_SYSTEMS else 99, c[1]))
     names = list(dict.fromkeys(r["spec"]["estimator"] for r in records))
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False)
-    for ax, (system, horizon) in zip(axes[0], cells):
-        for i, est in enumerate(names):
+    panels, profiles = [], []
+    for system, horizon in _cells(records):
+        curves = {}
+        for est in names:
             recs = [r for r in records if (r["spec"]["system"], r["spec"]["horizon"],
                                            r["spec"]["estimator"]) == (system, horizon, est)]
-            if not recs:
-                continue
-            n = min(len(r["metrics"]) for r in recs)
-            its = np.array([m["iteration"] for m in recs[0]["metrics"][:n]])
-            ret = np.array([[m["return"] for m in r["metrics"][:n]] for r in recs])
-            mean = ret.mean(0)
-            ax.plot(its, mean, color=f"C{i}", label=f"{est} ({len(recs)} seeds)")
-            ax.fill_between(its, ret.min(0), ret.max(0), color=f"C{i}", alpha=0.2)
-        ax.set(title=f"{system}, H = {horizon}", xlabel="iteration", ylabel="return per step")
-        ax.grid(True, alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-    tpx = [(c, [r for r in records if (r["spec"]["system"], r["spec"]["horizon"]) == c
-                and r["spec"]["estimator"] == "tpx"]) for c in cells]
-    tpx = [(c, recs) for c, recs in tpx if recs]
-    if not tpx:
-        return
-    fig, axes = plt.subplots(1, len(tpx), figsize=(4.2 * len(tpx), 3.6), squeeze=False)
-    for ax, ((system, horizon), recs) in zip(axes[0], tpx):
-        # the profiles of the last quarter of training, averaged over evaluations and seeds
-        for j, node in enumerate(sorted({n for r in recs for m in r["metrics"] for n in m.get("lr_weight", {})})):
-            profiles = [m["lr_weight"][node] for r in recs for m in r["metrics"]
-                        if node in m.get("lr_weight", {}) and m["iteration"] > 0.75 * r["spec"]["iters"]]
-            if profiles:
-                ax.plot(np.nanmean(np.array(profiles, dtype=float), axis=0), color=f"C{j}", label=node)
-        ax.set(title=f"tpx, {system}, H = {horizon}", xlabel="step t", ylabel="weight on LR",
-               ylim=(-0.05, 1.05))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(weights_path, dpi=110)
-    plt.close(fig)
+            if recs:
+                n = min(len(r["metrics"]) for r in recs)
+                curves[est] = ([m["iteration"] for m in recs[0]["metrics"][:n]],
+                               [[m["return"] for m in r["metrics"][:n]] for r in recs])
+        panels.append((f"{system}, H = {horizon}", curves))
+        late = [m["lr_weight"] for r in records if (r["spec"]["system"], r["spec"]["horizon"],
+                                                    r["spec"]["estimator"]) == (system, horizon, "tpx")
+                for m in r["metrics"] if "lr_weight" in m and m["iteration"] > 0.75 * r["spec"]["iters"]]
+        nodes = sorted({n for w in late for n in w})
+        if nodes:
+            profiles.append((f"tpx, {system}, H = {horizon}", {
+                n: np.nanmean(np.array([w[n] for w in late if n in w], dtype=float), axis=0) for n in nodes}))
+    plot_seed_bands(panels, path, "iteration", "return per step")
+    if profiles:
+        plot_profiles(profiles, weights_path)
 
 
 def main(argv=None) -> List[Dict]:

@@ -145,7 +145,7 @@ def dreamer_problem(run_dir: str, batch: int, seed: int, device):
     data = replay.sample(max(1, -(-batch // cfg.seq_len)), cfg.seq_len)
     data = {k: torch.as_tensor(data[k], device=device) for k in ("obs", "action", "reward")}
     with torch.no_grad():
-        post = agent.world_model.loss(data)[1]
+        post = agent.world_model.posterior(data)
     start = post.map(lambda x: x.reshape(-1, x.shape[-1])[:batch])
     behavior = agent.behavior
 
