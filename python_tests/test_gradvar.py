@@ -227,3 +227,16 @@ def test_row_reports_the_median_norm_of_the_finite_gradients():
     assert r["norm"] == 5.0 and r["nonfinite"] == 0.25
     r = gradvar.row("x", 10, "rp", 8, grads[3:], torch.ones(1), torch.zeros(2), "rp", 0.0)
     assert math.isnan(r["norm"]) and r["nonfinite"] == 1.0
+
+
+def test_row_reports_the_direction_of_the_mean_gradient():
+    """`cos` is the cosine between the finite reps' mean and the reference: a biased
+    estimator whose mean points away from the gradient shows it even when its variance
+    and error are small."""
+    grads = torch.tensor([[1.0, 1.0], [1.0, -1.0], [float("nan"), 0.0]], dtype=torch.float64)
+    r = gradvar.row("x", 10, "rp", 8, grads, torch.ones(3), torch.tensor([2.0, 0.0]), "rp", 0.0)
+    assert r["cos"] == pytest.approx(1.0)
+    r = gradvar.row("x", 10, "rp", 8, grads[:2] * 0.01, torch.ones(2), torch.tensor([-1.0, 1.0]), "rp", 0.0)
+    assert r["cos"] == pytest.approx(-math.sqrt(0.5)) and r["error"] < 1.5
+    r = gradvar.row("x", 10, "rp", 8, grads[2:], torch.ones(1), torch.tensor([1.0, 0.0]), "rp", 0.0)
+    assert math.isnan(r["cos"])

@@ -16,6 +16,9 @@ the imagination's), and reports:
   lower variance there (its standard error is printed, so errors below it are
   not resolved);
 - snr: |g_ref| / sqrt(variance);
+- cos: the cosine between the reps' mean gradient and g_ref: whether the estimator's mean
+  points the way the gradient does (a biased estimator can have a small variance and
+  error and still point elsewhere; the mean's own noise is variance / reps);
 - norm: median |g| over the reps with a finite gradient (how the gradient's size grows with
   the horizon; NaN if none was finite);
 - ms/grad: median wall time of one gradient (rollout + backward);
@@ -49,7 +52,7 @@ from ..estimators import MODES, Estimator
 from ..extras import needs
 from .systems import CHAOTIC, SYSTEMS, policy_gradient
 
-COLUMNS = ("system", "horizon", "mode", "batch", "reps", "variance", "error", "snr", "norm",
+COLUMNS = ("system", "horizon", "mode", "batch", "reps", "variance", "error", "snr", "cos", "norm",
            "ms_per_grad", "nonfinite", "reference", "ref_stderr")
 
 # Name -> Estimator arguments. "mix" and "tpx" take --rho and --momentum.
@@ -180,6 +183,11 @@ def reference(grad_fn, policy, name: str, horizon: int, batch: int, count: int, 
     return grads.mean(0), math.sqrt(trace_variance(grads) / count)
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    den = (a.norm() * b.norm()).item()
+    return (a @ b).item() / den if den > 0 else math.nan
+
+
 def row(system_name, horizon, name, batch, grads, secs, g_ref, ref_name, ref_stderr) -> Dict:
     var = trace_variance(grads)
     finite = torch.isfinite(grads).all(1)
@@ -188,6 +196,7 @@ def row(system_name, horizon, name, batch, grads, secs, g_ref, ref_name, ref_std
         "reps": grads.shape[0], "variance": var,
         "error": ((grads - g_ref) ** 2).sum(1).mean().sqrt().item(),
         "snr": g_ref.norm().item() / math.sqrt(var) if var > 0 else math.inf,
+        "cos": cosine(grads[finite].mean(0), g_ref) if bool(finite.any()) else math.nan,
         "norm": grads[finite].norm(dim=1).median().item() if bool(finite.any()) else math.nan,
         "ms_per_grad": 1e3 * secs.median().item(),
         "nonfinite": (~finite).double().mean().item(),
@@ -410,7 +419,8 @@ def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: fl
     lines += table(1, 2.0, keys)
     lines += ["", "## All estimators", "", "variance: trace of the covariance of the batch gradient "
               "over the reps; error: RMS distance to the reference (the mean of high-sample rp or lr "
-              "gradients, its standard error in the last column); ms/grad: median time of one "
+              "gradients, its standard error in the last column); cos: cosine of the reps' mean "
+              "gradient with the reference; ms/grad: median time of one "
               "gradient on one thread of a shared machine (noisy).", ""]
     for system in dict.fromkeys(r["system"] for r in rows):
         lines += [f"### {system}", "", "```", format_table([r for r in rows if r["system"] == system]),
@@ -420,11 +430,12 @@ def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: fl
 
 def format_table(rows: Sequence[Dict]) -> str:
     width = max([4] + [len(r["mode"]) for r in rows])
-    lines = [f"{'H':>4} {'mode':>{width}} {'variance':>10} {'error':>10} {'snr':>9} {'norm':>10} "
+    lines = [f"{'H':>4} {'mode':>{width}} {'variance':>10} {'error':>10} {'snr':>9} {'cos':>6} {'norm':>10} "
              f"{'ms/grad':>8} {'nonfinite':>9}  reference (stderr)"]
     for r in rows:
         lines.append(f"{r['horizon']:>4} {r['mode']:>{width}} {r['variance']:>10.3g} "
-                     f"{r['error']:>10.3g} {r['snr']:>9.3g} {r.get('norm', math.nan):>10.3g} "
+                     f"{r['error']:>10.3g} {r['snr']:>9.3g} {r.get('cos', math.nan):>6.3f} "
+                     f"{r.get('norm', math.nan):>10.3g} "
                      f"{r['ms_per_grad']:>8.2f} "
                      f"{r['nonfinite']:>9.2f}  {r['reference']} ({r['ref_stderr']:.3g})")
     return "\n".join(lines)
