@@ -184,6 +184,7 @@ def reference(grad_fn, policy, name: str, horizon: int, batch: int, count: int, 
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
     den = (a.norm() * b.norm()).item()
     return (a @ b).item() / den if den > 0 else math.nan
 
