@@ -187,7 +187,7 @@ def linear_policy():
     "mode, kw, batch, batches",
     [("rp", {}, 16, 400), ("lr", {}, 16, 400), ("mix", {"rho": 0.3}, 16, 400),
      ("tpx", {"momentum": 0.99}, 16, 400), ("tpx", {}, 256, 100), ("tpx", {"ucb": 0.0}, 256, 100),
-     ("tp", {}, 256, 40)],
+     ("tpx", {"weights": "matrix-loo"}, 16, 400), ("tp", {}, 256, 40)],
 )
 def test_unbiased_on_linear_gaussian_system(mode, kw, batch, batches):
     """Mean of the batch gradients vs the closed-form gradient of E[sum_t -s_{t+1}^2].
@@ -201,6 +201,7 @@ def test_unbiased_on_linear_gaussian_system(mode, kw, batch, batches):
     first coordinate (-0.30) at B = 16 and 0.019 at B = 64. So batch-statistics tpx is checked at B = 256, where the
     bias is ~0.7 standard errors of 100 batches (false failures < 1e-5 per coordinate), and
     at B = 16 with momentum 0.99, where the current batch has 1% of the weight's say.
+    The leave-one-out matrix weights weigh each sample by the others': unbiased at B = 16.
     """
     system, policy = LinearGaussian(), linear_policy()
     exact = torch.autograd.grad(system.expected_return(policy, LINEAR_H), list(policy.parameters()))

@@ -186,3 +186,25 @@ def matrix_tpx_backward(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor,
     g_lr, g_rp = gaussian_per_sample(d.double(), eps.double(), sigma.double(), adv.double())
     g = apply_matrix_weight(g_lr[:, :groups * D], g_rp[:, :groups * D], KL)
     return g[:, :D], (g[:, D:] if groups == 2 else None), KL[0], cov
+
+
+def loo_matrix_combine(g_lr: Tensor, g_rp: Tensor, ucb: float = DEFAULT_UCB) -> Tensor:
+    """Reference of `tpx_ext.estimators.weights.loo_matrix_combine` (weights="matrix-loo"),
+    formed sample by sample: Sigma_-i = the covariance of the other B - 1 samples' z plus the
+    batch's bound excess times (B - 1) / (B - 2), its blocks into `pinv_weights`, and
+    g_i = K_-i g_LR,i + L_-i g_RP,i (finite samples, B >= 3)."""
+    from .estimators.weights import pinv_weights
+
+    g_lr, g_rp = g_lr.double(), g_rp.double()
+    B, C = g_lr.shape
+    cov, bound, _ = joint_covariance(g_lr, g_rp, ucb)
+    excess = torch.diag(bound - cov.diagonal()) * (B - 1) / (B - 2)
+    z = torch.cat([g_lr, g_rp], dim=1)
+    out = []
+    for i in range(B):
+        rest = torch.cat([z[:i], z[i + 1:]])
+        sig = covariance(rest, rest) + excess
+        S_lr, S_rp, X = sig[:C, :C], sig[C:, C:], sig[:C, C:]
+        K, L = pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T)
+        out.append(K @ g_lr[i] + L @ g_rp[i])
+    return torch.stack(out)

@@ -40,8 +40,10 @@ class Estimator:
         gradients with matrices from their joint batch covariance (cross-covariance
         included), K = (S_RP - X^T)(S_LR + S_RP - X - X^T)^+: the combination of least
         variance for every linear map of the node's gradient, so coordinates that move
-        together are weighed together; "coordinate": the paper's rule, one weight per
-        coordinate from the two variances, k = v_RP / (v_LR + v_RP) (docs/TPX.md sec. 2).
+        together are weighed together; "matrix-loo": the same matrices, each sample weighed
+        by those of the other B - 1 samples (exactly unbiased; the batch's own matrices fit
+        its noise); "coordinate": the paper's rule, one weight per coordinate from the two
+        variances, k = v_RP / (v_LR + v_RP) (docs/TPX.md sec. 2).
     momentum: "tpx" only, in [0, 1): the weights use exponential moving averages of the
         node's statistics, kept per node (name, step) across graphs; 0 uses batch
         statistics, whose correlation with the batch they weight biases tpx by O(1/B)

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops import gaussian_tpx_backward, gaussian_tpx_comoments
 from .tp import tp_weight
-from .weights import WeightRule, apply_matrix_weight, matrix_weight
+from .weights import WeightRule, apply_matrix_weight, loo_matrix_combine, matrix_weight
 
 
 def per_sample_gradients(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, groups: int = 2):
@@ -83,7 +83,7 @@ class Node:
                 return torch.zeros_like(d), torch.zeros_like(d)
             fixed = float(k)
         flat = (d.reshape(B, -1), eps.reshape(B, -1), sigma.reshape(B, -1), self.adv)
-        if fixed is None and self.rule.weights == "matrix":
+        if fixed is None and self.rule.weights in ("matrix", "matrix-loo"):
             return self._matrix_combine(*flat, needs_sigma, d.shape)
         if fixed is None:  # tpx
             running = self.running if self.running is not None else (None, None)
@@ -108,7 +108,10 @@ class Node:
         running = self.running[:, :C, :C] if self.running is not None else None  # a view
         KL = matrix_weight(r.cov, r.bound, r.finite, running, self.rule.momentum)
         g_lr, g_rp = per_sample_gradients(d, eps, sigma, adv, groups)
-        g = apply_matrix_weight(g_lr, g_rp, KL, bool(r.finite.all())).to(d.dtype)
+        if self.rule.weights == "matrix-loo" and bool(r.finite.all()):
+            g = loo_matrix_combine(g_lr, g_rp, r.cov, r.bound).to(d.dtype)
+        else:  # a node with non-finite samples keeps the batch's matrices
+            g = apply_matrix_weight(g_lr, g_rp, KL, bool(r.finite.all())).to(d.dtype)
         var, k = r.cov.diagonal(), KL[0].diagonal()
         self._record(k, var[:C], var[C:], torch.isnan(k).sum())
         grad_sigma = g[:, D:].reshape(shape) if needs_sigma else None

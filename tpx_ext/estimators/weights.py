@@ -28,9 +28,10 @@ from torch import Tensor
 
 from ..ops import DEFAULT_UCB
 
-# "matrix": weights from each node's joint LR-RP covariance (the default); "coordinate": one
+# "matrix": weights from each node's joint LR-RP covariance (the default); "matrix-loo": the
+# same, each sample weighed by the matrices of the other B - 1 (unbiased); "coordinate": one
 # weight per coordinate from the two variances (the paper's rule; with ucb = 0 exactly it).
-WEIGHTS = ("matrix", "coordinate")
+WEIGHTS = ("matrix", "matrix-loo", "coordinate")
 DEFAULT_WEIGHTS = "matrix"
 
 
@@ -50,6 +51,9 @@ class WeightRule:
             raise ValueError(f"ucb must be finite and >= 0, got {self.ucb}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
+        if self.weights == "matrix-loo" and self.momentum:
+            raise ValueError("weights='matrix-loo' weighs each sample by the other samples of its "
+                             "batch; it keeps no running statistics (momentum must be 0)")
 
 
 # ------------------------------------------------------------------ matrix weights
@@ -64,6 +68,13 @@ def pinv_weights(A: Tensor, Z: Tensor, S: Tensor):
     rank-one map's RP gradients, or B <= C). Both weights are formed as products, so a
     weight of 1e-30 on an estimator of 1e15 is exact, not the rounding error of 1 - (1 - x).
     """
+    S_pinv, null = pinv_and_null(S)
+    return A @ S_pinv + 0.5 * null, Z @ S_pinv + 0.5 * null
+
+
+def pinv_and_null(S: Tensor):
+    """(S^+, N) of `pinv_weights`: the pseudo-inverse of a symmetric PSD S and the null-space
+    completion N with S S^+ + N = I."""
     C = S.shape[0]
     eye = torch.eye(C, dtype=S.dtype, device=S.device)
     diag = S.diagonal().clamp_min(0)
@@ -81,7 +92,7 @@ def pinv_weights(A: Tensor, Z: Tensor, S: Tensor):
     # variance) is its own null space.
     null = (U * (~keep).to(S.dtype)) @ U.T * scale[:, None] * inv_scale[None, :]
     null = torch.where(live[:, None] & live[None, :], null, eye * (~live).to(S.dtype))
-    return A @ S_pinv + 0.5 * null, Z @ S_pinv + 0.5 * null
+    return S_pinv, null
 
 
 def matrix_weight(cov: Tensor, bound: Tensor, finite: Tensor, running: Optional[Tensor] = None,
@@ -149,3 +160,52 @@ def apply_matrix_weight(g_lr: Tensor, g_rp: Tensor, KL: Tensor,
     if not finite_samples:
         g = torch.where(torch.isfinite(g), g, 0.0)
     return g @ KL
+
+
+def loo_matrix_combine(g_lr: Tensor, g_rp: Tensor, cov: Tensor, bound: Tensor) -> Tensor:
+    """g_i = K_-i g_LR,i + L_-i g_RP,i [B, C] (float64): each sample weighed by the matrix
+    weights of the other B - 1 samples, so that its weights do not depend on it and the
+    combination is unbiased (K_-i + L_-i = I, and K_-i is independent of sample i). With
+    the full weights fitted to the batch they weigh, a node's gradient leans toward
+    whichever estimator's noise happens to cancel the signal in that batch: at batch 64 on
+    the cart-pole its mean points away from the true gradient (docs/RESULTS.md sec. 8).
+
+    cov [2C, 2C], bound [2C]: the batch's joint covariance and bounds (all finite), as
+    `matrix_weight` takes them. The other samples' covariance is the exact leave-one-out
+    covariance plus the batch's bound excess E (scaled by (B - 1) / (B - 2)):
+    Sigma_-i = a (cov + E) - b dz_i dz_i^T, a = (B - 1) / (B - 2), b = B / ((B - 1)(B - 2)),
+    dz_i the sample's deviation from the batch mean; so K_-i and L_-i are rank-one updates
+    of the batch's, and Sherman-Morrison gives every g_i in O(B C^2) without forming them.
+    A sample whose removal makes the covariance lose rank (it alone spans a direction, as
+    when B <= C + 1) gets its matrices formed explicitly."""
+    B, C = g_lr.shape
+    var = cov.diagonal()
+    cov = cov + torch.diag(bound - var)
+    S_lr, S_rp, X = cov[:C, :C], cov[C:, C:], cov[:C, C:]
+    A, Z, S = S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T
+    M, null = pinv_and_null(S)
+    if B < 3:  # no covariance from one other sample: the batch's matrices
+        return torch.cat([g_lr, g_rp], 1) @ torch.cat([A @ M + 0.5 * null, Z @ M + 0.5 * null], 1).T
+    a, b = (B - 1) / (B - 2), B / ((B - 1) * (B - 2))
+    dl, dr = g_lr - g_lr.mean(0), g_rp - g_rp.mean(0)
+    u = dl - dr                                   # dw_i, w = g_LR - g_RP
+    Mu = u @ M                                    # M u_i (M symmetric)
+    den = 1 - (b / a) * (Mu * u).sum(1)           # Sherman-Morrison's denominator
+    ok = den > 1e-9
+
+    def solve(v):  # Sigma_w,-i^+ v_i for every i: (a S - b u u^T)^+ v
+        coef = torch.where(ok, (Mu * v).sum(1) / torch.where(ok, den, 1.0), 0.0)
+        return (v @ M + (b / a) * Mu * coef[:, None]) / a
+
+    y_lr, y_rp = solve(g_lr), solve(g_rp)
+    # K_-i = A_-i S_-i^+ + N/2 with A_-i = a A + b dr_i u_i^T; L_-i with Z_-i = a Z - b dl_i u_i^T
+    g = (a * (y_lr @ A.T) + b * dr * (u * y_lr).sum(1, keepdim=True)
+         + a * (y_rp @ Z.T) - b * dl * (u * y_rp).sum(1, keepdim=True)
+         + 0.5 * (g_lr + g_rp) @ null.T)
+    for i in (~ok).nonzero()[:, 0].tolist():
+        dz = torch.cat([dl[i], dr[i]])
+        sig = a * cov - b * torch.outer(dz, dz)
+        sl, sr, x = sig[:C, :C], sig[C:, C:], sig[:C, C:]
+        K, L = pinv_weights(sr - x.T, sl - x, sl + sr - x - x.T)
+        g[i] = K @ g_lr[i] + L @ g_rp[i]
+    return g

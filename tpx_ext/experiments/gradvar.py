@@ -66,6 +66,8 @@ ESTIMATORS: Dict[str, Dict] = {
     # rule) and without them (exactly the paper's rule); docs/results/tpx_weight_rules.md
     "tpx-coord": {"mode": "tpx", "weights": "coordinate"},
     "tpx-paper": {"mode": "tpx", "weights": "coordinate", "ucb": 0.0},
+    # the matrix weights with each sample weighed by the other samples' (unbiased)
+    "tpx-loo": {"mode": "tpx", "weights": "matrix-loo"},
 }
 BASIC = MODES  # the default of --modes outside the suite
 
