@@ -77,7 +77,8 @@ class Config:
     mix_rho: float = 0.5            # mix: weight on LR
     # tpx: the weight rule and its knobs (tpx_ext.Estimator's weights, ucb and momentum, with
     # the library's defaults; docs/TPX.md sec. 2): "matrix" weights from each node's joint
-    # LR-RP covariance, or the paper's "coordinate"-wise weights; ucb: standard errors
+    # LR-RP covariance ("matrix-loo": each sample weighed by the other samples', unbiased),
+    # or the paper's "coordinate"-wise weights; ucb: standard errors
     # added to each batch variance; momentum: EMA of the statistics (0: batch statistics).
     tpx_weights: str = DEFAULT_WEIGHTS
     tpx_ucb: float = DEFAULT_UCB
