@@ -234,7 +234,7 @@ def summary(records: Sequence[Dict]) -> List[Dict]:
 
 def markdown(records: Sequence[Dict], command: str) -> str:
     spec = records[0]["spec"]
-    lines = [f"# Policy optimisation through known noisy dynamics", "", "```bash", command, "```", "",
+    lines = ["# Policy optimisation through known noisy dynamics", "", "```bash", command, "```", "",
              f"Batch {spec['batch']}, {spec['iters']} iterations of Adam (lr {spec['lr']}, "
              f"maximising), policy hidden width {spec['hidden']}, evaluation: mean reward per "
              f"step over {spec['eval_batch']} rollouts with common noise. Final: the last "
