@@ -45,6 +45,8 @@ CONTROL_SYSTEMS = ("cartpole", "pendulum", "rotor")
 # (docs/results/gradvar_suite_matrix.md; the cart-pole's in docs/RESULTS.md).
 DEFAULT_HORIZONS = {"cartpole": (25, 50), "pendulum": (30, 100), "rotor": (10, 30)}
 EVAL_SEED = 123_456_789
+# `policy_gradient`'s node names, as the weight plots show them
+NODE_LABELS = {"node0": "action", "latent": "next state"}
 
 
 @dataclass(frozen=True)
@@ -279,10 +281,12 @@ def plot(records: Sequence[Dict], path: str, weights_path: str) -> None:
         nodes = sorted({n for w in late for n in w})
         if nodes:
             profiles.append((f"tpx, {system}, H = {horizon}", {
-                n: np.nanmean(np.array([w[n] for w in late if n in w], dtype=float), axis=0) for n in nodes}))
-    plot_seed_bands(panels, path, "iteration", "return per step")
+                NODE_LABELS.get(n, n): np.nanmean(np.array([w[n] for w in late if n in w], dtype=float), axis=0)
+                for n in nodes}))
+    ncols = max(len({c[1] for c in _cells(records) if c[0] == s}) for s in {c[0] for c in _cells(records)})
+    plot_seed_bands(panels, path, "iteration", "return per step", ncols)
     if profiles:
-        plot_profiles(profiles, weights_path)
+        plot_profiles(profiles, weights_path, ncols=ncols)
 
 
 def main(argv=None) -> List[Dict]:

@@ -37,13 +37,23 @@ def _pyplot():
     return plt
 
 
-def plot_seed_bands(panels: List[Panel], path: str, xlabel: str, ylabel: str) -> None:
-    """One panel per cell: the mean over seeds of each label's curve, band = min-max."""
+def _grid(plt, n: int, ncols: int, height: float):
+    ncols = min(ncols, n)
+    rows = -(-n // ncols)
+    fig, axes = plt.subplots(rows, ncols, figsize=(4.2 * ncols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def plot_seed_bands(panels: List[Panel], path: str, xlabel: str, ylabel: str, ncols: int = 4) -> None:
+    """One panel per cell (`ncols` to a row): the mean over seeds of each label's curve,
+    band = min-max."""
     import numpy as np
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels):
+    fig, axes = _grid(plt, len(panels), ncols, 3.8)
+    for ax, (title, curves) in zip(axes, panels):
         for i, (label, (x, ys)) in enumerate(curves.items()):
             ys = np.asarray(ys, dtype=float)
             ax.plot(x, ys.mean(0), color=f"C{i}", label=f"{label} ({len(ys)} seeds)")
@@ -57,12 +67,13 @@ def plot_seed_bands(panels: List[Panel], path: str, xlabel: str, ylabel: str) ->
 
 
 def plot_profiles(panels: List[Tuple[str, Dict[str, Sequence[float]]]], path: str,
-                  ylabel: str = "weight on LR", log: bool = False) -> None:
-    """One panel per cell: each label's profile over the imagination/rollout steps (a
-    weight on LR: the diagonal of tpx's matrix weight, which may leave [0, 1] a little)."""
+                  ylabel: str = "weight on LR", log: bool = False, ncols: int = 4) -> None:
+    """One panel per cell (`ncols` to a row): each label's profile over the imagination or
+    rollout steps (a weight on LR: the diagonal of tpx's matrix weight, which may leave
+    [0, 1] a little)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (title, profiles) in zip(axes[0], panels):
+    fig, axes = _grid(plt, len(panels), ncols, 3.6)
+    for ax, (title, profiles) in zip(axes, panels):
         for i, (label, y) in enumerate(profiles.items()):
             ax.plot(range(len(y)), y, color=f"C{i}", label=label)
         ax.set(title=title, xlabel="step t", ylabel=ylabel)
