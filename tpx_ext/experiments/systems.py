@@ -376,16 +376,14 @@ class NoisyDynamics(nn.Module):
 
 
 class NoisySimulator(ToySystem):
-    """A simulator `mean_step(s, a)` with Gaussian process noise `noise`: the next state is a
-    node of the step ("latent"), whose (mu, sigma) come from `NoisyDynamics`."""
+    """A simulator with Gaussian process noise `noise`: the next state is a node of the step
+    ("latent"), whose (mu, sigma) come from `NoisyDynamics`. Subclasses define the noiseless
+    step `mean_step(s, a)`."""
 
     noise: float
 
     def __init__(self):
         self.dynamics = NoisyDynamics(self)
-
-    def mean_step(self, s: Tensor, a: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def step(self, s: Tensor, a: Tensor, graph=None, t: int = 0) -> Tensor:
         if graph is None:
