@@ -98,7 +98,9 @@ def test_imagination_metrics_shapes(estimator, latent_nodes):
         if estimator == "mix":
             torch.testing.assert_close(k, torch.full((H,), cfg.mix_rho))
     # lr: nothing upstream of a latent node needs a gradient (the world model is frozen and
-    # REINFORCE does not backprop into the states), so latent nodes have no statistics.
+    # REINFORCE does not backprop into the states), so latent nodes have no statistics;
+    # except in the first update, whose placement check follows the samples into the model.
+    m = agent.update(batch((5,), seed=1))
     assert ("k_latent" in m) == (latent_nodes and estimator in ("mix", "tpx"))
 
 

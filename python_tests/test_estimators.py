@@ -568,7 +568,7 @@ def test_backward_runs_once_and_closes_the_graph():
 def test_loss_backward_without_the_graph_is_refused():
     graph = _graph()
     x = graph.sample(MU, MU.exp(), 0)
-    with pytest.raises(RuntimeError, match="StochasticGraph.backward"):
+    with pytest.raises(RuntimeError, match=r"graph.loss\(loss\).backward\(\), or call graph.backward"):
         x.sum().backward()
 
 

@@ -4,9 +4,9 @@ Time indices (TPX.md sec. 4), for t = 0 .. H-1 from N start states s_0:
     (mu_t, sigma_t) = actor(s_t);  a_t = tanh(u_t), u_t ~ N(mu_t, sigma_t)     node "action", step t
     h_{t+1} = GRU(z_t, a_t, h_t);   z_{t+1} ~ prior(h_{t+1})        node "latent", step t (optional)
     r_t = reward(s_{t+1});  v_t = target_critic(s_t) for t = 0 .. H
-J = sum_t w_t V_t (lambda-returns V_t) is split into per-step terms rho_k
-(`lambda_return_terms`), so each node is credited with the terms after it; the LR
-baseline of step t is kappa_t v_t (`baseline_coefficients`).
+J = sum_t w_t V_t (lambda-returns V_t, `graph.lambda_return` in its "next_reward"
+convention) is split by the graph into per-step terms, so each node is credited with the
+terms after it; the LR baseline of step t is kappa_t v_t (TPX.md sec. 4).
 """
 
 import contextlib
@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..estimators import Estimator, NodeStats, baseline_coefficients, lambda_return_terms, lambda_returns
+from ..estimators import Estimator, NodeStats, lambda_returns
 from .networks import ActorHead, ScalarHead
 from .rssm import LatentState
 
@@ -85,11 +85,9 @@ class ActorCritic(nn.Module):
             momentum=cfg.tpx_momentum if cfg.estimator == "tpx" else 0.0,
             ucb=cfg.tpx_ucb if cfg.estimator == "tpx" else None,
             weights=cfg.tpx_weights if cfg.estimator == "tpx" else None)
-        # Gradient ascent on J: StochasticGraph.backward accumulates +dJ/dtheta.
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps,
-                                          maximize=True)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
-        self._coefficients: Dict = {}  # (horizon, device) -> (w [H], kappa [H])
+        self._weights: Dict = {}  # (horizon, device) -> w [H]
         self.updates = 0
 
     @property
@@ -98,51 +96,54 @@ class ActorCritic(nn.Module):
         itself when slow_critic_every is 0."""
         return self.critic if self.slow_critic is None else self.slow_critic
 
-    def coefficients(self, horizon: int, device) -> Tuple[Tensor, Tensor]:
-        """(w_t, kappa_t) [H] of the objective and the baselines (float32, cached)."""
+    def objective_weights(self, horizon: int, device) -> Tensor:
+        """w_t [H] of the objective J = sum_t w_t V_t (float32, cached)."""
         key = (horizon, str(device))
-        if key not in self._coefficients:
-            cfg = self.cfg
-            w = objective_weights(cfg.actor_weights, horizon, cfg.gamma)
-            kappa = baseline_coefficients(cfg.gamma, cfg.lam, w)
-            self._coefficients[key] = (w.float().to(device), kappa.float().to(device))
-        return self._coefficients[key]
+        if key not in self._weights:
+            w = objective_weights(self.cfg.actor_weights, horizon, self.cfg.gamma)
+            self._weights[key] = w.float().to(device)
+        return self._weights[key]
 
     def actor_gradient(self, world_model, start: LatentState, estimator: Estimator,
                        horizon: int) -> Imagination:
-        """Imagine `horizon` steps from start states [N, S / Dh] and accumulate the actor's
-        +dJ/dtheta into .grad with `estimator` (world model and critic frozen)."""
+        """Imagine `horizon` steps from start states [N, S / Dh] and accumulate the gradient
+        of the actor's loss -J into .grad with `estimator` (world model and critic frozen)."""
         cfg, H = self.cfg, horizon
-        weights, kappa = self.coefficients(H, start.deter.device)
+        weights = self.objective_weights(H, start.deter.device)
         rssm, target = world_model.rssm, self.target_critic
         with frozen(world_model, self.critic):
             graph = estimator.graph()
-            state, feats, values = start, [start.feat], []
+            act = graph.sampler("action")
+            latent = graph.sampler("latent") if cfg.latent_nodes else None
+            state, feats, values, sigmas = start, [start.feat], [], []
             for t in range(H):
                 actor_in = state.feat if cfg.actor_state_grad else state.feat.detach()
                 mu, sigma = self.actor(graph.cut(actor_in))
+                sigmas.append(sigma)
                 values.append(target(state.feat))
-                baseline = kappa[t] * values[-1].detach()
-                action = graph.sample_tanh(mu, sigma, t, name="action", baseline=baseline)
+                action = torch.tanh(act(mu, sigma))
                 deter = rssm.deter_step(state.stoch, action, state.deter)
                 mean, std = rssm.prior(deter)
-                if cfg.latent_nodes:
-                    stoch = graph.sample(mean, std, t, name="latent", baseline=baseline)
-                else:
-                    stoch = mean + std * torch.randn_like(mean)
+                stoch = latent(mean, std) if latent else mean + std * torch.randn_like(mean)
                 state = LatentState(mean, std, stoch, deter)
                 feats.append(state.feat)
             values.append(target(state.feat))
             feats, values = torch.stack(feats), torch.stack(values)  # [H+1, N, F], [H+1, N]
             rewards = world_model.reward(feats[1:])                    # [H, N]
-            rho = lambda_return_terms(rewards, values, cfg.gamma, cfg.lam, weights)
-            for k in range(H):
-                graph.add_objective(rho[k], k)
-            # Entropy of the pre-tanh Gaussian, from detached states (it is not a sample's
-            # function, so it stays outside the nodes' weighting).
-            _, sigma_d = self.actor(feats[:-1].detach())
+            # TPX.md sec. 4: r_t = r(s_{t+1}), values of s_0 .. s_H; each node's baseline is
+            # kappa_t v(s_t) (the graph's value baseline for this convention).
+            returns = graph.lambda_return(rewards, values, cfg.gamma, cfg.lam,
+                                          convention="next_reward")
+            objective = (weights[:, None] * returns).sum(0).mean()
+            # Entropy of the pre-tanh Gaussian. It must not depend on the samples (it stays
+            # outside the nodes' weighting): the rollout's sigmas qualify when the actor reads
+            # detached states; otherwise it takes its own forward over the detached states.
+            sigma_d = torch.stack(sigmas)
+            if cfg.actor_entropy and cfg.actor_state_grad:
+                _, sigma_d = self.actor(feats[:-1].detach())
             entropy = sigma_d.log().sum(-1).mean()
-            stats = graph.backward(extra=cfg.actor_entropy * entropy)
+            graph.loss(-(objective + cfg.actor_entropy * entropy)).backward()
+            stats = graph.stats
         return Imagination(feats.detach(), values.detach(), rewards.detach(), sigma_d.detach(),
                            entropy.detach(), stats)
 
@@ -199,11 +200,13 @@ class ActorCritic(nn.Module):
         return {
             "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
             "updates": self.updates,
-            "running_stats": [(n, s, a, b) for (n, s), (a, b) in self.estimator.running_stats.items()],
+            # (var_lr, var_rp) of the coordinate-wise rule, one [3, C, C] tensor of the matrix rule
+            "running_stats": [(n, s, buffers) for (n, s), buffers in self.estimator.running_stats.items()],
         }
 
     def load_state_dict_extra(self, state):
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.updates = state["updates"]
-        self.estimator.running_stats = {(n, s): (a, b) for n, s, a, b in state["running_stats"]}
+        self.estimator.running_stats = {  # also checkpoints that stored (n, s, var_lr, var_rp)
+            (e[0], e[1]): e[2] if len(e) == 3 else (e[2], e[3]) for e in state["running_stats"]}

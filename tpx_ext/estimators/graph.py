@@ -9,6 +9,12 @@
 J = mean over the batch of sum_k rho_k (plus `extra`). A node of step t is
 credited with the terms of steps k >= t: G_t = sum_{k>=t} rho_k, and its LR
 gradient uses A_t = stopgrad(G_t - b_t) (see `returns.py` and TPX.md sec. 4).
+
+The same in the shape of existing Dreamer code (docs/DREAMER_INTEGRATION.md):
+
+    act = graph.sampler("action")                   # a = act(policy(s)) for policy(s).rsample()
+    R = graph.lambda_return(reward, value, disc, lam, convention="dreamerv1")
+    graph.loss(-(weight * R).mean()).backward()     # the user's loss; terms placed per step
 """
 
 import bisect
@@ -19,10 +25,12 @@ from torch import Tensor, nn
 
 from ..ops import new_running_stats
 from .node import GaussianNode, Node, NodeStats
-from .returns import returns_to_go
+from .returns import CONVENTIONS, discounted_lambda_return, node_step_of_state, returns_to_go
+from .sampler import Sampler
 from .weights import DEFAULT_UCB, DEFAULT_WEIGHTS, WeightRule
 
 MODES = ("rp", "lr", "mix", "tp", "tpx")
+CHECKS = ("first", "every", "off")
 
 Source = Tuple[nn.Module, Union[Tensor, Sequence[Tensor]]]
 
@@ -53,11 +61,17 @@ class Estimator:
         estimator in the batches where its outliers would leak into the combined gradient
         (`tpx_ext.estimators.weights`); 0: plain variances.
     check_sigma: raise in backward if a sigma is <= 0, inf or NaN.
+    check: which graphs verify that no objective term depends on a node of a later step
+        (and no value baseline on its own node), which would bias LR silently: "first"
+        (default: the first graph of this Estimator; a misplaced term is a bug of the code,
+        the same in every graph), "every", or "off". It follows the terms of the first three
+        and the last two steps, one backward pass each (in lr mode through the model, which
+        its samples otherwise skip).
     """
 
     def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: float = 0.0,
                  ucb: Optional[float] = None, weights: Optional[str] = None,
-                 check_sigma: bool = True):
+                 check_sigma: bool = True, check: str = "first"):
         if mode not in MODES:
             raise ValueError(f"unknown estimator mode {mode!r}; valid modes: {', '.join(MODES)}")
         if (rho is not None) != (mode == "mix"):
@@ -72,6 +86,9 @@ class Estimator:
             raise ValueError(f"ucb applies to mode 'tpx' only (mode {mode!r})")
         if weights is not None and mode != "tpx":
             raise ValueError(f"weights applies to mode 'tpx' only (mode {mode!r})")
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
+        self.check, self.graphs = check, 0
         self.rule = WeightRule(momentum, DEFAULT_UCB if ucb is None else ucb,
                                DEFAULT_WEIGHTS if weights is None else weights)
         self.rule.validate()
@@ -83,6 +100,7 @@ class Estimator:
 
     def graph(self, generator: Optional[torch.Generator] = None) -> "StochasticGraph":
         """A new graph for one gradient; `generator` draws the eps of its nodes."""
+        self.graphs += 1
         return StochasticGraph(self, generator)
 
     def __repr__(self):
@@ -114,6 +132,10 @@ class StochasticGraph:
         self.stats: List[NodeStats] = []
         self._keys: Set[Tuple[str, int]] = set()  # (name, step) of every node
         self._done = False
+        self._checked = estimator.check == "every" or (estimator.check == "first"
+                                                       and estimator.graphs == 1)
+        self._watch: List[Tuple[NodeStats, Tensor]] = []  # the samples the check follows
+        self._returns: Optional[dict] = None  # what lambda_return registered
 
     # ----------------------------------------------------------------- building
     def sample(self, mu: Tensor, sigma: Tensor, step: int, *,
@@ -179,7 +201,60 @@ class StochasticGraph:
         x = GaussianNode.apply(mu, sigma, eps, node)
         if x.requires_grad:
             self._outputs.append(x)
-        return x.detach() if est.mode == "lr" else x
+        if est.mode != "lr":
+            if self._checked:
+                self._watch.append((stats, x))
+            return x
+        if self._checked:  # a leaf: no gradient reaches the node, but the check sees the path
+            leaf = x.detach().requires_grad_()
+            self._watch.append((stats, leaf))
+            return leaf
+        return x.detach()
+
+    def sampler(self, name: str, start: int = 0, baseline=None) -> Sampler:
+        """A callable that draws a node named `name` per call, at steps start, start + 1, ...,
+        from a torch Normal (also inside Independent or a TransformedDistribution such as a
+        tanh-Normal) or (mu, sigma): `sampler(dist)` replaces `dist.rsample()`
+        (`tpx_ext.estimators.sampler`)."""
+        return Sampler(self, name, start, baseline)
+
+    def lambda_return(self, rewards: Tensor, values: Tensor, discount, lam: float, *,
+                      convention: str) -> Tensor:
+        """Lambda-returns R [T, N] (in the shape of `rewards`), with their terms placed at
+        the steps of the nodes they depend on, for `loss`.
+
+        R_t = rewards[t] + discount[t] ((1 - lam) values[t + 1] + lam R_{t+1}), R_T = values[T]
+        (DreamerV1/V2's `lambda_return`, same operations). rewards [T, N], values [T + 1, N]
+        (the last is the bootstrap), both optionally with trailing dims of size 1;
+        discount: a number, or [T] / [T, N] per step or sample (Dreamer's pcont).
+        convention: which imagined state each entry belongs to (s_0: the start state):
+            "next_reward": reward[t] = r(s_{t+1}), value[t] = v(s_t)   (TPX.md, this Dreamer)
+            "dreamerv1":   reward[t] = r(s_{t+1}), value[t] = v(s_{t+1}) (states exclude s_0)
+            "dreamerv2":   reward[t] = r(s_t),     value[t] = v(s_t)     (states include s_0)
+        Nodes sampled without a baseline get the matching value baseline.
+        """
+        self._check_open("lambda_return")
+        if self._returns is not None:
+            raise ValueError("lambda_return: a graph takes one call (concatenate the returns)")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"lambda_return: convention must be one of {', '.join(CONVENTIONS)}, "
+                             f"got {convention!r} (see its docstring for the index alignment)")
+        r = _rows(rewards, "rewards")
+        v = _rows(values, "values")
+        T, N = r.shape
+        if v.shape != (T + 1, N):
+            raise ValueError(f"lambda_return: rewards {tuple(rewards.shape)} need values of shape "
+                             f"({T + 1}, {N}) (the last row is the bootstrap value), got "
+                             f"{tuple(values.shape)}; DreamerV1/V2 code passes reward[:-1], value")
+        self._check_batch(N, "lambda_return rewards", r)
+        d = _discounts(discount, T, N, r)
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda_return: lam must be a number in [0, 1], got {lam!r}")
+        R = discounted_lambda_return(r, v, d, float(lam))
+        probe = torch.zeros_like(R, requires_grad=True)  # dloss/dprobe = the returns' weights
+        self._returns = dict(rewards=r, values=v, discounts=d, lam=float(lam),
+                             convention=convention, probe=probe)
+        return (R + probe).view(rewards.shape)
 
     def sample_tanh(self, mu: Tensor, sigma: Tensor, step: int, **kwargs) -> Tensor:
         """a = tanh(u) for a Gaussian node u = mu + sigma * eps (same arguments as `sample`).
@@ -216,37 +291,185 @@ class StochasticGraph:
         J = mean_i sum_k rho_k[i] + extra. `extra` (a scalar) takes plain autograd and
         must not depend on the samples (e.g. an entropy bonus computed from mu, sigma).
         lr mode differentiates `extra` only: J enters through the advantages.
+        `graph.loss(-extra).backward()` does the same as a loss to minimise.
         """
         self._check_open("backward")
+        if self._returns is not None:
+            raise ValueError("backward: the returns of graph.lambda_return are weighted by the "
+                             "loss that uses them; call graph.loss(your_loss).backward()")
+        root = self._objective(extra)
+        self._execute(root, None, 1.0)
+        return self.stats
+
+    def loss(self, loss: Optional[Tensor] = None) -> Tensor:
+        """A scalar loss whose `.backward()` runs the estimator (alone, in a sum with other
+        losses, or scaled by AMP's GradScaler): the gradient of `loss` with every node's
+        gradient estimated by the mode.
+
+        loss: the user's own scalar loss to minimise, built from `graph.lambda_return`'s
+            returns (any linear function of them, e.g. -(weight * R).mean(), plus terms such
+            as an entropy bonus that do not depend on the samples) and/or from terms given to
+            `add_objective`; its autograd graph is the RP path. Default: -J of the
+            `add_objective` terms.
+        The diagnostics are in `graph.stats` after the backward. Works with `.backward()`
+        (not with torch.autograd.grad, which does not accumulate into .grad).
+        """
+        self._check_open("loss")
+        if loss is None:
+            if self._returns is not None:
+                raise ValueError("loss: pass the loss built from graph.lambda_return's returns")
+            root = -self._objective(None)
+            value = -sum(self._terms[k] for k in sorted(self._terms)).detach().mean()
+            anchor = torch.zeros((), dtype=value.dtype, device=value.device, requires_grad=True)
+            self._root = root
+            return _GraphLoss.apply(anchor, self, value)
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            raise ValueError(f"loss: expected a floating scalar tensor, got "
+                             f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss)}")
+        if not self.stats:
+            raise ValueError("loss: the graph has no nodes (draw samples first)")
+        anchor = torch.zeros((), dtype=loss.dtype, device=loss.device, requires_grad=True)
+        self._root = loss  # not an input: the outer pass must not walk its graph
+        return _GraphLoss.apply(anchor, self, loss.detach())
+
+    def _objective(self, extra: Optional[Tensor]) -> Tensor:
+        """J = mean_i sum_k rho_k + extra, the RP path (lr mode: extra only, or a constant)."""
         if not self.stats:
             raise ValueError("backward: the graph has no nodes (call sample() first)")
         if not self._terms and extra is None:
             raise ValueError("backward: no objective (call add_objective() or pass extra)")
         if extra is not None and (not isinstance(extra, Tensor) or extra.dim() != 0):
             raise ValueError("backward: extra must be a scalar tensor")
+        J = None
+        if self._terms and self.estimator.mode != "lr":
+            J = sum(self._terms[k] for k in sorted(self._terms)).mean()
+        if extra is not None:
+            J = extra if J is None else J + extra
+        return J if J is not None else torch.zeros((), device=self._device)
+
+    def _execute(self, root: Tensor, seed: Optional[Tensor], scale: float) -> None:
+        """One autograd pass from `root` (seeded with `seed`) in which every node combines
+        its gradients; `scale` = d root / d J (1 for J itself, -g for a loss seeded with g)."""
         self._done = True
+        if self._returns is not None:
+            self._place_returns(root)
         steps = sorted(self._terms)
         totals = [self._terms[k] for k in steps]
+        if self._checked:
+            self._check_placement(steps)
         if self._nodes:
-            self._set_advantages(steps, totals)
-
-        roots = []
-        if totals and self.estimator.mode != "lr":
-            roots.append(sum(totals).mean() if extra is None else sum(totals).mean() + extra)
-        elif extra is not None:
-            roots.append(extra)
-        roots = [r for r in roots if r.requires_grad]
-        seeds = [None] * len(roots)
+            self._set_advantages(steps, totals, scale)
+        roots, seeds = [], []
+        if root.requires_grad:
+            roots.append(root)
+            seeds.append(seed)
         # Zero seeds make autograd call every node's backward exactly once, also the nodes
         # that J does not reach (lr mode, unused samples): their LR gradient is still due.
         roots += self._outputs
         seeds += [torch.zeros_like(x) for x in self._outputs]
         if roots:
             torch.autograd.backward(roots, seeds)
-        self._outputs = []
-        return self.stats
+        self._outputs, self._watch, self._returns = [], [], None
 
-    def _set_advantages(self, steps: List[int], totals: List[Tensor]) -> None:
+    def _place_returns(self, loss: Tensor) -> None:
+        """The terms of J = -loss from the lambda-returns: with W = dloss/dR, each reward's
+        and value's share of J (J is linear in them for given discounts), added at the step
+        of the state it belongs to; and each step's value baseline."""
+        ret = self._returns
+        (W,) = torch.autograd.grad(loss, ret["probe"], retain_graph=True, allow_unused=True)
+        if W is None:
+            raise ValueError("loss: it does not use the returns of graph.lambda_return")
+        r, v, d = (ret[k].detach().double() for k in ("rewards", "values", "discounts"))
+        with torch.enable_grad():
+            r_, v_ = r.clone().requires_grad_(), v.clone().requires_grad_()
+            R = discounted_lambda_return(r_, v_, d, ret["lam"])
+            c_r, c_v = torch.autograd.grad((-W.double() * R).sum(), (r_, v_))
+        N = r.shape[1]
+        r_off, v_off = CONVENTIONS[ret["convention"]]
+        shares = [(node_step_of_state(t + r_off), N * c_r[t] * r[t], N * c_r[t] * (1 - d[t]))
+                  for t in range(r.shape[0])]
+        shares += [(node_step_of_state(t + v_off), N * c_v[t] * v[t], N * c_v[t])
+                   for t in range(v.shape[0])]
+        # The baseline of a node at step t is G_t with every reward r = (1 - discount) v and
+        # every value v(s_t): exact when returns and values all equal v(s_t) (TPX.md sec. 4).
+        unit: Dict[int, Tensor] = {}
+        for step, share, share_unit in shares:
+            dtype = ret["rewards"].dtype
+            self._terms[step] = self._terms.get(step, 0) + share.to(dtype)
+            unit[step] = unit.get(step, 0) + share_unit
+        steps = sorted(unit)
+        G_unit = returns_to_go(torch.stack([unit[k] for k in steps]))
+        ret["baselines"] = {}
+        for node, _ in self._nodes:
+            t = node.stats.step
+            i = bisect.bisect_left(steps, t)
+            if i == len(steps) or not 0 <= t - v_off <= v.shape[0] - 1:
+                continue  # no later term, or no value of s_t: leave-one-out below
+            ret["baselines"][t] = (G_unit[i] * v[t - v_off]).to(ret["rewards"].dtype)
+        if self._checked:  # which rows the check follows: (row, its step, what it is)
+            with torch.enable_grad():  # rows of the graph also inside loss().backward()
+                ret["rows"] = self._return_rows(r_off, v_off)
+
+    def _return_rows(self, r_off: int, v_off: int) -> List[Tuple[Tensor, int, str]]:
+        ret = self._returns
+        rows = [(ret["rewards"][t], node_step_of_state(t + r_off), f"rewards[{t}]")
+                for t in range(ret["rewards"].shape[0])]
+        rows += [(ret["values"][t], node_step_of_state(t + v_off) if t + v_off else -1,
+                  f"values[{t}]") for t in range(ret["values"].shape[0])]
+        return rows
+
+    def _check_placement(self, steps: List[int]) -> None:
+        """Raise if an objective term (or the value used as a node's baseline) depends on a
+        node of a later step: its LR share would be missing, biasing the gradient silently."""
+        if not self._watch:
+            return
+        rows = [(self._terms[k], k, f"the objective term of step {k}") for k in steps
+                if isinstance(self._terms[k], Tensor) and self._terms[k].requires_grad]
+        if self._returns is not None:
+            conv = self._returns["convention"]
+            rows += [(row, k, f"{what} (convention {conv!r}: a term of step {k})")
+                     for row, k, what in self._returns["rows"]]
+        for node, _ in self._nodes:
+            node.passthrough = True
+        try:
+            self._check_rows(rows)
+        finally:
+            for node, _ in self._nodes:
+                node.passthrough = False
+
+    def _check_rows(self, rows: List[Tuple[Tensor, int, str]]) -> None:
+        # Each row costs a backward pass (a row of a stacked tensor reaches the whole
+        # rollout), so only the rows of the first three and the last two steps are followed:
+        # a wrong convention or offset misplaces every step, and the last ones catch a wrong
+        # bootstrap.
+        steps = sorted({k for _, k, _ in rows})
+        followed = set(steps[:3] + steps[-2:])
+        gen = torch.Generator().manual_seed(0)
+        for row, k, what in rows:
+            if k not in followed:
+                continue
+            if not row.requires_grad:
+                continue
+            later = [(stats, x) for stats, x in self._watch if stats.step > k]
+            if not later:
+                continue
+            weight = torch.rand(row.shape, generator=gen, dtype=torch.float64).to(row)
+            with torch.enable_grad():  # also inside loss().backward(), where it is off
+                probe = (row * weight).sum()
+            grads = torch.autograd.grad(probe, [x for _, x in later], retain_graph=True,
+                                        allow_unused=True)
+            for (stats, _), g in zip(later, grads):
+                if g is not None and bool((g != 0).any()):
+                    if k < 0:
+                        what = f"{what[:-1]}: the value of s_0, a baseline of step 0)"
+                    raise ValueError(
+                        f"misplaced term: {what} depends on node {stats.name!r} of step "
+                        f"{stats.step}, a later step, so that node's LR gradient misses it. "
+                        "Place each term at the step of the last node it depends on (with "
+                        "lambda_return: check the convention against your arrays' index "
+                        "alignment, docs/DREAMER_INTEGRATION.md)")
+
+    def _set_advantages(self, steps: List[int], totals: List[Tensor], scale: float) -> None:
         """A_t = G_t - b_t for every node, G_t = sum of the terms of steps >= t."""
         B = self._batch
         if totals:
@@ -254,13 +477,18 @@ class StochasticGraph:
             G = torch.cat([G, torch.zeros_like(G[:1])])  # the row of nodes after the last term
         else:
             G = torch.zeros((1, B), device=self._device)
+        auto = self._returns["baselines"] if self._returns is not None else {}
         for node, baseline in self._nodes:
-            G_t = G[bisect.bisect_left(steps, node.stats.step)]
+            t = node.stats.step
+            G_t = G[bisect.bisect_left(steps, t)]
+            if baseline is None and self._returns is not None:
+                baseline = auto.get(t, "leave-one-out")
             if isinstance(baseline, str):  # leave-one-out
                 baseline = (G_t.sum() - G_t) / (B - 1)
             adv = G_t if baseline is None else G_t - baseline
             node.stats.adv = adv
             node.adv = adv / B  # J averages over the batch; d carries the same 1/B
+            node.scale = scale
 
     # ----------------------------------------------------------------- helpers
     def _check_open(self, what: str) -> None:
@@ -310,3 +538,58 @@ class StochasticGraph:
                              f"{mu.device}, but its running statistics have {buffers[0].shape[0]} "
                              f"on {buffers[0].device}")
         return buffers
+
+
+def _rows(x, what: str) -> Tensor:
+    """[T, N] from [T, N, 1, ...] (a view)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"lambda_return: {what} must be a floating tensor")
+    while x.dim() > 2 and x.shape[-1] == 1:
+        x = x.squeeze(-1)
+    if x.dim() != 2:
+        raise ValueError(f"lambda_return: {what} must be [T, N] (optionally with trailing dims "
+                         f"of size 1), got {tuple(x.shape)}")
+    return x
+
+
+def _discounts(discount, T: int, N: int, like: Tensor) -> Tensor:
+    """[T, N] discounts from a number, a 0-d tensor, [T], or [T, N] (+ trailing ones)."""
+    if isinstance(discount, bool):
+        raise ValueError("lambda_return: discount must be a number or a tensor, got a bool")
+    if isinstance(discount, (int, float)):
+        return like.new_full((T, N), float(discount))
+    if not isinstance(discount, Tensor):
+        raise ValueError(f"lambda_return: discount must be a number or a tensor, got "
+                         f"{type(discount).__name__}")
+    if discount.dim() == 0:
+        return discount.to(like).expand(T, N)
+    if discount.dim() == 1 and discount.shape[0] == T:
+        return discount.to(like)[:, None].expand(T, N)
+    d = _rows(discount, "discount")
+    if d.shape != (T, N):
+        raise ValueError(f"lambda_return: discount must be a number, [{T}] or [{T}, {N}] "
+                         f"(one per reward), got {tuple(discount.shape)}")
+    return d
+
+
+class _GraphLoss(torch.autograd.Function):
+    """The value of the user's loss; its backward runs the estimator's own backward pass
+    (re-entrant, as activation checkpointing does), seeded with the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, graph: "StochasticGraph", value: Tensor) -> Tensor:
+        ctx.graph = graph
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        graph = ctx.graph
+        ctx.graph = None
+        graph._check_open("loss().backward")
+        loss, graph._root = graph._root, None
+        scale = -float(g)
+        if scale == 0.0:  # the loss enters with weight 0: nothing to add
+            graph._done = True
+        else:
+            graph._execute(loss, g.to(loss.dtype), scale)
+        return None, None, None

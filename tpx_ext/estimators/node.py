@@ -67,12 +67,30 @@ class Node:
     check_sigma: bool
     source: Optional[Tuple[nn.Module, Tuple[Tensor, ...]]]  # tp mode: module(*inputs) = (mu, sigma)
     adv: Optional[Tensor] = None  # [B] kernel advantages, set by StochasticGraph.backward
+    # d root / d J of the pass that runs the node (-g for a loss seeded with g): the node
+    # works in units of J, so its statistics do not see a loss's sign or AMP's grad scale.
+    scale: float = 1.0
+    # Set while the graph checks which terms depend on which nodes: the check's backward
+    # passes through this node as through x = mu + sigma * eps.
+    passthrough: bool = False
 
     def combine(self, d: Tensor, eps: Tensor, sigma: Tensor, needs_sigma: bool = True) -> Tuple[Tensor, Tensor]:
+        if self.passthrough:
+            return d, d * eps if needs_sigma else None
+        if self.scale == 1.0:
+            return self._combine(d, eps, sigma, needs_sigma)
+        dtype = d.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # a scaled half gradient: divide in float
+            d, eps, sigma = d.float(), eps.float(), sigma.float()
+        grad_mu, grad_sigma = self._combine(d / self.scale, eps, sigma, needs_sigma)
+        return ((grad_mu * self.scale).to(dtype),
+                None if grad_sigma is None else (grad_sigma * self.scale).to(dtype))
+
+    def _combine(self, d: Tensor, eps: Tensor, sigma: Tensor, needs_sigma: bool) -> Tuple[Tensor, Tensor]:
         if self.adv is None:
             raise RuntimeError(
                 f"node {self.stats.name!r} (step {self.stats.step}): its backward ran before its "
-                "advantage was set. Call StochasticGraph.backward(), not .backward() on a loss."
+                "advantage was set. Wrap the loss: graph.loss(loss).backward(), or call graph.backward()."
             )
         B = d.shape[0]
         fixed = self.fixed_weight

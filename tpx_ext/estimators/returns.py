@@ -72,3 +72,41 @@ def lambda_returns(rewards: Tensor, values: Tensor, gamma: float, lam: float) ->
         nxt = rewards[t] + gamma * ((1 - lam) * values[t + 1] + lam * nxt)
         out.append(nxt)
     return torch.stack(out[::-1])
+
+
+# Where the arrays of a lambda-return sit among the imagined states s_0 .. s_H (s_0: the
+# start state, s_{j+1} after the j-th action): reward[t] is r(s_{t + r}), value[t] is
+# v(s_{t + v}) for (r, v) below. Every convention runs the same recursion
+#     R_t = reward[t] + discount[t] * ((1 - lam) * value[t + 1] + lam * R_{t+1}),  R_T = value[T]
+# over rewards [T] and values [T + 1] (the last value is the bootstrap).
+CONVENTIONS = {
+    # TPX.md sec. 4 and this project's Dreamer: values of s_0 .. s_H, rewards of the next
+    # state, r_t = r(s_{t+1}).
+    "next_reward": (1, 0),
+    # DreamerV1's code: its imagined states exclude the start state, so reward[t] and
+    # value[t] both belong to s_{t+1} (called as reward[:-1], value, pcont[:-1]).
+    "dreamerv1": (1, 1),
+    # DreamerV2/V3's code: the imagined states include the start state, reward[t] and
+    # value[t] both belong to s_t (called as reward[:-1], value, disc[:-1]).
+    "dreamerv2": (0, 0),
+}
+
+
+def node_step_of_state(state: int) -> int:
+    """The step whose nodes a function of s_j depends on last: the action a_{j-1} and the
+    latent z_j are nodes of step j - 1; s_0 depends on none (it is credited to step 0)."""
+    return max(state - 1, 0)
+
+
+def discounted_lambda_return(rewards: Tensor, values: Tensor, discounts: Tensor, lam: float) -> Tensor:
+    """R [T, N] of the recursion above; rewards [T, N], values [T + 1, N], discounts [T, N].
+
+    The operations are DreamerV1/V2's `lambda_return`, in their order, so that code
+    switched to it computes bit-identical returns.
+    """
+    inputs = rewards + discounts * values[1:] * (1 - lam)
+    out, agg = [], values[-1]
+    for t in reversed(range(rewards.shape[0])):
+        agg = inputs[t] + discounts[t] * lam * agg
+        out.append(agg)
+    return torch.stack(out[::-1])

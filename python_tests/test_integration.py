@@ -1,0 +1,356 @@
+"""TPX dropped into Dreamer code as users write it: samplers, lambda-returns, graph.loss().
+
+The V1-style loop below is written the usual way (a tanh-Normal policy, a transition that
+calls `rsample` itself, DreamerV1's `lambda_return`, `actor_loss.backward()`); its TPX
+version differs in a few lines, which one test counts.
+"""
+
+import difflib
+import inspect
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal, TanhTransform, TransformedDistribution
+
+import tpx_ext
+from tpx_ext.estimators import Estimator
+
+N, H, S, A = 16, 6, 3, 2
+LAM, GAMMA = 0.95, 0.99
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Agent(nn.Module):
+    """A tanh-Normal actor, a latent transition that calls rsample itself, reward, value."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.actor = nn.Linear(S, 2 * A)
+        self.transition = nn.Linear(S + A, 2 * S)
+        self.reward = nn.Linear(S, 1)
+        self.value = nn.Linear(S, 1)
+
+    def policy(self, state):
+        mean, std = self.actor(state).chunk(2, -1)
+        dist = Normal(mean, nn.functional.softplus(std) + 0.1)
+        return Independent(TransformedDistribution(dist, [TanhTransform()]), 1)
+
+    def img_step(self, state, action):
+        mean, std = self.transition(torch.cat([state, action], -1)).chunk(2, -1)
+        return Normal(torch.tanh(mean), nn.functional.softplus(std) + 0.1).rsample()
+
+
+def lambda_return(reward, value, pcont, bootstrap, lambda_):
+    """DreamerV1's lambda_return (axis 0)."""
+    next_values = torch.cat([value[1:], bootstrap[None]], 0)
+    inputs = reward + pcont * next_values * (1 - lambda_)
+    returns, agg = [], bootstrap
+    for t in reversed(range(reward.shape[0])):
+        agg = inputs[t] + pcont[t] * lambda_ * agg
+        returns.append(agg)
+    return torch.stack(returns[::-1])
+
+
+# The two versions of one actor update; test_switch_to_tpx counts the lines they differ in.
+def actor_update(agent, start, optimizer):
+    state, states = start, []
+    for _ in range(H):
+        action = agent.policy(state.detach()).rsample()
+        state = agent.img_step(state, action)
+        states.append(state)
+    states = torch.stack(states)
+    reward, value = agent.reward(states), agent.value(states)
+    pcont = GAMMA * torch.ones_like(reward)
+    returns = lambda_return(reward[:-1], value[:-1], pcont[:-1], value[-1], LAM)
+    discount = torch.cumprod(torch.cat([torch.ones_like(pcont[:1]), pcont[:-2]], 0), 0)
+    actor_loss = -(discount * returns).mean()
+    optimizer.zero_grad()
+    actor_loss.backward()
+    optimizer.step()
+
+
+def actor_update_tpx(agent, start, optimizer, estimator):
+    graph = estimator.graph()
+    act, latent = graph.sampler("action"), graph.sampler("latent")
+    state, states = start, []
+    for _ in range(H):
+        action = act(agent.policy(state.detach()))
+        state = latent.capturing(agent.img_step)(state, action)
+        states.append(state)
+    states = torch.stack(states)
+    reward, value = agent.reward(states), agent.value(states)
+    pcont = GAMMA * torch.ones_like(reward)
+    returns = graph.lambda_return(reward[:-1], value, pcont[:-1], LAM, convention="dreamerv1")
+    discount = torch.cumprod(torch.cat([torch.ones_like(pcont[:1]), pcont[:-2]], 0), 0)
+    actor_loss = graph.loss(-(discount * returns).mean())
+    optimizer.zero_grad()
+    actor_loss.backward()
+    optimizer.step()
+
+
+def actor_grads(update, *args, seed=1):
+    agent = Agent()
+    opt = torch.optim.SGD(agent.actor.parameters(), lr=0.0)
+    start = torch.randn(N, S, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(seed)
+    update(agent, start, opt, *args)
+    return [p.grad.clone() for p in agent.actor.parameters()]
+
+
+def test_switch_to_tpx_changes_six_lines_and_rp_is_bit_identical():
+    lines = [inspect.getsource(f).splitlines()[1:] for f in (actor_update, actor_update_tpx)]
+    changed = [ln for ln in difflib.ndiff(*lines) if ln.startswith("+ ")]
+    assert len(changed) <= 6, changed
+    want = actor_grads(actor_update)
+    got = actor_grads(actor_update_tpx, Estimator("rp"))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def manual_terms(agent, start, estimator, convention, seed=1, pcont_noise=False):
+    """The same objective with every term placed by hand, and the graph API's version;
+    returns both graphs' node statistics and actor gradients."""
+    out = []
+    for api in (False, True):
+        agent.zero_grad()
+        graph = estimator.graph()
+        gen = torch.Generator().manual_seed(seed)
+        state, states, values0 = start, [], agent.value(start)
+        for t in range(H):
+            mean, std = agent.actor(state.detach()).chunk(2, -1)
+            std = nn.functional.softplus(std) + 0.1
+            eps = torch.randn(mean.shape, generator=gen)
+            u = graph.sample(mean, std, t, name="action", eps=eps, baseline=torch.zeros(N))
+            state = torch.tanh(agent.transition(torch.cat([state, torch.tanh(u)], -1))[:, :S])
+            states.append(state)
+        states = torch.stack(states)
+        reward, value = agent.reward(states)[..., 0], agent.value(states)[..., 0]
+        disc = GAMMA * (1 - 0.05 * torch.rand(H, N, generator=gen)) if pcont_noise else \
+            torch.full((H, N), GAMMA)
+        if convention == "dreamerv1":  # arrays of s_1 .. s_H
+            r, v, d = reward[:-1], value, disc[:-1]
+        elif convention == "dreamerv2":  # arrays of s_0 .. s_H
+            r0 = agent.reward(start)[..., 0]
+            r, v, d = torch.cat([r0[None], reward])[:-1], torch.cat([values0.T, value]), disc
+        else:  # next_reward: rewards of s_1 .. s_H, values of s_0 .. s_H
+            r, v, d = reward, torch.cat([values0.T, value]), disc
+        weights = torch.cumprod(torch.cat([torch.ones_like(d[:1]), d[:-1]]), 0)
+        if api:
+            R = graph.lambda_return(r, v, d, LAM, convention=convention)
+            graph.loss(-(weights * R).sum(0).mean()).backward()
+        else:  # J = sum_t w_t R_t by hand: each reward and value at its state's step
+            R = lambda_return(r, v[:-1], d, v[-1], LAM)
+            offset_r, offset_v = tpx_ext.estimators.returns.CONVENTIONS[convention]
+            rr, vv = r.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+            c_r, c_v = torch.autograd.grad((weights * lambda_return(rr, vv[:-1], d, vv[-1], LAM)).sum(),
+                                           (rr, vv))
+            for t in range(r.shape[0]):
+                graph.add_objective(c_r[t] * r[t], step=max(t + offset_r - 1, 0))
+            for t in range(v.shape[0]):
+                graph.add_objective(c_v[t] * v[t], step=max(t + offset_v - 1, 0))
+            assert torch.allclose((weights * R).sum(0), sum(graph._terms.values()), atol=1e-5)
+            graph.backward()
+        out.append((graph.stats, [p.grad.clone() for p in agent.actor.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("convention", ["next_reward", "dreamerv1", "dreamerv2"])
+@pytest.mark.parametrize("pcont_noise", [False, True])
+def test_conventions_place_every_term_at_its_state(convention, pcont_noise):
+    """The API's terms (hence every node's return-to-go and LR gradient) equal those placed
+    by hand at the step of each reward's and value's state, per-sample discounts included."""
+    agent = Agent()
+    start = torch.randn(N, S, generator=torch.Generator().manual_seed(3))
+    (manual, g_manual), (api, g_api) = manual_terms(agent, start, Estimator("lr"), convention,
+                                                    pcont_noise=pcont_noise)
+    for m, a in zip(manual, api):
+        torch.testing.assert_close(a.adv, m.adv, rtol=1e-5, atol=1e-6)
+    assert len({round(float(m.adv.abs().mean()), 6) for m in manual}) == H  # G_t differs by t
+    for g, w in zip(g_api, g_manual):  # the loss's gradient is -dJ, backward()'s +dJ
+        torch.testing.assert_close(g, -w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("convention", ["next_reward", "dreamerv1", "dreamerv2"])
+def test_value_baselines_equal_the_return_when_values_are_stationary(convention):
+    """Every value v and every reward (1 - discount) v make every lambda-return v: then the
+    matching baseline is exactly G_t, for any weights and per-sample discounts, except at
+    the step whose state has no value in the arrays (dreamerv1's s_0: leave-one-out)."""
+    f64, T = torch.float64, 5
+    gen = torch.Generator().manual_seed(0)
+    v = 1 + torch.rand(N, generator=gen, dtype=f64)
+    d = 0.9 + 0.1 * torch.rand(T, N, generator=gen, dtype=f64)
+    weights = torch.rand(T, 1, generator=gen, dtype=f64)
+    graph = Estimator("lr").graph()
+    mu = torch.zeros(N, 1, dtype=f64, requires_grad=True)
+    act = graph.sampler("action")
+    for _ in range(T):
+        act(mu, torch.ones_like(mu))
+    R = graph.lambda_return(((1 - d) * v)[..., None], v.expand(T + 1, N)[..., None], d, 0.7,
+                            convention=convention)
+    torch.testing.assert_close(R[..., 0], v.expand(T, N))
+    graph.loss(-(weights[..., None] * R).mean()).backward()
+    first = 1 if convention == "dreamerv1" else 0
+    for s in graph.stats[first:]:
+        torch.testing.assert_close(s.adv, torch.zeros_like(s.adv), atol=1e-12, rtol=0)
+    assert graph.stats[0].adv.abs().max() > 0 or first == 0
+
+
+def test_next_reward_convention_reproduces_the_hand_computed_terms_and_baselines():
+    """TPX.md sec. 4's example (gamma = lam = 0.5, w = 1): G = (10.9375, 9.6875, 6.5625),
+    b_t = kappa_t v(s_t) = (1.5, 2.25, 2.625), A = (9.4375, 7.4375, 3.9375)."""
+    f64 = torch.float64
+    rewards = torch.tensor([[1.0], [2.0], [3.0]], dtype=f64)
+    values = torch.tensor([[0.5], [1.0], [2.0], [4.0]], dtype=f64)
+    graph = tpx_ext.Estimator("tpx").graph()
+    mu = torch.zeros(1, 2, dtype=f64, requires_grad=True)
+    act, lat = graph.sampler("action"), graph.sampler("latent")
+    for t in range(3):
+        act(mu, mu.exp())
+        lat(Normal(mu, mu.exp()))
+    R = graph.lambda_return(rewards, values, 0.5, 0.5, convention="next_reward")
+    loss = graph.loss(-R.sum())
+    assert loss.item() == -R.sum().item()
+    loss.backward()
+    assert [s.adv.item() for s in graph.stats] == [9.4375, 9.4375, 7.4375, 7.4375, 3.9375, 3.9375]
+
+
+def v1_arrays_declared(convention, estimator, *, check_values=False):
+    """DreamerV1's arrays (states s_1 .. s_H) given to lambda_return as `convention`."""
+    agent = Agent()
+    graph = estimator.graph()
+    act = graph.sampler("action")
+    state, states = torch.randn(N, S, generator=torch.Generator().manual_seed(0)), []
+    for _ in range(H):
+        action = act(agent.policy(state))
+        state = torch.tanh(agent.transition(torch.cat([state, action], -1))[:, :S])
+        states.append(state)
+    states = torch.stack(states)
+    reward, value = agent.reward(states), agent.value(states)
+    R = graph.lambda_return(reward[:-1], value, GAMMA, LAM, convention=convention)
+    graph.loss(-R.mean()).backward()
+    return graph
+
+
+@pytest.mark.parametrize("mode", ["lr", "tpx", "mix"])
+@pytest.mark.parametrize("wrong", ["next_reward", "dreamerv2"])
+def test_wrong_convention_is_caught_as_a_misplaced_term(mode, wrong):
+    """DreamerV1's arrays declared in another convention: a value (or reward) of s_{t+1}
+    taken for one of s_t is a term of step t - 1 that depends on the node of step t."""
+    est = Estimator(mode, rho=0.5) if mode == "mix" else Estimator(mode)
+    with pytest.raises(ValueError, match=r"misplaced term: (values|rewards)\[\d+\] \(convention "
+                                         rf"'{wrong}'.* depends on node 'action' of step \d+"):
+        v1_arrays_declared(wrong, est)
+    v1_arrays_declared("dreamerv1", Estimator(mode, rho=0.5) if mode == "mix" else Estimator(mode))
+
+
+def test_the_check_runs_on_the_first_graph_by_default_every_graph_or_never():
+    est = Estimator("lr")
+    with pytest.raises(ValueError, match="misplaced term"):
+        v1_arrays_declared("next_reward", est)
+    v1_arrays_declared("next_reward", est)  # the second graph is not checked
+    est = Estimator("lr", check="every")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="misplaced term"):
+            v1_arrays_declared("next_reward", est)
+    v1_arrays_declared("next_reward", Estimator("lr", check="off"))
+    with pytest.raises(ValueError, match="check must be one of first, every, off"):
+        Estimator("tpx", check=True)
+
+
+@pytest.mark.parametrize("mode", ["lr", "tpx"])
+def test_an_objective_term_that_depends_on_a_later_node_is_caught(mode):
+    """Without the check this node would get G = 0: zero LR, zero variance, and a
+    gradient of exactly 0 under tpx."""
+    graph = Estimator(mode).graph()
+    mu = torch.zeros(N, 1, requires_grad=True)
+    x0 = graph.sample(mu, torch.ones_like(mu), 0, name="a")
+    x1 = graph.sample(mu + x0, torch.ones_like(mu), 1, name="a")
+    graph.add_objective((x0 * x1)[:, 0], step=0)
+    with pytest.raises(ValueError, match=r"the objective term of step 0 depends on node 'a' of step 1"):
+        graph.backward()
+
+
+@pytest.mark.parametrize("mode", ["lr", "tpx", "mix"])
+def test_loss_in_a_sum_and_scaled_gives_the_scaled_update(mode):
+    """graph.loss() is an ordinary loss: 3 * loss + another loss gives 3x its gradient plus
+    the other's (the node's weights do not see the scale or the loss's sign)."""
+    def grads(scale):
+        agent = Agent()
+        est = Estimator(mode, rho=0.5) if mode == "mix" else Estimator(mode)
+        start = torch.randn(N, S, generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.SGD(agent.parameters(), lr=0.0)
+
+        class Scaled:
+            def zero_grad(self):
+                opt.zero_grad()
+
+            def step(self):
+                pass
+
+        torch.manual_seed(1)
+        graph = est.graph()
+        act = graph.sampler("action")
+        state, states = start, []
+        for _ in range(H):
+            state = torch.tanh(agent.transition(torch.cat([state, act(agent.policy(state))], -1))[:, :S])
+            states.append(state)
+        states = torch.stack(states)
+        reward, value = agent.reward(states), agent.value(states)
+        R = graph.lambda_return(reward[:-1], value, GAMMA, LAM, convention="dreamerv1")
+        other = agent.value(start).pow(2).mean()
+        (scale * graph.loss(-R.mean()) + other).backward()
+        return ([torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                 for p in agent.actor.parameters()], agent.value.weight.grad.clone())
+
+    (g0, v0), (g1, v1), (g3, v3) = grads(0.0), grads(1.0), grads(3.0)
+    for a, b, z in zip(g3, g1, g0):
+        assert not z.any() and b.abs().sum() > 0
+        torch.testing.assert_close(a, 3 * b, rtol=1e-5, atol=1e-7)
+    # The value head (in the returns and in the other loss) gets other's share plus 1x / 3x
+    # the loss's.
+    torch.testing.assert_close(v3 - v0, 3 * (v1 - v0), rtol=1e-5, atol=1e-7)
+    assert (v1 - v0).abs().sum() > 0
+
+
+def test_graph_loss_under_autocast_and_grad_scaler_matches_float32():
+    """bfloat16 autocast with a grad scaler of 2^10: the same update as float32 within
+    bfloat16's precision (8 bits of mantissa: 2-3 significant digits)."""
+    def update(amp):
+        agent = Agent()
+        opt = torch.optim.SGD(agent.actor.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=amp)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            graph = Estimator("tpx").graph()
+            act = graph.sampler("action")
+            state, states = torch.randn(N, S, generator=torch.Generator().manual_seed(0)), []
+            for _ in range(H):
+                action = act(agent.policy(state.detach()))
+                state = torch.tanh(agent.transition(torch.cat([state, action], -1))[:, :S])
+                states.append(state)
+            states = torch.stack(states)
+            reward, value = agent.reward(states), agent.value(states)
+            R = graph.lambda_return(reward[:-1], value, GAMMA, LAM, convention="dreamerv1")
+            loss = graph.loss(-R.float().mean())
+        before = [p.detach().clone() for p in agent.actor.parameters()]
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert all(s.k is not None and torch.isfinite(s.k).all() for s in graph.stats)
+        return [p.detach() - b for p, b in zip(agent.actor.parameters(), before)]
+
+    want, got = update(False), update(True)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=0.05, atol=0.02 * float(w.abs().max()))
