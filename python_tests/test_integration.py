@@ -354,3 +354,59 @@ def test_graph_loss_under_autocast_and_grad_scaler_matches_float32():
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and g.abs().sum() > 0
         torch.testing.assert_close(g, w, rtol=0.05, atol=0.02 * float(w.abs().max()))
+
+
+def _graph_with_nodes(T=3):
+    graph = Estimator("tpx").graph()
+    mu = torch.zeros(N, 1, requires_grad=True)
+    act = graph.sampler("action")
+    for _ in range(T):
+        act(mu, torch.ones_like(mu))
+    return graph, mu
+
+
+R_, V_ = torch.zeros(3, N, 1), torch.zeros(4, N, 1)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda g: g.lambda_return(R_, R_, GAMMA, LAM, convention="dreamerv1"),
+     r"need values of shape \(4, 16\) \(the last row is the bootstrap"),
+    (lambda g: g.lambda_return(R_, V_, GAMMA, LAM, convention=None), "convention must be one of"),
+    (lambda g: g.lambda_return(R_, V_, torch.ones(4, N), LAM, convention="dreamerv1"),
+     r"discount must be a number, \[3\] or \[3, 16\]"),
+    (lambda g: g.lambda_return(R_, V_, GAMMA, torch.tensor(0.9), convention="dreamerv1"),
+     r"lam must be a number in \[0, 1\]"),
+    (lambda g: g.lambda_return(R_, V_, GAMMA, 1.5, convention="dreamerv1"), r"lam must be a number"),
+    (lambda g: g.lambda_return(torch.zeros(3, N, 2), V_, GAMMA, LAM, convention="dreamerv1"),
+     r"rewards must be \[T, N\]"),
+    (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"),
+                g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1")], "takes one call"),
+    (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"), g.backward()],
+     r"call graph.loss\(your_loss\).backward\(\)"),
+    (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"),
+                g.loss(g._batch * torch.ones((), requires_grad=True)).backward()],
+     "does not use the returns of graph.lambda_return"),
+    (lambda g: g.loss(torch.ones(2)), "expected a floating scalar tensor"),
+    (lambda g: g.sampler("action")(torch.distributions.Bernoulli(0.5)),
+     "cannot draw a node from Bernoulli: pass a torch.distributions.Normal"),
+    (lambda g: g.sampler("")(None), "name must be a non-empty string"),
+])
+def test_errors_name_the_argument_and_the_fix(call, match):
+    graph, _ = _graph_with_nodes()
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(graph)
+
+
+def test_capture_refuses_a_sample_shape_and_restores_rsample():
+    graph, _ = _graph_with_nodes()
+    latent = graph.sampler("latent")
+    dist = Normal(torch.zeros(N, 1), torch.ones(N, 1))
+    original = Normal.rsample
+    with pytest.raises(ValueError, match="rsample with a sample_shape cannot be a node"):
+        with latent.capture():
+            dist.rsample((2,))
+    assert Normal.rsample is original
+    with latent.capture():
+        x = dist.rsample()
+    assert Normal.rsample is original and latent.step == 1 and x.shape == (N, 1)
+    assert [s.name for s in graph.stats][-1] == "latent"
