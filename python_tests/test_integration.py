@@ -410,3 +410,29 @@ def test_capture_refuses_a_sample_shape_and_restores_rsample():
         x = dist.rsample()
     assert Normal.rsample is original and latent.step == 1 and x.shape == (N, 1)
     assert [s.name for s in graph.stats][-1] == "latent"
+
+
+def test_cut_detaches_state_structures_in_lr_mode_only():
+    from tpx_ext.dreamer.rssm import LatentState
+    x = torch.ones(2, 3, requires_grad=True) * 2
+    state = {"rssm": LatentState(x, x, x, x), "extra": [x, (x, 5)]}
+    cut = Estimator("lr").graph().cut(state)
+    assert isinstance(cut["rssm"], LatentState) and cut["extra"][1][1] == 5
+    assert not any(t.requires_grad for t in (*cut["rssm"], cut["extra"][0], cut["extra"][1][0]))
+    assert Estimator("tpx").graph().cut(state) is state
+
+
+@pytest.mark.parametrize("convention", ["next_reward", "dreamerv1", "dreamerv2"])
+def test_returns_are_the_plain_recursion_and_the_terms_sum_to_the_objective(convention):
+    """Bit for bit DreamerV1's recursion; the terms the graph places add up to -loss."""
+    gen = torch.Generator().manual_seed(0)
+    r, v = torch.randn(H, N, 1, generator=gen), torch.randn(H + 1, N, 1, generator=gen)
+    d = GAMMA * (1 - 0.1 * torch.rand(H, N, 1, generator=gen))
+    w = torch.rand(H, 1, 1, generator=gen)
+    graph, _ = _graph_with_nodes(H)
+    R = graph.lambda_return(r, v, d, LAM, convention=convention)
+    assert torch.equal(R.detach(), lambda_return(r, v[:-1], d, v[-1], LAM))
+    loss = graph.loss(-(w * R).sum(0).mean())
+    loss.backward()
+    total = sum(graph._terms[k] for k in graph._terms).mean()
+    torch.testing.assert_close(total, -loss.detach(), rtol=1e-6, atol=1e-6)

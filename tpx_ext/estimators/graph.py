@@ -263,13 +263,15 @@ class StochasticGraph:
         """
         return torch.tanh(self.sample(mu, sigma, step, **kwargs))
 
-    def cut(self, state: Tensor) -> Tensor:
+    def cut(self, state):
         """Mark a model state that feeds a network producing node parameters.
 
         lr mode returns it detached: REINFORCE treats states as given, so the LR
         gradient stays out of the model and the start states. Other modes return it as is.
+        `state` is a tensor or a tuple, list, dict or NamedTuple of them (nested; other
+        leaves pass unchanged).
         """
-        return state.detach() if self.estimator.mode == "lr" else state
+        return state if self.estimator.mode != "lr" else _detach_tree(state)
 
     def add_objective(self, value: Tensor, step: int) -> None:
         """Add the per-sample objective term rho_k [B] of step k (terms of one step add up).
@@ -538,6 +540,18 @@ class StochasticGraph:
                              f"{mu.device}, but its running statistics have {buffers[0].shape[0]} "
                              f"on {buffers[0].device}")
         return buffers
+
+
+def _detach_tree(state):
+    if isinstance(state, Tensor):
+        return state.detach()
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a NamedTuple
+        return type(state)(*(_detach_tree(x) for x in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(_detach_tree(x) for x in state)
+    if isinstance(state, dict):
+        return {k: _detach_tree(v) for k, v in state.items()}
+    return state
 
 
 def _rows(x, what: str) -> Tensor:
