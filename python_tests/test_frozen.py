@@ -129,3 +129,15 @@ def test_cli_writes_tables_csv_and_plots(model_dir, tmp_path, capsys):
         frozen.main(["--model", str(tmp_path / "nothing")])
     err = capsys.readouterr().err
     assert "--model: " in err and "no checkpoint.pt (no such directory)" in err
+
+
+def test_workers_give_the_runs_of_one_process(model_dir, tmp_path):
+    """--workers 2 (spawned processes) trains the same runs as one process, bit for bit."""
+    args = ["--model", model_dir, "--horizons", "3", "--estimators", "rp", "tpx", "--seeds", "1",
+            "--updates", "2", "--eval-every", "1", "--eval-episodes", "1", "--device", "cpu",
+            "--quiet"]
+    one = frozen.main(args + ["--runs", str(tmp_path / "one"), "--out", str(tmp_path / "one")])
+    two = frozen.main(args + ["--runs", str(tmp_path / "two"), "--out", str(tmp_path / "two"),
+                              "--workers", "2"])
+    assert [r["spec"] for r in one] == [r["spec"] for r in two]
+    assert [r["metrics"] for r in one] == [r["metrics"] for r in two]

@@ -160,6 +160,40 @@ def train_run(model: FrozenModel, spec: FrozenSpec, run_dir: str, log_every: int
     return record
 
 
+_MODELS: Dict = {}  # (run dir, device) -> FrozenModel, per process
+
+
+def _worker(job) -> Dict:
+    model_dir, device, threads, spec, run_dir, log_every = job
+    torch.set_num_threads(threads)
+    if (model_dir, device) not in _MODELS:
+        _MODELS[(model_dir, device)] = FrozenModel(model_dir, device)
+    return train_run(_MODELS[(model_dir, device)], spec, run_dir, log_every)
+
+
+def run_all(model: FrozenModel, specs: Sequence[FrozenSpec], runs: str, workers: int = 1,
+            threads: int = 1, log_every: int = 1) -> List[Dict]:
+    """Every spec's run (finished ones are read back), `workers` at once in spawned
+    processes, each loading the model once; records in the order of `specs`."""
+    device = str(model.device)
+    _MODELS[(model.run_dir, device)] = model
+    jobs = [(model.run_dir, device, threads, s, os.path.join(runs, s.name), log_every) for s in specs]
+    if workers <= 1:
+        records = []
+        for i, job in enumerate(jobs):
+            records.append(_worker(job))
+            print(f"done {i + 1}/{len(jobs)}: {job[3].name}", flush=True)
+        return records
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        records = []
+        for i, rec in enumerate(pool.imap(_worker, jobs)):
+            records.append(rec)
+            print(f"done {i + 1}/{len(jobs)}: {FrozenSpec(**rec['spec']).name}", flush=True)
+    return records
+
+
 def summary(records: Sequence[Dict]) -> List[Dict]:
     groups: Dict = {}
     for rec in records:
@@ -240,13 +274,15 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--workers", type=int, default=1, help="runs at once, in processes")
     p.add_argument("--runs", default="runs/frozen", help="the resumable runs")
     p.add_argument("--out", default="frozen", help="writes OUT.csv, OUT.md, OUT.png, OUT_weights.png")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     a = p.parse_args(argv)
     for name, value in (("seeds", a.seeds), ("updates", a.updates), ("eval-every", a.eval_every),
-                        ("eval-episodes", a.eval_episodes)):
+                        ("eval-episodes", a.eval_episodes), ("workers", a.workers),
+                        ("threads", a.threads)):
         if value < 1:
             p.error(f"--{name} must be >= 1, got {value}")
     if any(H < 1 for H in a.horizons):
@@ -258,13 +294,9 @@ def main(argv=None) -> List[Dict]:
         p.error(f"--model: {exc}")
     specs = [FrozenSpec(H, est, seed, a.updates, a.eval_every, a.eval_episodes)
              for H in a.horizons for seed in range(a.seeds) for est in a.estimators]
-    print(f"{len(specs)} runs in {a.runs}, world model of {a.model} "
+    print(f"{len(specs)} runs in {a.runs} ({a.workers} at once), world model of {a.model} "
           f"({model.config['task']}, {model.steps} env steps)", flush=True)
-    records = []
-    for i, spec in enumerate(specs):
-        records.append(train_run(model, spec, os.path.join(a.runs, spec.name),
-                                 log_every=0 if a.quiet else 1))
-        print(f"done {i + 1}/{len(specs)}: {spec.name}", flush=True)
+    records = run_all(model, specs, a.runs, a.workers, a.threads, 0 if a.quiet else 1)
     out_dir = os.path.dirname(a.out)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
