@@ -30,8 +30,8 @@ from tpx_ext.dreamer import Dreamer
 # Name -> config overrides. "tpx" is the default rule (matrix weights: each node's joint
 # LR-RP covariance, a C x C solve); "tpx coord" the paper's coordinate-wise weights.
 VARIANTS = {"rp": {"estimator": "rp"}, "tpx": {"estimator": "tpx"},
-            "tpx coord": {"estimator": "tpx", "tpx_weights": "coordinate"},
-            "lr": {"estimator": "lr"}, "mix": {"estimator": "mix"}}
+            "tpx coord": {"estimator": "tpx-coord"},
+            "lr": {"estimator": "lr"}, "mix": {"estimator": "mix", "estimator_args.rho": 0.5}}
 ESTIMATORS = tuple(VARIANTS)
 
 

@@ -97,15 +97,18 @@ def test_cpu_default_matches_its_documented_run():
                         "config.json")
     with open(path) as f:
         documented = json.load(f)
+    saved = configs.from_saved(documented)  # its tpx_* keys are estimator_args now
     default = dataclasses.asdict(configs.Config())
-    assert {k: default[k] for k in documented} == documented
-    # Keys added after that run whose default changed its behaviour, with the value that
-    # reproduces it (the README names it: the run used the coordinate-wise weights).
-    changed = {"tpx_weights": "coordinate"}
-    assert set(default) - set(documented) == set(changed)
-    assert default["tpx_weights"] == "matrix"
+    assert set(saved) == set(default)
+    assert {k: v for k, v in saved.items() if k != "estimator_args"} == \
+        {k: v for k, v in default.items() if k != "estimator_args"}
+    # Its knobs were the library's defaults then, and the weight rule's default changed
+    # since: the README names the variant that reproduces it (the coordinate-wise weights).
+    then = configs.estimator_knobs(configs.build([], {**saved, "estimator": "tpx-coord"}))
+    assert then == {**configs.estimator_knobs(configs.build([], saved)), "weights": "coordinate"}
+    assert configs.estimator_knobs(configs.Config())["weights"] == "matrix"
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    assert "--tpx_weights coordinate" in readme
+    assert "--estimator tpx-coord" in readme
 
 
 @pytest.mark.parametrize("key,value,match", [

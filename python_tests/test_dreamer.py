@@ -80,7 +80,8 @@ def test_world_model_shapes(obs_shape):
 @pytest.mark.parametrize("latent_nodes", [False, True])
 def test_imagination_metrics_shapes(estimator, latent_nodes):
     H = 6
-    cfg = small_cfg(estimator=estimator, horizon=H, latent_nodes=latent_nodes)
+    cfg = small_cfg(estimator=estimator, horizon=H, latent_nodes=latent_nodes,
+                    **({"estimator_args.rho": 0.5} if estimator == "mix" else {}))
     agent = Dreamer((5,), A, cfg)
     m = agent.update(batch((5,)))
     assert float(m["model_skipped"]) == 0 and float(m["actor_skipped"]) == 0
@@ -96,7 +97,7 @@ def test_imagination_metrics_shapes(estimator, latent_nodes):
         if estimator == "lr":
             assert torch.equal(k, torch.ones(H))
         if estimator == "mix":
-            torch.testing.assert_close(k, torch.full((H,), cfg.mix_rho))
+            torch.testing.assert_close(k, torch.full((H,), cfg.estimator_args["rho"]))
     # lr: nothing upstream of a latent node needs a gradient (the world model is frozen and
     # REINFORCE does not backprop into the states), so latent nodes have no statistics;
     # except in the first update, whose placement check follows the samples into the model.
@@ -128,8 +129,8 @@ def test_mix_endpoints_reproduce_rp_and_lr(latent_nodes, state_grad):
     kw = dict(latent_nodes=latent_nodes, actor_state_grad=state_grad)
     rp = actor_grad("rp", **kw)
     lr = actor_grad("lr", **kw)
-    mix0 = actor_grad("mix", mix_rho=0.0, **kw)
-    mix1 = actor_grad("mix", mix_rho=1.0, **kw)
+    mix0 = actor_grad("mix", estimator_args={"rho": 0.0}, **kw)
+    mix1 = actor_grad("mix", estimator_args={"rho": 1.0}, **kw)
     for name in rp:
         torch.testing.assert_close(mix0[name], rp[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(mix1[name], lr[name], rtol=1e-5, atol=1e-7)

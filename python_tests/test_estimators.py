@@ -511,10 +511,16 @@ def test_unknown_mode_lists_the_valid_ones():
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"mode": "mix"}, "rho is required"), ({"mode": "tpx", "rho": 0.5}, "rho is required"),
-     ({"mode": "mix", "rho": 1.5}, r"\[0, 1\]"), ({"mode": "rp", "momentum": 0.9}, "momentum"),
-     ({"mode": "tpx", "momentum": 1.0}, "momentum"), ({"mode": "lr", "ucb": 1.0}, "ucb"),
-     ({"mode": "tpx", "ucb": -1.0}, "ucb must be")],
+    [({"mode": "mix"}, "rho is required by mode 'mix'"),
+     ({"mode": "tpx", "rho": 0.5}, "rho applies to mode 'mix' only"),
+     ({"mode": "mix", "rho": 1.5}, r"\[0, 1\]"), ({"mode": "mix", "rho": math.nan}, r"\[0, 1\]"),
+     ({"mode": "rp", "momentum": 0.9}, "momentum applies to mode 'tpx' only"),
+     ({"mode": "tpx", "momentum": 1.0}, "momentum"), ({"mode": "tpx", "momentum": math.nan}, "momentum"),
+     ({"mode": "lr", "ucb": 1.0}, "ucb applies to mode 'tpx' only"),
+     ({"mode": "tpx", "ucb": -1.0}, "ucb must be"), ({"mode": "tpx", "ucb": math.inf}, "ucb must be"),
+     ({"mode": "tpx", "ucb": math.nan}, "ucb must be"), ({"mode": "tpx", "ucb": True}, "ucb must be"),
+     ({"mode": "tpx", "weights": "diagonal"}, "weights must be one of matrix, matrix-loo"),
+     ({"mode": "tpx", "weights": "matrix-loo", "momentum": 0.5}, "keeps no running statistics")],
 )
 def test_estimator_options_are_validated(kw, match):
     with pytest.raises(ValueError, match=match):

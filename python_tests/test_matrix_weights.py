@@ -250,26 +250,31 @@ def test_matrix_weights_hold_where_coordinate_weights_fail():
 
 
 def test_one_default_per_knob():
-    """ucb's default is read from one place (tpx_ext.ops.DEFAULT_UCB) by the op schemas, the
-    Python wrappers, the float64 reference, the Estimator and the Dreamer config; the
-    weights' default likewise (weights.DEFAULT_WEIGHTS)."""
+    """Each knob's default lives in the mode table (tpx_ext.estimators.modes.KNOBS; ucb's is
+    tpx_ext.ops.DEFAULT_UCB, which the op schemas repeat): the op schemas, the Python
+    wrappers, the float64 reference, the Estimator, its weight rule and the Dreamer config
+    all read it."""
+    import dataclasses
     import inspect
 
     import tpx_ext
-    from tpx_ext.dreamer.configs import Config
-    from tpx_ext.estimators.weights import DEFAULT_WEIGHTS
-    from tpx_ext.ops import DEFAULT_UCB
+    from tpx_ext.dreamer import configs
+    from tpx_ext.estimators.modes import KNOBS
+    from tpx_ext.estimators.weights import WeightRule
 
+    ucb = KNOBS["ucb"].default
     for op in ("ivw_combine", "gaussian_tpx_backward"):
         schema = getattr(torch.ops.tpx_ext, op).default._schema
         (arg,) = [a for a in schema.arguments if a.name == "ucb"]
-        assert arg.default_value == DEFAULT_UCB, op
+        assert arg.default_value == ucb, op
         for fn in (getattr(tpx_ext, op), getattr(reference, op)):
-            assert inspect.signature(fn).parameters["ucb"].default == DEFAULT_UCB
-    assert inspect.signature(tpx_ext.gaussian_tpx_comoments).parameters["ucb"].default == DEFAULT_UCB
-    est = tpx_ext.Estimator("tpx")
-    assert est.rule.ucb == DEFAULT_UCB and est.rule.weights == DEFAULT_WEIGHTS == "matrix"
-    assert Config().tpx_ucb == DEFAULT_UCB and Config().tpx_weights == DEFAULT_WEIGHTS
+            assert inspect.signature(fn).parameters["ucb"].default == ucb
+    assert inspect.signature(tpx_ext.gaussian_tpx_comoments).parameters["ucb"].default == ucb
+    defaults = {k: KNOBS[k].default for k in ("weights", "ucb", "momentum")}
+    assert tpx_ext.Estimator("tpx").knobs == defaults
+    assert {f.name: f.default for f in dataclasses.fields(WeightRule)} == defaults
+    assert configs.estimator_knobs(configs.Config()) == defaults
+    assert configs.Config().estimator_args == {}  # the config holds no default of its own
 
 
 def test_leave_one_out_baseline():

@@ -109,8 +109,7 @@ def test_sweep_fails_resumes_skips_and_summarizes(tmp_path, capsys):
     assert snapshot(out) == before
 
     # Other shared settings would mix configs under the same run dir names: refused.
-    with pytest.raises(SystemExit, match=r"other settings .*steps: 400 -> 500"):
-        sweep.main([*argv, "--steps", "500"])
+    refused(capsys, lambda: sweep.main([*argv, "--steps", "500"]), r"other settings .*steps: 400 -> 500")
     assert snapshot(out) == before
 
     # The grid grows: only the new trial runs, and OUT's grid becomes the union.
@@ -134,32 +133,45 @@ def test_sweep_fails_resumes_skips_and_summarizes(tmp_path, capsys):
                if os.path.basename(p) not in SUMMARIES)
 
 
+def refused(capsys, call, match, others=False):
+    """The command ends as argparse does on a bad option: one line on stderr, exit status 2
+    (`others`: after what Ray itself logs while it shuts down)."""
+    with pytest.raises(SystemExit) as exc:
+        call()
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1] if others else err
+    assert exc.value.code == 2 and re.search(match, line), err
+    assert line.startswith("python -m tpx_ext.sweep: error: ") and (others or err.count("\n") == 1), err
+
+
 @pytest.mark.parametrize("args,match", [
     (["--set", "horizon=3"], "set by the sweep itself"),
     (["--set", "batch_size"], "expected KEY=VALUE"),
     (["--set", "no_such_key=1"], "unknown config key"),
-    (["--set", "mix_rho=2"], "mix_rho must be in"),
+    (["--set", "mix_rho=2"], "config key 'mix_rho' is now estimator_args.rho"),
+    (["--estimators", "rp", "mix", "--set", "estimator_args.rho=2"], r"rho must be a number in \[0, 1\]"),
+    (["--estimators", "rp", "tpx", "--set", "estimator_args.rho=0.3"], "no estimator of the grid"),
+    (["--estimators", "mix"], "rho is required by mode 'mix'"),
     (["--estimators", "rp", "tp"], "estimator must be one of"),
     (["--seeds", "0", "0"], "duplicate values"),
     (["--tasks", "cartpole_nope"], "unknown \\['cartpole_nope'\\]"),
     (["--cpus-per-trial", "0"], "must be >= 1"),
 ])
-def test_invalid_sweep_is_refused_before_anything_is_written(tmp_path, args, match):
+def test_invalid_sweep_is_refused_before_anything_is_written(tmp_path, capsys, args, match):
     out = str(tmp_path / "s")
-    with pytest.raises(SystemExit, match=match):
-        sweep.main(["--out", out, *GRID, *args])
+    refused(capsys, lambda: sweep.main(["--out", out, *GRID, *args]), match)
     assert not os.path.exists(out)
 
 
-def test_trial_larger_than_any_node_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="no Ray node has the 4096 CPUs and 0 GPUs a trial asks for"):
-        sweep.main(["--out", str(tmp_path / "s"), *GRID, "--cpus-per-trial", "4096"])
+def test_trial_larger_than_any_node_is_refused(tmp_path, capsys):
+    refused(capsys, lambda: sweep.main(["--out", str(tmp_path / "s"), *GRID, "--cpus-per-trial", "4096"]),
+            "no Ray node has the 4096 CPUs and 0 GPUs a trial asks for", others=True)
 
 
-def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch):
+def test_missing_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
-    with pytest.raises(SystemExit, match=re.escape('pip install --no-build-isolation ".[experiments]"')):
-        sweep.main(["--out", str(tmp_path / "s"), *GRID])
+    refused(capsys, lambda: sweep.main(["--out", str(tmp_path / "s"), *GRID]),
+            re.escape('pip install --no-build-isolation ".[experiments]"'))
     assert not os.path.exists(tmp_path / "s")
 
 
@@ -202,8 +214,7 @@ def test_groups_compare_each_estimator_with_rp_by_welch_test():
 
 
 def test_summary_needs_a_sweep_and_a_run_needs_the_grid(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="holds no sweep"):
-        sweep.main(["--out", str(tmp_path / "none"), "--summary"])
+    refused(capsys, lambda: sweep.main(["--out", str(tmp_path / "none"), "--summary"]), "holds no sweep")
     with pytest.raises(SystemExit):
         sweep.main(["--out", str(tmp_path / "s"), "--tasks", "cartpole_balance"])
     assert "the grid needs --estimators, --horizons, --seeds" in capsys.readouterr().err

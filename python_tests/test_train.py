@@ -139,14 +139,27 @@ def test_missing_checkpoint_errors(tmp_path):
         load_run(logdir)
 
 
-def test_resume_refusals(tmp_path):
+def refused(capsys, argv, match):
+    """A user's mistake ends as argparse's do: one line on stderr, exit status 2."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert err.startswith("python -m tpx_ext.train: error: ") and err.count("\n") == 1, err
+    assert match is None or match in err, err
+
+
+def test_resume_refusals(tmp_path, capsys):
     logdir, _ = run(tmp_path, "r", "--steps", "400")
-    with pytest.raises(SystemExit, match="already holds a run"):
-        run(tmp_path, "r")
-    with pytest.raises(SystemExit, match="only --steps may"):
-        main(["--logdir", logdir, "--resume", "--horizon", "7"])
-    with pytest.raises(SystemExit, match="--resume needs --logdir"):
-        main(["--logdir", str(tmp_path / "nothing"), "--resume"])
+    capsys.readouterr()
+    refused(capsys, ["--configs", "debug", "--logdir", logdir, "--quiet"], "already holds a run")
+    refused(capsys, ["--logdir", logdir, "--resume", "--horizon", "7"], "only --steps may")
+    refused(capsys, ["--logdir", str(tmp_path / "nothing"), "--resume"], "--resume needs --logdir")
+    # A directory with a checkpoint but no config of this trainer (another tool's run).
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "checkpoint.pt").write_bytes(b"not ours")
+    refused(capsys, ["--logdir", str(foreign), "--resume"], "cannot read the run's config")
     # Extending a finished run with more steps continues it.
     main(["--logdir", logdir, "--resume", "--steps", "800", "--quiet"])
     assert weights(logdir)[1]["env_steps"] == 800
@@ -154,18 +167,23 @@ def test_resume_refusals(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--estimator", "tp"], "estimator must be one of"),
+    (["--estimator", "foo"], "estimator must be one of"),
     (["--horizon", "0"], "horizon must be >= 1"),
-    (["--bogus_key", "1"], None),
+    (["--bogus_key", "1"], "unrecognized arguments: --bogus_key 1"),
     (["--horizon", "ten"], "expected int"),
     (["--latent_nodes", "maybe"], "expected true/false"),
-    (["--task", "cartpole_nope"], "valid names"),
+    (["--task", "cartpole_nope"], "unknown task 'cartpole_nope'; valid:"),
     (["--configs", "nope"], "unknown config preset"),
+    (["--tpx_ucb", "1"], "--tpx_ucb is now --estimator_args.ucb"),
+    (["--mix_rho=0.3"], "--mix_rho is now --estimator_args.rho"),
+    (["--estimator", "mix"], "rho is required by mode 'mix'"),
+    (["--estimator_args.ucb", "-1"], "ucb must be a finite number >= 0"),
+    (["--estimator", "rp", "--estimator_args.ucb", "1"], "ucb applies to mode 'tpx' only"),
+    (["--estimator_args.nope", "1"], "unknown estimator knob 'nope'"),
 ])
-def test_bad_arguments(tmp_path, args, match):
-    with pytest.raises((ValueError, SystemExit)) as info:
-        main(["--logdir", str(tmp_path / "x"), "--quiet", *args])
-    if match:
-        assert match in str(info.value)
+def test_bad_arguments(tmp_path, capsys, args, match):
+    refused(capsys, ["--logdir", str(tmp_path / "x"), "--quiet", *args], match)
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_plot_groups_runs(tmp_path):

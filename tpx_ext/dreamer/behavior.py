@@ -80,11 +80,7 @@ class ActorCritic(nn.Module):
         # come from a slow copy of the critic, or from the critic itself (DreamerV1).
         self.slow_critic = (copy.deepcopy(self.critic).requires_grad_(False)
                             if cfg.slow_critic_every > 0 else None)
-        self.estimator = Estimator(
-            cfg.estimator, rho=cfg.mix_rho if cfg.estimator == "mix" else None,
-            momentum=cfg.tpx_momentum if cfg.estimator == "tpx" else 0.0,
-            ucb=cfg.tpx_ucb if cfg.estimator == "tpx" else None,
-            weights=cfg.tpx_weights if cfg.estimator == "tpx" else None)
+        self.estimator = Estimator.from_name(cfg.estimator, **cfg.estimator_args)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
         self._weights: Dict = {}  # (horizon, device) -> w [H]

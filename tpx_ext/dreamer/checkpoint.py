@@ -42,7 +42,14 @@ def read_state(run_dir: str, map_location="cpu") -> dict:
                "not a run directory, or the run stopped before its first checkpoint")
         raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT_FILE} ({why})")
     # Our own file, holding numpy RNG states: not loadable with weights_only=True.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated, corrupt, or another program's file
+        raise ValueError(f"{path} is not a checkpoint this trainer can read "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or not {"config", "agent", "counters"} <= set(state):
+        raise ValueError(f"{path} is not a checkpoint of tpx_ext.train (another tool's file?)")
+    return state
 
 
 def replay_path(run_dir: str, state: dict) -> str:

@@ -22,12 +22,13 @@ import dataclasses
 import math
 from typing import Dict, List
 
-from ..estimators import MODES
-from ..estimators.weights import DEFAULT_UCB, DEFAULT_WEIGHTS, WEIGHTS
+from ..estimators.modes import KNOBS, MODE_TABLE, NAMES, parse, resolve
 
-# The agent's actor-gradient estimators: every mode but tp, whose per-sample parameter
-# gradients cost O(B x P) memory at every node.
-ESTIMATORS = tuple(m for m in MODES if m != "tp")
+# The agent's actor-gradient estimators: every mode and named variant but tp, whose
+# per-sample parameter gradients cost O(B x P) memory at every node.
+ESTIMATORS = tuple(n for n in NAMES if n != "tp")
+# Config keys that became estimator_args (the saved configs of older runs still load).
+RENAMED = {"mix_rho": "rho", "tpx_weights": "weights", "tpx_ucb": "ucb", "tpx_momentum": "momentum"}
 
 
 @dataclasses.dataclass
@@ -69,20 +70,14 @@ class Config:
     kl_scale: float = 1.0
     model_lr: float = 6e-4
     # actor and critic
-    estimator: str = "tpx"          # rp | lr | mix | tpx
+    estimator: str = "tpx"          # rp | lr | mix | tpx, or a named variant (tpx-coord, ...)
+    # The estimator's knobs (tpx_ext.estimators.modes: rho for mix; weights, ucb, momentum for
+    # tpx), e.g. --estimator_args.ucb 1; unset knobs take the library's defaults.
+    estimator_args: Dict[str, object] = dataclasses.field(default_factory=dict)
     horizon: int = 15
     imag_starts: int = 0            # start states imagined from (a random subset of the B x T
                                     # posterior states); 0 = all of them
     latent_nodes: bool = False      # also make the imagined latents z_t nodes
-    mix_rho: float = 0.5            # mix: weight on LR
-    # tpx: the weight rule and its knobs (tpx_ext.Estimator's weights, ucb and momentum, with
-    # the library's defaults; docs/TPX.md sec. 2): "matrix" weights from each node's joint
-    # LR-RP covariance ("matrix-loo": each sample weighed by the other samples', unbiased),
-    # or the paper's "coordinate"-wise weights; ucb: standard errors
-    # added to each batch variance; momentum: EMA of the statistics (0: batch statistics).
-    tpx_weights: str = DEFAULT_WEIGHTS
-    tpx_ucb: float = DEFAULT_UCB
-    tpx_momentum: float = 0.0
     gamma: float = 0.99
     lam: float = 0.95
     actor_weights: str = "discount"  # discount | uniform | start (see behavior.objective_weights)
@@ -170,18 +165,64 @@ PRESETS: Dict[str, Dict] = {
 
 
 def build(presets: List[str], overrides: Dict[str, object]) -> Config:
+    """The default, then `presets` left to right, then `overrides` (key -> value, values
+    parsed by the default's type; "estimator_args.<knob>" keys set one knob)."""
     cfg = Config()
     for name in presets:
         if name not in PRESETS:
             raise ValueError(f"unknown config preset {name!r}; valid: {', '.join(PRESETS)}")
         cfg = dataclasses.replace(cfg, **PRESETS[name])
+    cfg.estimator_args = dict(cfg.estimator_args)
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, value in overrides.items():
-        if key not in fields:
+        if key in RENAMED:
+            raise ValueError(f"config key {key!r} is now estimator_args.{RENAMED[key]} "
+                             f"(--estimator_args.{RENAMED[key]} VALUE)")
+        if key.startswith("estimator_args."):
+            knob = key.split(".", 1)[1]
+            if knob not in KNOBS:
+                raise ValueError(f"unknown estimator knob {knob!r} in --{key}; knobs: "
+                                 f"{', '.join(KNOBS)}")
+            cfg.estimator_args[knob] = parse_knob(key, value)
+        elif key == "estimator_args":
+            if not isinstance(value, dict):
+                raise ValueError(f"estimator_args must be a mapping, got {value!r}")
+            cfg.estimator_args = dict(value)
+        elif key not in fields:
             raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-        setattr(cfg, key, parse_value(key, value, type(getattr(Config(), key))))
+        else:
+            setattr(cfg, key, parse_value(key, value, type(getattr(Config(), key))))
     validate(cfg)
     return cfg
+
+
+def from_saved(saved: Dict[str, object]) -> Dict[str, object]:
+    """A run's saved config (config.json, a checkpoint's) as overrides for `build`: the keys
+    that became estimator_args move there (those that applied to its estimator)."""
+    out = {k: v for k, v in saved.items() if k not in RENAMED}
+    if any(k in saved for k in RENAMED):
+        mode = parse(saved.get("estimator", Config.estimator))[0]
+        args = dict(saved.get("estimator_args", {}))
+        for old, knob in RENAMED.items():
+            if old in saved and knob in MODE_TABLE[mode].knobs:
+                args.setdefault(knob, saved[old])
+        out["estimator_args"] = args
+    return out
+
+
+def estimator_knobs(cfg: Config) -> Dict[str, object]:
+    """Every knob of cfg's estimator, with its value (the variant's, then estimator_args)."""
+    mode, knobs = parse(cfg.estimator)
+    return resolve(mode, {**knobs, **cfg.estimator_args})
+
+
+def parse_knob(key: str, value):
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def parse_value(key: str, value, kind):
@@ -207,11 +248,6 @@ def validate(cfg: Config) -> None:
          f"per-sample parameter gradients, B x P: use it through tpx_ext.Estimator on small "
          f"models)"),
         (cfg.horizon >= 1, f"horizon must be >= 1, got {cfg.horizon}"),
-        (0.0 <= cfg.mix_rho <= 1.0, f"mix_rho must be in [0, 1], got {cfg.mix_rho}"),
-        (0.0 <= cfg.tpx_momentum < 1.0, f"tpx_momentum must be in [0, 1), got {cfg.tpx_momentum}"),
-        (cfg.tpx_ucb >= 0.0, f"tpx_ucb must be >= 0, got {cfg.tpx_ucb}"),
-        (cfg.tpx_weights in WEIGHTS,
-         f"tpx_weights must be one of {', '.join(WEIGHTS)}, got {cfg.tpx_weights!r}"),
         (cfg.action_repeat >= 1, f"action_repeat must be >= 1, got {cfg.action_repeat}"),
         (cfg.batch_size >= 1 and cfg.seq_len >= 1, "batch_size and seq_len must be >= 1"),
         (cfg.train_every >= 1 and cfg.train_steps >= 1, "train_every and train_steps must be >= 1"),
@@ -239,3 +275,7 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    try:
+        estimator_knobs(cfg)
+    except ValueError as exc:
+        raise ValueError(f"estimator_args of estimator {cfg.estimator!r}: {exc}") from None

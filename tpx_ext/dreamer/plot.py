@@ -10,14 +10,13 @@ weight on LR at every imagination step), averaged over the last `--last` fractio
 run's training records.
 """
 
-import argparse
 import json
 import os
-import sys
 from collections import OrderedDict
 
 import numpy as np
 
+from ..cli import Parser
 from ..extras import needs
 from .logger import METRICS_FILE, read_metrics
 
@@ -126,7 +125,7 @@ def plot_profiles(run_dirs, out: str, metric: str = "k_action", last: float = 0.
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tpx_ext.plot", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m tpx_ext.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     p.add_argument("--out", default="curves.png")
     p.add_argument("--metrics", nargs="+", default=["eval_return", "train_return"],
@@ -140,14 +139,12 @@ def main(argv=None):
     p.add_argument("--title")
     a = p.parse_args(argv)
     if a.labels and len(a.labels) != len(a.runs):
-        sys.exit(f"--labels: got {len(a.labels)} labels for {len(a.runs)} runs")
-    try:
+        p.error(f"--labels: got {len(a.labels)} labels for {len(a.runs)} runs")
+    with p.reporting(FileNotFoundError, ValueError):  # run directories and their metrics
         if a.profile:
             print(plot_profiles(a.runs, a.out, a.profile, a.last, a.labels, a.title, a.log))
         else:
             print(plot(a.runs, a.out, a.metrics, a.labels, a.title))
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(str(e))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,9 +26,10 @@ from ..extras import needs
 with needs("dreamer"):
     from tqdm import tqdm
 
+from ..cli import Parser, UsageError
 from . import checkpoint, configs
 from .agent import Dreamer
-from .envs import make_env, rendering_error
+from .envs import make_env, rendering_error, task_names
 from .logger import Logger, save_gif
 from .replay import ReplayBuffer
 
@@ -236,7 +237,7 @@ def load_run(run_dir: str, device="cpu"):
     """(agent, replay, config) of a run's checkpoint, for analysis (`python -m tpx_ext.gradvar
     --checkpoint`); no environment is created."""
     state = checkpoint.read_state(run_dir, map_location=device)
-    cfg = configs.build([], state["config"])
+    cfg = configs.build([], configs.from_saved(state["config"]))
     replay_file = checkpoint.replay_path(run_dir, state)
     with np.load(replay_file) as data:
         capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
@@ -248,16 +249,71 @@ def load_run(run_dir: str, device="cpu"):
 
 
 def default_logdir(cfg: configs.Config) -> str:
-    return os.path.join("runs", f"{cfg.task}_{cfg.obs}_{cfg.estimator}_h{cfg.horizon}_s{cfg.seed}")
+    return os.path.join("runs", run_name(cfg.task, cfg.estimator, cfg.horizon, cfg.seed, cfg.obs))
+
+
+def run_name(task: str, estimator: str, horizon: int, seed: int, obs: Optional[str] = None) -> str:
+    """The name of a run's directory: the trainer's default (with obs) and the sweep's
+    trials (whose obs is one for the whole sweep)."""
+    return "_".join([task, *([obs] if obs else []), estimator, f"h{horizon}", f"s{seed}"])
+
+
+def prepare(presets: List[str], overrides: Dict[str, object], logdir: Optional[str] = None,
+            resume: bool = False) -> Tuple[configs.Config, str]:
+    """(config, run directory) of a run to start, or with `resume` to continue (its saved
+    config; only `steps` may be overridden). UsageError or ValueError name what to change."""
+    if resume:
+        if not logdir or not checkpoint.exists(logdir):
+            raise UsageError(f"--resume needs --logdir pointing at a run with a "
+                             f"{checkpoint.CHECKPOINT_FILE} (got {logdir!r})")
+        if presets or set(overrides) - {"steps"}:
+            raise UsageError("--resume continues a run with its saved config.json; only --steps "
+                             f"may be changed (got --configs {presets} and overrides "
+                             f"{sorted(overrides)})")
+        path = os.path.join(logdir, "config.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--resume: cannot read the run's config {path}: {exc}") from None
+        cfg = configs.build([], {**configs.from_saved(saved), **overrides})
+        run_dir = logdir
+    else:
+        cfg = configs.build(presets, overrides)
+        run_dir = logdir or default_logdir(cfg)
+        if checkpoint.exists(run_dir):
+            raise UsageError(f"{run_dir} already holds a run: continue it with --resume, or pick "
+                             "another --logdir")
+    if cfg.task not in task_names():
+        raise UsageError(f"unknown task {cfg.task!r}; valid: {', '.join(sorted(task_names()))}")
+    return cfg, run_dir
+
+
+def run(cfg: configs.Config, run_dir: str, resume: bool = False, quiet: bool = False) -> Dict:
+    """Train (or continue) the run; returns the final evaluation and the counters."""
+    print(f"tpx_ext.train | {cfg.task} ({cfg.obs}) | estimator {cfg.estimator} | horizon "
+          f"{cfg.horizon} | {cfg.steps} env steps | device {resolve_device(cfg.device)} | "
+          f"run dir {run_dir}", flush=True)
+    trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
+    result = trainer.train()
+    c = trainer.counters
+    print(f"final eval return: {result['eval_return']:.1f} +- {result['eval_return_std']:.1f} "
+          f"({result['eval_episodes']} episodes) after {c['env_steps']} env steps, {c['updates']} "
+          f"updates ({c['model_skipped']} model / {c['actor_skipped']} actor updates skipped as "
+          f"non-finite); curves: python -m tpx_ext.plot {run_dir}", flush=True)
+    return result
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m tpx_ext.train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Presets: " + ", ".join(configs.PRESETS) + ". Every config key (see "
-               "tpx_ext/configs.py) is an option: " + " ".join(
-                   f"--{f.name}" for f in dataclasses.fields(configs.Config)))
+               "tpx_ext/dreamer/configs.py) is an option: " + " ".join(
+                   f"--{f.name}" for f in dataclasses.fields(configs.Config)
+                   if f.name != "estimator_args")
+               + "; the estimator's knobs: " + " ".join(
+                   f"--estimator_args.{k}" for k in configs.KNOBS))
     parser.add_argument("--configs", nargs="+", default=[], metavar="PRESET",
                         help="presets applied left to right over the CPU default")
     parser.add_argument("--logdir", default=None,
@@ -266,44 +322,30 @@ def parse_args(argv: Optional[List[str]] = None):
                         help="continue the run in --logdir from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     for f in dataclasses.fields(configs.Config):
-        parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+        if f.name != "estimator_args":
+            parser.add_argument(f"--{f.name}", default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
     keys = {f.name for f in dataclasses.fields(configs.Config)}
     overrides = {k: v for k, v in vars(args).items() if k in keys and v is not None}
-    return args, overrides
+    # --estimator_args.<knob> VALUE (or =VALUE): one knob of the estimator
+    while rest:
+        token = rest.pop(0)
+        key, eq, value = token[2:].partition("=")
+        if key in configs.RENAMED:
+            parser.error(f"--{key} is now --estimator_args.{configs.RENAMED[key]}")
+        if not token.startswith("--estimator_args."):
+            parser.error(f"unrecognized arguments: {' '.join([token] + rest)}")
+        if not eq and not rest:
+            parser.error(f"{token}: expected a value")
+        overrides[key] = value if eq else rest.pop(0)
+    return parser, args, overrides
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    args, overrides = parse_args(argv)
-    if args.resume:
-        if not args.logdir or not checkpoint.exists(args.logdir):
-            sys.exit(f"--resume needs --logdir pointing at a run with a {checkpoint.CHECKPOINT_FILE}"
-                     f" (got {args.logdir!r})")
-        if args.configs or set(overrides) - {"steps"}:
-            sys.exit("--resume continues a run with its saved config.json; only --steps may "
-                     f"be changed (got --configs {args.configs} and overrides {sorted(overrides)})")
-        with open(os.path.join(args.logdir, "config.json")) as f:
-            saved = json.load(f)
-        saved.update(overrides)
-        cfg = configs.build([], saved)
-        run_dir = args.logdir
-    else:
-        cfg = configs.build(args.configs, overrides)
-        run_dir = args.logdir or default_logdir(cfg)
-        if checkpoint.exists(run_dir):
-            sys.exit(f"{run_dir} already holds a run: continue it with --resume, or pick another "
-                     "--logdir")
-    print(f"tpx_ext.train | {cfg.task} ({cfg.obs}) | estimator {cfg.estimator} | horizon "
-          f"{cfg.horizon} | {cfg.steps} env steps | device {resolve_device(cfg.device)} | "
-          f"run dir {run_dir}", flush=True)
-    trainer = Trainer(cfg, run_dir, resume=args.resume, quiet=args.quiet)
-    result = trainer.train()
-    c = trainer.counters
-    print(f"final eval return: {result['eval_return']:.1f} +- {result['eval_return_std']:.1f} "
-          f"({result['eval_episodes']} episodes) after {c['env_steps']} env steps, {c['updates']} "
-          f"updates ({c['model_skipped']} model / {c['actor_skipped']} actor updates skipped as "
-          f"non-finite); curves: python -m tpx_ext.plot {run_dir}", flush=True)
-    return result
+    parser, args, overrides = parse_args(argv)
+    with parser.reporting(ValueError):
+        cfg, run_dir = prepare(args.configs, overrides, args.logdir, args.resume)
+    return run(cfg, run_dir, resume=args.resume, quiet=args.quiet)
 
 
 if __name__ == "__main__":

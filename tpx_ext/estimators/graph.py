@@ -27,16 +27,17 @@ from ..ops import new_running_stats
 from .node import GaussianNode, Node, NodeStats
 from .returns import CONVENTIONS, discounted_lambda_return, node_step_of_state, returns_to_go
 from .sampler import Sampler
-from .weights import DEFAULT_UCB, DEFAULT_WEIGHTS, WeightRule
+from .modes import KNOBS, MODES, parse, resolve
+from .weights import WeightRule
 
-MODES = ("rp", "lr", "mix", "tp", "tpx")
 CHECKS = ("first", "every", "off")
 
 Source = Tuple[nn.Module, Union[Tensor, Sequence[Tensor]]]
 
 
 class Estimator:
-    """Which gradient estimator to use, and its state across gradients.
+    """Which gradient estimator to use, and its state across gradients. The modes and
+    knobs, their defaults and checks are `modes.py`'s table; `from_name` takes its variants.
 
     mode: "rp" (backprop through the model), "lr" (REINFORCE with baselines),
         "mix" (rho * LR + (1 - rho) * RP at every node, with total propagation),
@@ -69,34 +70,30 @@ class Estimator:
         its samples otherwise skip).
     """
 
-    def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: float = 0.0,
+    def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: Optional[float] = None,
                  ucb: Optional[float] = None, weights: Optional[str] = None,
                  check_sigma: bool = True, check: str = "first"):
-        if mode not in MODES:
-            raise ValueError(f"unknown estimator mode {mode!r}; valid modes: {', '.join(MODES)}")
-        if (rho is not None) != (mode == "mix"):
-            raise ValueError(f"rho is required by mode 'mix' and only by it (mode {mode!r}, rho={rho})")
-        if mode == "mix" and not 0.0 <= rho <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {rho}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if momentum and mode != "tpx":
-            raise ValueError(f"momentum applies to mode 'tpx' only (mode {mode!r})")
-        if ucb is not None and mode != "tpx":
-            raise ValueError(f"ucb applies to mode 'tpx' only (mode {mode!r})")
-        if weights is not None and mode != "tpx":
-            raise ValueError(f"weights applies to mode 'tpx' only (mode {mode!r})")
+        # the mode table checks the mode and its knobs and fills the defaults (modes.py)
+        self.knobs = resolve(mode, {"rho": rho, "momentum": momentum, "ucb": ucb,
+                                    "weights": weights})
         if check not in CHECKS:
             raise ValueError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
-        self.check, self.graphs = check, 0
-        self.rule = WeightRule(momentum, DEFAULT_UCB if ucb is None else ucb,
-                               DEFAULT_WEIGHTS if weights is None else weights)
-        self.rule.validate()
-        self.mode, self.rho, self.momentum, self.check_sigma = mode, rho, momentum, check_sigma
-        self.ucb = self.rule.ucb if mode == "tpx" else None
+        self.mode, self.check_sigma = mode, check_sigma
+        self.rho = self.knobs.get("rho")
+        self.momentum = self.knobs.get("momentum", 0.0)
+        self.ucb = self.knobs.get("ucb")
+        self.rule = WeightRule(self.momentum, self.ucb, self.knobs["weights"]) if mode == "tpx" else None
         # (name, step) -> float64 EMA buffers of the node's 2D coordinates: matrix weights
         # [3, 2D, 2D] (LR, RP, LR-RP cross covariances), coordinate weights (var_lr, var_rp).
         self.running_stats: Dict[Tuple[str, int], object] = {}
+        self.check, self.graphs = check, 0
+
+    @classmethod
+    def from_name(cls, name: str, **kwargs) -> "Estimator":
+        """A mode or a named variant (`modes.VARIANTS`, e.g. "tpx-coord"); keyword arguments
+        set further knobs or override the variant's."""
+        mode, knobs = parse(name)
+        return cls(mode, **{**knobs, **kwargs})
 
     def graph(self, generator: Optional[torch.Generator] = None) -> "StochasticGraph":
         """A new graph for one gradient; `generator` draws the eps of its nodes."""
@@ -104,11 +101,8 @@ class Estimator:
         return StochasticGraph(self, generator)
 
     def __repr__(self):
-        extra = f", rho={self.rho}" if self.mode == "mix" else ""
-        extra += f", momentum={self.momentum}" if self.momentum else ""
-        extra += f", ucb={self.ucb}" if self.mode == "tpx" and self.ucb != DEFAULT_UCB else ""
-        if self.mode == "tpx" and self.rule.weights != DEFAULT_WEIGHTS:
-            extra += f", weights={self.rule.weights!r}"
+        extra = "".join(f", {k}={v!r}" for k, v in self.knobs.items()
+                        if KNOBS[k].default is None or v != KNOBS[k].default)
         return f"Estimator({self.mode!r}{extra})"
 
 

@@ -26,34 +26,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops import DEFAULT_UCB
-
-# "matrix": weights from each node's joint LR-RP covariance (the default); "matrix-loo": the
-# same, each sample weighed by the matrices of the other B - 1 (unbiased); "coordinate": one
-# weight per coordinate from the two variances (the paper's rule; with ucb = 0 exactly it).
-WEIGHTS = ("matrix", "matrix-loo", "coordinate")
-DEFAULT_WEIGHTS = "matrix"
+from .modes import KNOBS
 
 
 
 @dataclass(frozen=True)
 class WeightRule:
-    """The weight rule of a tpx estimator (see the module docstring)."""
+    """The weight rule of a tpx estimator (see the module docstring); its values are
+    checked by the mode table (`modes.resolve`)."""
 
-    momentum: float = 0.0
-    ucb: float = DEFAULT_UCB
-    weights: str = "matrix"
-
-    def validate(self) -> None:
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not (self.ucb >= 0.0 and self.ucb < float("inf")):
-            raise ValueError(f"ucb must be finite and >= 0, got {self.ucb}")
-        if self.weights not in WEIGHTS:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {self.weights!r}")
-        if self.weights == "matrix-loo" and self.momentum:
-            raise ValueError("weights='matrix-loo' weighs each sample by the other samples of its "
-                             "batch; it keeps no running statistics (momentum must be 0)")
+    momentum: float = KNOBS["momentum"].default
+    ucb: float = KNOBS["ucb"].default
+    weights: str = KNOBS["weights"].default
 
 
 # ------------------------------------------------------------------ matrix weights

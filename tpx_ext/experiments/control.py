@@ -23,7 +23,6 @@ returns: mean +- std over seeds, Welch's p against rp at the same horizon, compu
 OUT.png (return against iteration, seed bands) and OUT_weights.png (tpx's weight on LR).
 """
 
-import argparse
 import csv
 import json
 import math
@@ -35,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cli import Parser
 from ..dreamer.atomic import atomic_write
 from .gradvar import ESTIMATORS, make_estimator
 from .report import mean_std, plot_profiles, plot_seed_bands, welch_p
@@ -290,7 +290,7 @@ def plot(records: Sequence[Dict], path: str, weights_path: str) -> None:
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(prog="python -m tpx_ext.control", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m tpx_ext.control", description=__doc__.split("\n\n")[0])
     p.add_argument("--systems", nargs="+", default=list(CONTROL_SYSTEMS), choices=list(SYSTEMS))
     p.add_argument("--horizons", type=int, nargs="+",
                    help="for every system; default: each system's short and long horizon "

@@ -21,7 +21,6 @@ Welch's p against rp at the same horizon, compute per run), OUT.png (return agai
 seed bands) and OUT_weights.png (tpx's weight on LR over the imagination steps).
 """
 
-import argparse
 import csv
 import json
 import math
@@ -34,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..cli import Parser
 from ..dreamer import checkpoint, configs
 from ..dreamer.agent import Dreamer
 from ..dreamer.atomic import atomic_write
@@ -64,7 +64,7 @@ class FrozenModel:
     def __init__(self, run_dir: str, device="cpu"):
         state = checkpoint.read_state(run_dir, map_location=device)
         self.run_dir, self.device = run_dir, torch.device(device)
-        self.config = state["config"]
+        self.config = configs.from_saved(state["config"])
         self.steps = state["counters"]["env_steps"]
         prefix = "world_model."
         self.weights = {k[len(prefix):]: v for k, v in state["agent"]["modules"].items()
@@ -265,7 +265,7 @@ def plot(records: Sequence[Dict], path: str, weights_path: str) -> None:
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(prog="python -m tpx_ext.frozen", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m tpx_ext.frozen", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained Dreamer run")
     p.add_argument("--horizons", type=int, nargs="+", default=[15, 100, 200, 300])
     p.add_argument("--estimators", nargs="+", default=["rp", "tpx"], choices=list(configs.ESTIMATORS))
@@ -290,7 +290,7 @@ def main(argv=None) -> List[Dict]:
     torch.set_num_threads(a.threads)
     try:
         model = FrozenModel(a.model, resolve_device(a.device))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # missing, or not a Dreamer run
         p.error(f"--model: {exc}")
     specs = [FrozenSpec(H, est, seed, a.updates, a.eval_every, a.eval_episodes)
              for H in a.horizons for seed in range(a.seeds) for est in a.estimators]

@@ -37,7 +37,6 @@ estimator, so an interrupted suite resumes where it stopped (--fresh recomputes)
 Otherwise it prints a table and writes OUT.csv and OUT.png.
 """
 
-import argparse
 import csv
 import json
 import math
@@ -49,26 +48,18 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..estimators import MODES, Estimator
+from ..estimators.modes import NAMES, parse
+from ..cli import Parser
 from ..extras import needs
 from .systems import CHAOTIC, SYSTEMS, policy_gradient
 
 COLUMNS = ("system", "horizon", "mode", "batch", "reps", "variance", "error", "snr", "cos", "norm",
            "ms_per_grad", "nonfinite", "reference", "ref_stderr")
 
-# Name -> Estimator arguments. "mix" and "tpx" take --rho and --momentum.
-ESTIMATORS: Dict[str, Dict] = {
-    "rp": {"mode": "rp"},
-    "lr": {"mode": "lr"},
-    "mix": {"mode": "mix"},
-    "tp": {"mode": "tp"},
-    "tpx": {"mode": "tpx"},  # the default: matrix weights with variance bounds (ucb = 2)
-    # the paper's coordinate-wise weights, with the bounds (the default before the matrix
-    # rule) and without them (exactly the paper's rule); docs/results/tpx_weight_rules.md
-    "tpx-coord": {"mode": "tpx", "weights": "coordinate"},
-    "tpx-paper": {"mode": "tpx", "weights": "coordinate", "ucb": 0.0},
-    # the matrix weights with each sample weighed by the other samples' (unbiased)
-    "tpx-loo": {"mode": "tpx", "weights": "matrix-loo"},
-}
+# The estimators measured: every mode and named variant of the mode table
+# (tpx_ext.estimators.modes; tpx-coord, tpx-paper, tpx-loo: docs/results/tpx_weight_rules.md).
+# "mix" and "tpx" take --rho and --momentum.
+ESTIMATORS = NAMES
 BASIC = MODES  # the default of --modes outside the suite
 
 
@@ -104,16 +95,16 @@ def trace_variance(grads: torch.Tensor) -> float:
 
 
 def make_estimator(name: str, rho: float = 0.5, momentum: Optional[float] = None) -> Estimator:
-    """The estimator called `name` in ESTIMATORS (or a mode); rho for mix, momentum for tpx."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; valid modes: {', '.join(MODES)}; "
-                         f"valid estimators: {', '.join(ESTIMATORS)}")
-    kw = dict(ESTIMATORS[name])
-    if name == "mix":
-        kw["rho"] = rho
+    """The estimator called `name` (a mode or named variant); rho for mix, momentum for tpx."""
+    mode, _ = parse(name)
+    knobs = {"rho": rho} if mode == "mix" else {}
     if name == "tpx" and momentum is not None:
-        kw["momentum"] = momentum
-    return Estimator(**kw)
+        knobs["momentum"] = momentum
+    return Estimator.from_name(name, **knobs)
+
+
+def mode_of(name: str) -> str:
+    return parse(name)[0]
 
 
 def has_history(estimator: Estimator) -> bool:
@@ -216,7 +207,7 @@ def run(system_name="rotor", horizons=(1, 5, 10, 20, 50, 100), modes=BASIC, batc
     if unknown:
         raise ValueError(f"unknown modes {unknown}; valid modes: {', '.join(MODES)}; "
                          f"valid estimators: {', '.join(ESTIMATORS)}")
-    if checkpoint is not None and any(ESTIMATORS[m]["mode"] == "tp" for m in modes):
+    if checkpoint is not None and any(mode_of(m) == "tp" for m in modes):
         raise ValueError("mode tp needs per-sample parameter gradients of a small toy policy; "
                          "leave it out with --checkpoint")
     torch.manual_seed(seed)
@@ -394,7 +385,7 @@ def _fmt_ratio(x, limit) -> str:
 def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: float) -> str:
     ratios = ratio_tables(rows)
     names = list(dict.fromkeys(r["mode"] for r in rows))
-    tpx_names = [m for m in names if ESTIMATORS[m]["mode"] == "tpx"]
+    tpx_names = [m for m in names if mode_of(m) == "tpx"]
     lines = [
         "# Gradient-quality suite: tpx weight rules on chaotic systems", "",
         "Made with", "", "```", command, "```", "",
@@ -487,7 +478,7 @@ def plot_suite(rows: Sequence[Dict], path: str, ratio_path: str) -> None:
 
     systems = list(dict.fromkeys(r["system"] for r in rows))
     names = list(dict.fromkeys(r["mode"] for r in rows))
-    styles = {m: ("-" if ESTIMATORS[m]["mode"] != "tpx" else "--") for m in names}
+    styles = {m: ("-" if mode_of(m) != "tpx" else "--") for m in names}
     fig, axes = plt.subplots(1, len(systems), figsize=(4.2 * len(systems), 4.2), squeeze=False)
     for ax, system in zip(axes[0], systems):
         for m in names:
@@ -503,7 +494,7 @@ def plot_suite(rows: Sequence[Dict], path: str, ratio_path: str) -> None:
     plt.close(fig)
 
     ratios = ratio_tables(rows)
-    tpx_names = [m for m in names if ESTIMATORS[m]["mode"] == "tpx"]
+    tpx_names = [m for m in names if mode_of(m) == "tpx"]
     fig, axes = plt.subplots(2, len(systems), figsize=(4.2 * len(systems), 7.5), squeeze=False)
     for col, system in enumerate(systems):
         for row_i, (index, limit, label) in enumerate(((0, 1.2, "var / min(rp, lr)"),
@@ -525,7 +516,7 @@ def plot_suite(rows: Sequence[Dict], path: str, ratio_path: str) -> None:
 
 
 def main(argv=None) -> List[Dict]:
-    p = argparse.ArgumentParser(prog="python -m tpx_ext.gradvar", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m tpx_ext.gradvar", description=__doc__.split("\n\n")[0])
     p.add_argument("--system", default="rotor", choices=list(SYSTEMS))
     p.add_argument("--checkpoint", metavar="RUN_DIR",
                    help="a Dreamer run directory: study its actor in its world model instead")
@@ -560,7 +551,6 @@ def main(argv=None) -> List[Dict]:
     p.add_argument("--fresh", action="store_true", help="--suite: ignore cached parts")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
 
     def pick(value, default, suite_default):
         return value if value is not None else (suite_default if a.suite else default)
@@ -568,6 +558,25 @@ def main(argv=None) -> List[Dict]:
     horizons = pick(a.horizons, [1, 5, 10, 20, 50, 100], list(SUITE_HORIZONS))
     batch, reps = pick(a.batch, 32, 128), pick(a.reps, 20, 64)
     warmup, ref_batches, ref_scale = pick(a.warmup, 0, 20), pick(a.ref_batches, 200, 16), pick(a.ref_scale, 1, 8)
+    for name, value in (("batch", batch), ("reps", reps), ("ref-batches", ref_batches),
+                        ("ref-scale", ref_scale), ("hidden", a.hidden), ("threads", a.threads)):
+        if value < 1:
+            p.error(f"--{name} must be >= 1, got {value}")
+    if warmup < 0 or min(horizons) < 1:
+        p.error(f"--warmup must be >= 0 and --horizons >= 1, got {warmup} and {horizons}")
+    if a.checkpoint is not None:
+        from ..dreamer import checkpoint
+
+        if not checkpoint.exists(a.checkpoint):
+            p.error(f"--checkpoint: {a.checkpoint} holds no Dreamer run (no "
+                    f"{checkpoint.CHECKPOINT_FILE})")
+        if a.suite or "tp" in (a.modes or []):
+            p.error("--checkpoint takes no --suite and no tp (its per-sample parameter "
+                    "gradients, B x P, do not fit a Dreamer actor)")
+    with p.reporting(ValueError):  # rho and momentum, checked by the mode table
+        for m in a.modes or BASIC:
+            make_estimator(m, a.rho, a.momentum)
+    torch.set_num_threads(a.threads)
     out_dir = os.path.dirname(a.out)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -586,9 +595,10 @@ def main(argv=None) -> List[Dict]:
               f"({seconds / 60:.1f} min of compute)")
         return rows
     modes = a.modes or [m for m in BASIC if not (a.checkpoint and m == "tp")]
-    rows = run(a.system, horizons, modes, batch, reps, ref_batches, a.hidden, a.rho,
-               a.momentum if a.momentum is not None else 0.0, a.seed, a.device,
-               not a.no_progress, a.checkpoint, warmup, ref_scale)
+    with p.reporting(FileNotFoundError, ValueError):  # a run directory missing a file, or foreign
+        rows = run(a.system, horizons, modes, batch, reps, ref_batches, a.hidden, a.rho,
+                   a.momentum if a.momentum is not None else 0.0, a.seed, a.device,
+                   not a.no_progress, a.checkpoint, warmup, ref_scale)
     print(format_table(rows))
     write_csv(rows, a.out + ".csv")
     plot(rows, a.out + ".png")

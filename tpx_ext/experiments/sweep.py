@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from ..cli import Parser, UsageError
 from ..dreamer import configs
 from ..dreamer.atomic import atomic_write
 
@@ -55,30 +56,33 @@ class Trial:
 
     @property
     def name(self) -> str:
-        return f"{self.task}_{self.estimator}_h{self.horizon}_s{self.seed}"
+        from ..dreamer.train import run_name
+
+        return run_name(self.task, self.estimator, self.horizon, self.seed)
 
 
 class TrialError(RuntimeError):
-    """A trial's `tpx_ext.train` refused to run (it calls sys.exit with the reason); raised
-    instead of SystemExit, which would end the Ray worker rather than fail the task."""
+    """The trainer refused a trial's config or run directory (the reason is the message)."""
 
 
 # ----------------------------------------------------------------------------- the grid
 def parse_args(argv: Optional[List[str]]):
-    p = argparse.ArgumentParser(prog="python -m tpx_ext.sweep", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="python -m tpx_ext.sweep", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="sweep directory (holds one run dir per trial)")
     p.add_argument("--summary", action="store_true",
                    help="only write and print the summaries of the grid OUT holds, running nothing "
                         "(also while another command runs its trials)")
     p.add_argument("--tasks", nargs="+", help="dm_control tasks, e.g. walker_walk")
-    p.add_argument("--estimators", nargs="+", help="rp, lr, mix, tpx")
+    p.add_argument("--estimators", nargs="+",
+                   help=f"any of {', '.join(configs.ESTIMATORS)}; --set estimator_args.<knob>=V "
+                        "sets a knob for the estimators that take it")
     p.add_argument("--horizons", nargs="+", type=int)
     p.add_argument("--seeds", nargs="+", type=int)
     p.add_argument("--configs", nargs="+", default=[], metavar="PRESET",
                    help=f"trainer presets ({', '.join(configs.PRESETS)}), applied left to right")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="trainer config keys for every trial, e.g. --set batch_size=32 mix_rho=0.3")
+                   help="trainer config keys for every trial, e.g. --set batch_size=32 estimator_args.ucb=1")
     p.add_argument("--steps", type=int, default=None,
                    help="environment steps per trial (default: from the presets)")
     p.add_argument("--cpus-per-trial", type=int, default=1,
@@ -91,42 +95,50 @@ def parse_args(argv: Optional[List[str]]):
     missing = [f"--{a}" for a in GRID_AXES if getattr(args, a) is None]
     if missing and not args.summary:
         p.error(f"the grid needs {', '.join(missing)} (or --summary to summarize {args.out})")
-    return args
+    return p, args
 
 
 def build_spec(args) -> Dict:
-    """The sweep's identity, checked on re-runs. Exits with the reason on an invalid grid, so
-    that nothing is written and no trial is started for a sweep that cannot run."""
+    """The sweep's identity, checked on re-runs. UsageError with the reason on an invalid grid,
+    so that nothing is written and no trial is started for a sweep that cannot run."""
     for axis in GRID_AXES:
         values = getattr(args, axis)
         if len(set(values)) != len(values):
-            sys.exit(f"--{axis}: duplicate values in {values}")
+            raise UsageError(f"--{axis}: duplicate values in {values}")
     if args.cpus_per_trial < 1:
-        sys.exit(f"--cpus-per-trial must be >= 1, got {args.cpus_per_trial}")
+        raise UsageError(f"--cpus-per-trial must be >= 1, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
-        sys.exit(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+        raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            sys.exit(f"--set: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set: expected KEY=VALUE, got {item!r}")
         if key in RESERVED_KEYS:
-            sys.exit(f"--set {key}: set by the sweep itself (grid axes, --steps, --cpus-per-trial)")
+            raise UsageError(f"--set {key}: set by the sweep itself (grid axes, --steps, --cpus-per-trial)")
         if key in overrides:
-            sys.exit(f"--set: {key} given twice")
+            raise UsageError(f"--set: {key} given twice")
         overrides[key] = value
+    knobs = [k.split(".", 1)[1] for k in overrides if k.startswith("estimator_args.")]
+    for knob in knobs:
+        if not any(knob in configs.MODE_TABLE[configs.parse(e)[0]].knobs
+                   for e in args.estimators if e in configs.ESTIMATORS):
+            raise UsageError(f"--set estimator_args.{knob}: no estimator of the grid "
+                             f"({', '.join(args.estimators)}) takes {knob}")
     try:
         steps = {} if args.steps is None else {"steps": args.steps}
-        base = configs.build(args.configs, {**overrides, **steps})
+        base = configs.build(args.configs, {**estimator_overrides(overrides, args.estimators[0]),
+                                            "estimator": args.estimators[0], **steps})
         for est, h in itertools.product(args.estimators, args.horizons):
-            configs.build(args.configs, {**overrides, "estimator": est, "horizon": h})
+            configs.build(args.configs, {**estimator_overrides(overrides, est),
+                                         "estimator": est, "horizon": h})
     except ValueError as e:
-        sys.exit(f"invalid sweep: {e}")
+        raise UsageError(f"invalid sweep: {e}")
     from ..dreamer.envs import task_names  # imports dm_control: only here, after the cheap checks
 
     unknown = sorted(set(args.tasks) - set(task_names()))
     if unknown:
-        sys.exit(f"--tasks: unknown {unknown}; valid: {', '.join(sorted(task_names()))}")
+        raise UsageError(f"--tasks: unknown {unknown}; valid: {', '.join(sorted(task_names()))}")
     return {"tasks": args.tasks, "estimators": args.estimators, "horizons": args.horizons,
             "seeds": args.seeds, "configs": args.configs, "set": overrides, "steps": base.steps}
 
@@ -144,7 +156,7 @@ def check_spec(out: str, spec: Dict) -> Dict:
         diff = ", ".join(f"{k}: {saved.get(k)!r} -> {spec.get(k)!r}" for k in sorted(set(saved) | set(spec))
                          if k not in GRID_AXES and saved.get(k) != spec.get(k))
         if diff:
-            sys.exit(f"{out} holds a sweep with other settings ({path}); differences: {diff}. "
+            raise UsageError(f"{out} holds a sweep with other settings ({path}); differences: {diff}. "
                      "Re-run it with its own settings, or pick another --out")
         merged = {**saved, **{a: saved[a] + [v for v in spec[a] if v not in saved[a]]
                               for a in GRID_AXES}}
@@ -160,14 +172,21 @@ def trials_of(spec: Dict) -> List[Trial]:
                                                  spec["horizons"], spec["seeds"])]
 
 
-def train_argv(spec: Dict, trial: Trial, run_dir: str, threads: int) -> List[str]:
-    argv = ["--configs", *spec["configs"]] if spec["configs"] else []
-    for key, value in spec["set"].items():
-        argv += [f"--{key}", value]
-    return argv + ["--task", trial.task, "--estimator", trial.estimator,
-                   "--horizon", str(trial.horizon), "--seed", str(trial.seed),
-                   "--steps", str(spec["steps"]), "--logdir", run_dir,
-                   "--threads", str(threads), "--quiet"]
+def estimator_overrides(overrides: Dict[str, object], estimator: str) -> Dict[str, object]:
+    """--set keys for one estimator of the grid: estimator_args.<knob> only where its mode
+    takes that knob (a sweep over rp and mix sets mix's rho)."""
+    if estimator not in configs.ESTIMATORS:
+        return overrides  # the config check names the valid estimators
+    takes = configs.MODE_TABLE[configs.parse(estimator)[0]].knobs
+    return {k: v for k, v in overrides.items()
+            if not k.startswith("estimator_args.") or k.split(".", 1)[1] in takes}
+
+
+def trial_overrides(spec: Dict, trial: Trial, threads: int) -> Dict[str, object]:
+    """The trainer config keys of a trial (over the sweep's presets)."""
+    return {**estimator_overrides(spec["set"], trial.estimator), "task": trial.task, "estimator": trial.estimator,
+            "horizon": trial.horizon, "seed": trial.seed, "steps": spec["steps"],
+            "threads": threads}
 
 
 def read_checkpoint(run_dir: str) -> Optional[Dict]:
@@ -186,22 +205,23 @@ def is_complete(run_dir: str, steps: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- one trial
-def run_trial(fresh_argv: List[str], run_dir: str, steps: int):
+def run_trial(presets: List[str], overrides: Dict[str, object], run_dir: str, steps: int):
     """Body of a Ray task: resume the run if it has a checkpoint, else start it over. Decided
     here rather than by the driver, so that Ray's retry of a task whose node died resumes it."""
     from ..dreamer import checkpoint, train
 
     t0 = time.perf_counter()
-    if checkpoint.exists(run_dir):
-        argv = ["--logdir", run_dir, "--resume", "--steps", str(steps), "--quiet"]
-    else:
-        if os.path.isdir(run_dir):  # killed before its first checkpoint: nothing to resume
-            shutil.rmtree(run_dir)
-        argv = fresh_argv
+    resume = checkpoint.exists(run_dir)
+    if not resume and os.path.isdir(run_dir):  # killed before its first checkpoint
+        shutil.rmtree(run_dir)
     try:
-        result = train.main(argv)
-    except SystemExit as e:
-        raise TrialError(str(e.code)) from None
+        if resume:
+            cfg, run_dir = train.prepare([], {"steps": steps}, run_dir, resume=True)
+        else:
+            cfg, run_dir = train.prepare(presets, overrides, run_dir)
+    except (UsageError, ValueError) as e:
+        raise TrialError(str(e)) from None
+    result = train.run(cfg, run_dir, resume=resume, quiet=True)
     return result, time.perf_counter() - t0
 
 
@@ -209,7 +229,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        sys.exit(f"tpx_ext.sweep needs Ray; install it with: {INSTALL_HINT}")
+        raise UsageError(f"tpx_ext.sweep needs Ray; install it with: {INSTALL_HINT}")
     return ray
 
 
@@ -221,7 +241,7 @@ def run_trials(ray, args, spec: Dict, todo: List[Trial], done: int, total: int) 
         try:
             ray.init(address=args.address, log_to_driver=False, logging_level="WARNING")
         except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-            sys.exit(f"cannot connect to the Ray cluster at {args.address}: {e}. Is it running "
+            raise UsageError(f"cannot connect to the Ray cluster at {args.address}: {e}. Is it running "
                      "(`ray status` on the head)? Does this machine have the cluster's token "
                      "(RAY_AUTH_MODE=token, ~/.ray/auth_token)? See docs/SWEEP.md")
     else:
@@ -237,8 +257,8 @@ def run_trials(ray, args, spec: Dict, todo: List[Trial], done: int, total: int) 
         order = sorted(todo, key=lambda t: (spec["seeds"].index(t.seed), -t.horizon))
         for trial in order:
             run_dir = os.path.join(out, trial.name)
-            argv = train_argv(spec, trial, run_dir, args.cpus_per_trial)
-            pending[task.remote(argv, run_dir, spec["steps"])] = trial
+            overrides = trial_overrides(spec, trial, args.cpus_per_trial)
+            pending[task.remote(spec["configs"], overrides, run_dir, spec["steps"])] = trial
         failed = {}
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
@@ -274,7 +294,7 @@ def check_fits(ray, args) -> None:
     msg = (f"no Ray node has the {args.cpus_per_trial} CPUs and {args.gpus_per_trial:g} GPUs a "
            f"trial asks for (--cpus-per-trial, --gpus-per-trial); the nodes have: {have}")
     if not args.address:
-        sys.exit(msg)
+        raise UsageError(msg)
     print(f"warning: {msg}; the trials wait until such a node joins", file=sys.stderr, flush=True)
 
 
@@ -422,7 +442,7 @@ def print_summary(out: str) -> int:
     """Summarizes the grid recorded in OUT/sweep.json as far as its trials have got."""
     path = os.path.join(out, SPEC_FILE)
     if not os.path.exists(path):
-        sys.exit(f"{out} holds no sweep (no {SPEC_FILE})")
+        raise UsageError(f"{out} holds no sweep (no {SPEC_FILE})")
     with open(path) as f:
         spec = json.load(f)
     print(summarize(out, spec, trials_of(spec)), flush=True)
@@ -434,12 +454,18 @@ def print_summary(out: str) -> int:
 # ----------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     """Returns the exit status: 1 if any trial failed."""
-    args = parse_args(argv)
-    if args.summary:
-        return print_summary(args.out)
-    ray = import_ray()
-    spec = build_spec(args)
-    held = check_spec(args.out, spec)  # the grid OUT holds, of which this command may name a part
+    p, args = parse_args(argv)
+    with p.reporting():
+        if args.summary:
+            return print_summary(args.out)
+        ray = import_ray()
+        spec = build_spec(args)
+        check_spec(args.out, spec)  # the grid OUT holds, of which this command may name a part
+        return run_grid(args, ray, spec)
+
+
+def run_grid(args, ray, spec: Dict) -> int:
+    """Runs the trials not finished yet and prints the summary; 1 if any trial failed."""
     trials = trials_of(spec)
     todo = [t for t in trials if not is_complete(os.path.join(args.out, t.name), spec["steps"])]
     total, finished = len(trials), len(trials) - len(todo)
