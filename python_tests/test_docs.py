@@ -29,3 +29,15 @@ def test_docs_name_no_machine_paths():
 def test_the_pattern_catches_machine_paths():
     assert MACHINE_PATH.findall("--logdir /work/final/default and /root/x") == ["/work/final", "/root/x"]
     assert not MACHINE_PATH.findall("/usr/local/cuda, /tmp/ray/session_latest/logs, runs/work/x")
+
+
+def test_api_lists_every_mode_and_variant_of_the_table():
+    """docs/API.md's mode table and DREAMER.md's estimator list follow the mode table."""
+    from tpx_ext.estimators.modes import MODES, VARIANTS
+
+    api = open(os.path.join(ROOT, "docs", "API.md")).read()
+    rows = re.findall(r"^\| `([a-z-]+)` +\| `Estimator\(", api, re.M)
+    assert rows == list(MODES)
+    dreamer = open(os.path.join(ROOT, "docs", "DREAMER.md")).read()
+    for name in VARIANTS:
+        assert f"`{name}`" in api + dreamer, name

@@ -7,15 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from tpx_ext.dreamer.envs import (
+from tpx_ext.dreamer.envs import make_env, task_names
+from tpx_ext.dreamer.rendering import (
     configure_rendering,
     gl_backend_order,
-    make_env,
     no_backend_message,
     pick_gl_backend,
     probe_gl_backend,
     rendering_error,
-    task_names,
 )
 
 

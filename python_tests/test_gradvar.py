@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tpx_ext import MODES
-from tpx_ext.experiments import gradvar
+from tpx_ext.experiments import gradvar, gradvar_measure
 from tpx_ext.experiments.systems import CHAOTIC, SYSTEMS, lyapunov_exponent
 
 TINY = ["--horizons", "1", "3", "--batch", "8", "--reps", "3", "--ref-batches", "4",
@@ -170,7 +170,7 @@ def test_suite_writes_tables_and_resumes(tmp_path, monkeypatch):
         json.dump(part, f)
     measured = []
     real = gradvar.measure
-    monkeypatch.setattr(gradvar, "measure",
+    monkeypatch.setattr(gradvar_measure, "measure",
                         lambda *a, **kw: measured.append(a[2].mode) or real(*a, **kw))
     again, _ = gradvar.run_suite(**{**SUITE, "systems": ("rnn", "logistic")}, cache=cache)
     untimed = lambda rs: [{k: v for k, v in r.items() if k != "ms_per_grad"} for r in rs]  # noqa: E731
@@ -200,7 +200,7 @@ def test_suite_rows_follow_the_definitions(tmp_path, monkeypatch):
         calls.append(len(seeds))
         return real(fn, policy_, seeds, progress, steps)
 
-    monkeypatch.setattr(gradvar, "batch_gradients", counting)
+    monkeypatch.setattr(gradvar_measure, "batch_gradients", counting)
     gradvar.measure(grad_fn, policy, est, 3, 8, reps=4, warmup=5, seed=0, device="cpu")
     assert calls == [5, 4] and sorted(est.running_stats) == [("node0", t) for t in range(3)]
 

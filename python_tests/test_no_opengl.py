@@ -55,11 +55,11 @@ def python(code, env, timeout=600):
 
 def test_no_backend_loads_and_pixels_say_what_to_install(tmp_path):
     code = (
-        "import tpx_ext.dreamer.envs as e\n"
-        "why = e.rendering_error()\n"
-        "assert why is not None and e.configure_rendering() == 'disable', why\n"
+        "import tpx_ext.dreamer.envs as e, tpx_ext.dreamer.rendering as r\n"
+        "why = r.rendering_error()\n"
+        "assert why is not None and r.configure_rendering() == 'disable', why\n"
         "for b in ('osmesa', 'egl'):\n"
-        "    assert e.probe_gl_backend(b) is not None, b\n"
+        "    assert r.probe_gl_backend(b) is not None, b\n"
         "try:\n"
         "    e.make_env('cartpole_swingup', obs='pixels')\n"
         "except e.RenderingUnavailable as x:\n"

@@ -8,7 +8,7 @@
 set -uo pipefail
 
 py="${PYTHON:-.venv/bin/python}"
-check='import sys, tpx_ext.dreamer.envs as e
+check='import sys, tpx_ext.dreamer.rendering as e
 why = e.rendering_error()
 print(why or "headless OpenGL: MUJOCO_GL=" + e.configure_rendering())
 sys.exit(1 if why else 0)'

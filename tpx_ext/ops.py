@@ -98,7 +98,7 @@ def gaussian_tpx_backward(
     A_i (any float dtype). Returns the combined gradients for (mu, sigma).
     check_sigma: raise if sigma has an entry <= 0, inf or NaN (on CUDA this
     reads one flag back from the device, i.e. synchronises the stream).
-    ucb, precision: as ivw_combine's.
+    ucb: as ivw_combine's.
     """
     out = torch.ops.tpx_ext.gaussian_tpx_backward.default(
         d, eps, sigma, adv, running_var_lr, running_var_rp, float(momentum), fixed_weight,

@@ -5,7 +5,7 @@ and what trains it. Needs the `dreamer` extra (tpx_ext/extras.py).
 The agent: `networks.py` (encoders, decoders, heads), `rssm.py` (latent dynamics),
 `world_model.py` (the model and its loss), `behavior.py` (imagination with the actor and
 critic), `agent.py` (the whole agent). Training: `configs.py` (presets), `train.py` (the
-trainer, `python -m tpx_ext.train`), `envs.py` (dm_control tasks), `replay.py`,
+trainer, `python -m tpx_ext.train`), `envs.py` (dm_control tasks; `rendering.py` picks their OpenGL backend), `replay.py`,
 `checkpoint.py` with `atomic.py` (exact resume), `logger.py`, `plot.py`. Shape symbols:
 docs/tensor_shapes.md.
 """

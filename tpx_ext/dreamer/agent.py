@@ -54,11 +54,11 @@ class Dreamer(nn.Module):
         return metrics
 
     def update_behavior(self, post: LatentState) -> Dict[str, Tensor]:
-        """One actor and one critic step imagined from posterior states [B, T, ...] (all of
-        them, or `imag_starts` drawn with torch's RNG)."""
+        """One actor and one critic step imagined from posterior states [B, T, ...]
+        (`imag_starts` of them drawn with torch's RNG, or all when it is at least B x T)."""
         start = post.map(lambda x: x.reshape(-1, x.shape[-1]))
         n = self.cfg.imag_starts
-        if 0 < n < start.deter.shape[0]:
+        if n < start.deter.shape[0]:
             keep = torch.randperm(start.deter.shape[0], device=self.device)[:n]
             start = start.map(lambda x: x[keep])
         return self.behavior.update(self.world_model, start)

@@ -73,9 +73,9 @@ class ActorCritic(nn.Module):
     def __init__(self, feat_dim: int, action_dim: int, cfg):
         super().__init__()
         self.cfg, self.action_dim = cfg, action_dim
-        self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.actor_layers or cfg.mlp_layers,
+        self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.actor_layers,
                                cfg.actor_init_std, cfg.actor_min_std, cfg.actor_mean_scale)
-        self.critic = ScalarHead(feat_dim, cfg.hidden, cfg.critic_layers or cfg.mlp_layers)
+        self.critic = ScalarHead(feat_dim, cfg.hidden, cfg.critic_layers)
         # The values of imagined states (the actor's objective and the critic's targets)
         # come from a slow copy of the critic, or from the critic itself (DreamerV1).
         self.slow_critic = (copy.deepcopy(self.critic).requires_grad_(False)

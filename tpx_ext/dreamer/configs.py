@@ -8,14 +8,13 @@ overridden with `--<key> <value>` (parsed as the default's type).
 
 The CPU default differs from DreamerV1 (the `dmc_*` presets) in the values marked "V1:" in
 the comments below. Its model size, batch and training schedule are cut to fit two CPU
-cores; the actor and critic learning rates are measured (see actor_lr); the actor
+cores; the actor and critic learning rates were chosen by measurement (docs/DREAMER.md); the actor
 gradient flows through the actor's input state, as the estimators' total propagation
 defines it (docs/API.md), where V1 and V2 detach that input; the other marked choices (KL
 balancing, free nats, slow critic, entropy bonus, actor std, no exploration noise, Adam
-eps) are DreamerV2's (the `dreamerv2_choices` preset) and have not been compared with V1's
-values on this task: they stay because the documented result (989 evaluation return) was
-obtained with them. docs/DREAMER.md tabulates every difference between each preset and
-DreamerV1.
+eps) are DreamerV2's (the `dreamerv2_choices` preset); the README's documented run used
+them. docs/DREAMER.md tabulates every difference between each preset and DreamerV1, with
+the measurements behind them.
 """
 
 import dataclasses
@@ -37,7 +36,7 @@ class Config:
     task: str = "cartpole_balance"
     obs: str = "state"              # state | pixels
     action_repeat: int = 2
-    episode_length: int = 0         # physics steps per episode; 0 = the suite's (1000)
+    episode_length: int = 0         # physics steps per episode; 0: the suite's own limit
     steps: int = 60_000             # environment steps (physics steps: agent steps x repeat)
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
@@ -81,8 +80,8 @@ class Config:
     gamma: float = 0.99
     lam: float = 0.95
     actor_weights: str = "discount"  # discount | uniform | start (see behavior.objective_weights)
-    # 3e-4 learns the CPU default's small budget faster than DreamerV1's 8e-5 (which the
-    # dmc presets keep): 717 vs 382 evaluation return after 30k steps of cartpole_balance.
+    # faster than DreamerV1's 8e-5 (which the dmc presets keep) on the CPU default's small
+    # budget (docs/DREAMER.md)
     actor_lr: float = 3e-4
     critic_lr: float = 3e-4
     actor_layers: int = 0           # 0: mlp_layers (V1: 4)
@@ -193,6 +192,23 @@ def build(presets: List[str], overrides: Dict[str, object]) -> Config:
         else:
             setattr(cfg, key, parse_value(key, value, type(getattr(Config(), key))))
     validate(cfg)
+    return resolve_derived(cfg)
+
+
+# key -> the key whose value a 0 stands for (resolved by `build`, so that the modules and
+# config.json see values only)
+DERIVED = {"pretrain": "train_steps", "rssm_hidden": "hidden", "reward_layers": "mlp_layers",
+           "actor_layers": "mlp_layers", "critic_layers": "mlp_layers"}
+
+
+def resolve_derived(cfg: Config) -> Config:
+    """Every "0: another key's value" replaced by that value; imag_starts 0 by all the
+    batch's posterior states (batch_size x seq_len)."""
+    for key, source in DERIVED.items():
+        if getattr(cfg, key) == 0:
+            setattr(cfg, key, getattr(cfg, source))
+    if cfg.imag_starts == 0:
+        cfg.imag_starts = cfg.batch_size * cfg.seq_len
     return cfg
 
 

@@ -129,7 +129,7 @@ class Trainer:
             if (c["env_steps"] >= cfg.prefill and self.replay.num_episodes > 0
                     and c["env_steps"] % cfg.train_every < cfg.action_repeat):
                 # The first phase (no update yet) takes `pretrain` updates when it is set.
-                updates = cfg.pretrain if cfg.pretrain and c["updates"] == 0 else cfg.train_steps
+                updates = cfg.pretrain if c["updates"] == 0 else cfg.train_steps
                 for _ in range(updates):
                     m = self.agent.update(self.replay.sample(cfg.batch_size, cfg.seq_len))
                     self._count(m)

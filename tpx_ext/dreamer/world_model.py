@@ -23,11 +23,11 @@ class WorldModel(nn.Module):
             embed_dim = cfg.hidden
             self.encoder = mlp(obs_shape[0], embed_dim, cfg.hidden, cfg.mlp_layers - 1)
         self.rssm = RSSM(action_dim, embed_dim, cfg.stoch, cfg.deter,
-                         cfg.rssm_hidden or cfg.hidden, cfg.latent_min_std)
+                         cfg.rssm_hidden, cfg.latent_min_std)
         feat = self.rssm.feat_dim
         self.decoder = (ConvDecoder(feat, cfg.cnn_depth, cfg.cnn_act) if self.pixels
                         else mlp(feat, obs_shape[0], cfg.hidden, cfg.mlp_layers))
-        self.reward = ScalarHead(feat, cfg.hidden, cfg.reward_layers or cfg.mlp_layers)
+        self.reward = ScalarHead(feat, cfg.hidden, cfg.reward_layers)
         self.kl_balance, self.free_nats, self.kl_scale = cfg.kl_balance, cfg.free_nats, cfg.kl_scale
 
     def embed(self, obs: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ from ..ops import new_running_stats
 from .node import GaussianNode, Node, NodeStats
 from .returns import CONVENTIONS, discounted_lambda_return, node_step_of_state, returns_to_go
 from .sampler import Sampler
-from .modes import KNOBS, MODES, parse, resolve
+from .modes import KNOBS, MODE_TABLE, MODES, parse, resolve
 from .weights import WeightRule
 
 CHECKS = ("first", "every", "off")
@@ -70,19 +70,17 @@ class Estimator:
         its samples otherwise skip).
     """
 
-    def __init__(self, mode: str, *, rho: Optional[float] = None, momentum: Optional[float] = None,
-                 ucb: Optional[float] = None, weights: Optional[str] = None,
-                 check_sigma: bool = True, check: str = "first"):
+    def __init__(self, mode: str, *, check_sigma: bool = True, check: str = "first", **knobs):
         # the mode table checks the mode and its knobs and fills the defaults (modes.py)
-        self.knobs = resolve(mode, {"rho": rho, "momentum": momentum, "ucb": ucb,
-                                    "weights": weights})
+        self.knobs = resolve(mode, knobs)
         if check not in CHECKS:
             raise ValueError(f"check must be one of {', '.join(CHECKS)}, got {check!r}")
-        self.mode, self.check_sigma = mode, check_sigma
+        self.mode, self.spec, self.check_sigma = mode, MODE_TABLE[mode], check_sigma
         self.rho = self.knobs.get("rho")
         self.momentum = self.knobs.get("momentum", 0.0)
         self.ucb = self.knobs.get("ucb")
-        self.rule = WeightRule(self.momentum, self.ucb, self.knobs["weights"]) if mode == "tpx" else None
+        self.rule = (WeightRule(self.momentum, self.ucb, self.knobs["weights"])
+                     if self.spec.weight == "fused" else None)
         # (name, step) -> float64 EMA buffers of the node's 2D coordinates: matrix weights
         # [3, 2D, 2D] (LR, RP, LR-RP cross covariances), coordinate weights (var_lr, var_rp).
         self.running_stats: Dict[Tuple[str, int], object] = {}
@@ -185,17 +183,17 @@ class StochasticGraph:
         est = self.estimator
         stats = NodeStats(name, step)
         self.stats.append(stats)
-        if est.mode == "rp":  # plain reparameterisation: nothing to estimate
+        if est.spec.weight == "none":  # plain reparameterisation: nothing to estimate
             return mu + sigma * eps
-        node = Node(stats, fixed_weight={"lr": 1.0, "mix": est.rho}.get(est.mode),
+        node = Node(stats, fixed_weight=est.spec.fixed_weight(est.knobs),
                     running=self._running(name, step, mu),
-                    rule=est.rule if est.mode == "tpx" else None,
+                    rule=est.rule,
                     check_sigma=est.check_sigma, source=source)
         self._nodes.append((node, baseline))
         x = GaussianNode.apply(mu, sigma, eps, node)
         if x.requires_grad:
             self._outputs.append(x)
-        if est.mode != "lr":
+        if not est.spec.detached:
             if self._checked:
                 self._watch.append((stats, x))
             return x
@@ -265,7 +263,7 @@ class StochasticGraph:
         `state` is a tensor or a tuple, list, dict or NamedTuple of them (nested; other
         leaves pass unchanged).
         """
-        return state if self.estimator.mode != "lr" else _detach_tree(state)
+        return _detach_tree(state) if self.estimator.spec.detached else state
 
     def add_objective(self, value: Tensor, step: int) -> None:
         """Add the per-sample objective term rho_k [B] of step k (terms of one step add up).
@@ -337,7 +335,7 @@ class StochasticGraph:
         if extra is not None and (not isinstance(extra, Tensor) or extra.dim() != 0):
             raise ValueError("backward: extra must be a scalar tensor")
         J = None
-        if self._terms and self.estimator.mode != "lr":
+        if self._terms and not self.estimator.spec.detached:
             J = sum(self._terms[k] for k in sorted(self._terms)).mean()
         if extra is not None:
             J = extra if J is None else J + extra
@@ -508,7 +506,7 @@ class StochasticGraph:
         return name
 
     def _check_source(self, source: Optional[Source]):
-        if self.estimator.mode != "tp":
+        if self.estimator.spec.weight != "traces":
             return None
         if (not isinstance(source, (tuple, list)) or len(source) != 2
                 or not isinstance(source[0], nn.Module)):
@@ -519,7 +517,7 @@ class StochasticGraph:
 
     def _running(self, name: str, step: int, mu: Tensor):
         est = self.estimator
-        if est.mode != "tpx" or est.momentum == 0.0:
+        if est.rule is None or est.momentum == 0.0:
             return None
         coords = 2 * mu[0].numel()
         buffers = est.running_stats.get((name, step))

@@ -15,7 +15,7 @@ the model). A named variant is a mode plus knob values (`parse`).
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from ..ops import DEFAULT_UCB
 
@@ -56,12 +56,19 @@ class Mode:
     weight: str  # none | fixed | traces | fused
     detached: bool  # samples returned detached
     doc: str
+    lr_weight: object = None  # "fixed": the weight on LR, a number or the knob holding it
+
+    def fixed_weight(self, knobs: Dict[str, object]) -> Optional[float]:
+        if self.weight != "fixed":
+            return None
+        return float(knobs[self.lr_weight] if isinstance(self.lr_weight, str) else self.lr_weight)
 
 
 MODE_TABLE: Dict[str, Mode] = {
     "rp": Mode((), "none", False, "backprop through the model (reparameterisation)"),
-    "lr": Mode((), "fixed", True, "REINFORCE with baselines"),
-    "mix": Mode(("rho",), "fixed", False, "rho LR + (1 - rho) RP at every node, total propagation"),
+    "lr": Mode((), "fixed", True, "REINFORCE with baselines", lr_weight=1.0),
+    "mix": Mode(("rho",), "fixed", False, "rho LR + (1 - rho) RP at every node, total propagation",
+                lr_weight="rho"),
     "tp": Mode((), "traces", False, "total propagation (2018): one inverse-variance weight per "
                "node from per-sample parameter gradients, O(B x P): small models only"),
     "tpx": Mode(("weights", "ucb", "momentum"), "fused",  False,

@@ -37,6 +37,7 @@ import torch
 from ..cli import Parser
 from ..dreamer.atomic import atomic_write
 from .gradvar import ESTIMATORS, make_estimator
+from .parallel import run_jobs
 from .report import mean_std, plot_profiles, plot_seed_bands, welch_p
 from .systems import SYSTEMS, policy_gradient
 
@@ -177,20 +178,7 @@ def _worker(job: Tuple[RunSpec, str, int]) -> Dict:
 def run_all(specs: Sequence[RunSpec], runs: str, workers: int = 1, log_every: int = 50) -> List[Dict]:
     jobs = [(s, os.path.join(runs, s.name), log_every) for s in specs]
     print(f"{len(jobs)} runs in {runs} ({workers} at once)", flush=True)
-    if workers <= 1:
-        records = []
-        for i, job in enumerate(jobs):
-            records.append(_worker(job))
-            print(f"done {i + 1}/{len(jobs)}: {job[0].name}", flush=True)
-        return records
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers) as pool:
-        records = []
-        for i, rec in enumerate(pool.imap(_worker, jobs)):
-            records.append(rec)
-            print(f"done {i + 1}/{len(jobs)}: {RunSpec(**rec['spec']).name}", flush=True)
-    return records
+    return run_jobs(_worker, jobs, workers, lambda rec: RunSpec(**rec["spec"]).name)
 
 
 # ------------------------------------------------------------------------- reports

@@ -39,6 +39,7 @@ from ..dreamer.agent import Dreamer
 from ..dreamer.atomic import atomic_write
 from ..dreamer.replay import ReplayBuffer
 from ..dreamer.train import evaluate, resolve_device
+from .parallel import run_jobs
 from .report import mean_std, plot_profiles, plot_seed_bands, welch_p
 
 EVAL_SEED = 20_000  # evaluation k uses environment seed EVAL_SEED + k, in every run
@@ -178,20 +179,7 @@ def run_all(model: FrozenModel, specs: Sequence[FrozenSpec], runs: str, workers:
     device = str(model.device)
     _MODELS[(model.run_dir, device)] = model
     jobs = [(model.run_dir, device, threads, s, os.path.join(runs, s.name), log_every) for s in specs]
-    if workers <= 1:
-        records = []
-        for i, job in enumerate(jobs):
-            records.append(_worker(job))
-            print(f"done {i + 1}/{len(jobs)}: {job[3].name}", flush=True)
-        return records
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(workers) as pool:
-        records = []
-        for i, rec in enumerate(pool.imap(_worker, jobs)):
-            records.append(rec)
-            print(f"done {i + 1}/{len(jobs)}: {FrozenSpec(**rec['spec']).name}", flush=True)
-    return records
+    return run_jobs(_worker, jobs, workers, lambda rec: FrozenSpec(**rec["spec"]).name)
 
 
 def summary(records: Sequence[Dict]) -> List[Dict]:
