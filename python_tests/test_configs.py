@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import math
+import re
 
 import pytest
 
@@ -60,7 +62,9 @@ DREAMERV1 = {
 def test_dmc_presets_are_dreamerv1(preset, obs):
     cfg = configs.build([preset], {})
     assert cfg.obs == obs
-    drift = {k: (getattr(cfg, k), v) for k, v in DREAMERV1.items() if getattr(cfg, k) != v}
+    # V1's values, with its "all posterior states" as the number build resolves it to
+    v1 = configs.resolve_derived(dataclasses.replace(configs.Config(), **DREAMERV1))
+    drift = {k: (getattr(cfg, k), getattr(v1, k)) for k in DREAMERV1 if getattr(cfg, k) != getattr(v1, k)}
     assert not drift, f"{preset} differs from DreamerV1 in (preset, V1): {drift}"
     # V1 keeps every episode: the replay must hold the whole run (one extra step per episode).
     episodes = cfg.steps // 1000
@@ -133,3 +137,59 @@ def test_invalid_values_are_refused(key, value, match):
                                        ("pretrain", "100")])
 def test_valid_edge_values_are_accepted(key, value):
     configs.build(["debug"], {key: value})
+
+
+def _documented_values():
+    """(keys, {column: cell}) of every row of docs/DREAMER.md's Values table."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "DREAMER.md")
+    text = open(path).read()
+    table = text[text.index("| key | DreamerV1 |"):].split("\n\n")[0].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    for line in table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        yield re.findall(r"`(\w+)`", cells[0]), dict(zip(header, cells))
+
+
+def _parse_cell(cell: str, n: int):
+    """n values from a cell such as "10, 1, 1", "16 x 32", "5M", "8e-5, 8e-5" or "false
+    (note)"; None for prose (e.g. "as V1", "any")."""
+    cell = re.sub(r"\([^)]*\)", "", cell).replace("`", "").strip()
+    parts = [p.strip() for p in re.split(r", | x ", cell)]
+    if len(parts) != n:
+        return None
+    out = []
+    for p in parts:
+        m = re.fullmatch(r"(-?[\d.]+(?:e-?\d+)?)([kM]?)", p)
+        if m:
+            out.append(float(m.group(1)) * {"": 1, "k": 1e3, "M": 1e6}[m.group(2)])
+        elif p in ("true", "false"):
+            out.append(p == "true")
+        elif re.fullmatch(r"[a-z_]+", p) and p != "any":
+            out.append(p)
+        else:
+            return None
+    return out
+
+
+def test_presets_are_the_documented_table():
+    """Every value docs/DREAMER.md's table gives for the CPU default, the dmc presets and
+    dreamerv2_choices is what `build` gives (after resolving the 0-means-another-key keys)."""
+    columns = {"CPU default (no preset)": [[]],
+               "`dmc_vision` / `dmc_proprio`": [["dmc_vision"], ["dmc_proprio"]],
+               "`dreamerv2_choices` on a dmc preset": [["dmc_vision", "dreamerv2_choices"]]}
+    checked = 0
+    for keys, cells in _documented_values():
+        for column, preset_lists in columns.items():
+            # "a / b": the first preset's value, then the second's
+            options = cells[column].split(" / ") if len(preset_lists) == 2 else [cells[column]]
+            for presets, cell in zip(preset_lists, options * len(preset_lists)):
+                values = _parse_cell(cell, len(keys)) if keys else None
+                if values is None:
+                    continue
+                cfg = dataclasses.asdict(configs.build(presets, {}))
+                for key, value in zip(keys, values):
+                    got = cfg[key]
+                    assert (got == value if not isinstance(value, float)
+                            else math.isclose(got, value)), (presets, key, got, value)
+                    checked += 1
+    assert checked >= 60, checked  # the table is read, not skipped

@@ -595,3 +595,59 @@ def test_api_md_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert blocks, "docs/API.md has no python example"
     exec(compile(blocks[0], "docs/API.md", "exec"), {"__name__": "api_md_example"})
+
+
+class _InfiniteSlope(torch.autograd.Function):
+    """y = x forward; an infinite gradient backward (RP non-finite, the value finite)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.inf
+
+
+@pytest.mark.parametrize("value_too", [False, True])
+def test_tp_with_one_or_both_estimators_non_finite(value_too):
+    """tp: an infinite RP trace with a finite LR one puts all weight on LR (the node's
+    gradient is LR's); both infinite give NaN and a zeroed node gradient (TPX.md sec. 2)."""
+    torch.manual_seed(0)
+    net = nn.Linear(1, 2).double()
+    s = torch.linspace(-1, 1, 16, dtype=torch.float64)[:, None]
+    eps = torch.randn(16, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def heads(z):
+        out = net(z)
+        return out[:, :1], nn.functional.softplus(out[:, 1:]) + 0.1
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            return heads(z)
+
+    def grads(mode, inf):
+        net.zero_grad()
+        graph = tpx_ext.Estimator(mode, check="off").graph()
+        mu, sigma = heads(s)
+        x = graph.sample(mu, sigma, 0, eps=eps, source=(Heads(), s) if mode == "tp" else None)
+        y = _InfiniteSlope.apply(x) if inf else x
+        value = torch.sin(3 * y[:, 0])
+        if value_too:
+            value = value + torch.where(torch.arange(16) == 0, math.inf, 0.0)
+        graph.add_objective(value, 0)
+        (stats,) = graph.backward()
+        return [p.grad.clone() for p in net.parameters()], stats
+
+    got, stats = grads("tp", inf=True)
+    if value_too:  # both traces infinite: the node's gradient is dropped
+        assert torch.isnan(stats.k).all() and all(not g.any() for g in got)
+    else:  # only RP's: all weight on LR, the gradient is lr mode's
+        assert float(stats.k) == 1.0 and torch.isinf(stats.var_rp).all()
+        want, _ = grads("lr", inf=False)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

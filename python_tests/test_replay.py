@@ -143,3 +143,56 @@ def test_failed_save_leaves_previous_file(tmp_path, monkeypatch):
     restored = state_buffer()
     restored.load(path)
     assert restored.num_episodes == 1 and len(restored) == 5
+
+
+def test_capacity_boundaries():
+    """A buffer holding exactly its capacity evicts nothing; one step more evicts the
+    oldest episode (and only it); an episode of exactly the capacity fits alone; one step
+    longer is refused and leaves the buffer as it was."""
+    buf = state_buffer(capacity=20)
+    fill(buf, [10, 10])
+    assert len(buf) == 20 and buf.num_episodes == 2  # exactly C steps
+    fill(buf, [1], start_id=2)  # C + 1: the oldest goes, the next one stays
+    assert len(buf) == 11 and buf.num_episodes == 2
+    assert {float(x) for x in buf.sample(64, 1)["obs"][:, 0, 0]} == {1.0, 2.0}
+    fill(buf, [20], start_id=3)  # an episode of exactly C evicts all the others
+    assert len(buf) == 20 and buf.num_episodes == 1
+    assert set(buf.sample(16, 20)["obs"][:, 0, 0]) == {3.0}
+    with pytest.raises(ValueError, match="an episode of 21 steps does not fit in capacity 20"):
+        fill(buf, [21], start_id=4)
+    assert len(buf) == 20 and buf.num_episodes == 1
+
+
+def test_eviction_follows_insertion_order():
+    buf = state_buffer(capacity=30)
+    fill(buf, [5, 10, 15])
+    for start_id, kept in ((3, {1.0, 2.0, 3.0}), (4, {2.0, 3.0, 4.0})):
+        fill(buf, [5], start_id=start_id)
+        assert {float(x) for x in buf.sample(256, 1)["obs"][:, 0, 0]} == kept
+
+
+@pytest.mark.parametrize("failing", ["replay", "checkpoint"])
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_complete(tmp_path, monkeypatch, failing):
+    """The replay file is written before the checkpoint that names it, and old replay files
+    are deleted only after: whichever write fails, the previous checkpoint still loads, with
+    the replay it names."""
+    from tpx_ext.dreamer import checkpoint
+
+    run_dir = str(tmp_path)
+    old, new = state_buffer(), state_buffer()
+    fill(old, [10])
+    fill(new, [10, 10])
+    checkpoint.save(run_dir, {"config": {}, "agent": {}, "counters": {"env_steps": 100}}, old, 100)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    target = (ReplayBuffer, "save") if failing == "replay" else (checkpoint, "atomic_torch_save")
+    monkeypatch.setattr(*target, disk_full)
+    with pytest.raises(OSError, match="no space left"):
+        checkpoint.save(run_dir, {"config": {}, "agent": {}, "counters": {"env_steps": 200}}, new, 200)
+    monkeypatch.undo()
+    restored = state_buffer()
+    state = checkpoint.load(run_dir, restored)
+    assert state["counters"]["env_steps"] == 100 and state["replay_file"] == "replay-0000000100.npz"
+    assert len(restored) == 10 and restored.num_episodes == 1

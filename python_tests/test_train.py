@@ -39,7 +39,8 @@ def weights(logdir):
     ("rp", 5), ("lr", 5), ("mix", 5), ("tpx", 5), ("rp", 15), ("tpx", 15), ("rp", 100), ("tpx", 100),
 ])
 def test_smoke_state(tmp_path, estimator, horizon):
-    logdir, result = run(tmp_path, "r", "--estimator", estimator, "--horizon", str(horizon))
+    knobs = ["--estimator_args.rho", "0.5"] if estimator == "mix" else []
+    logdir, result = run(tmp_path, "r", "--estimator", estimator, "--horizon", str(horizon), *knobs)
     recs = read_metrics(os.path.join(logdir, "metrics.jsonl"))
     trained = [r for r in recs if "actor_grad_norm" in r]
     assert trained, "no training update was logged"
@@ -50,6 +51,7 @@ def test_smoke_state(tmp_path, estimator, horizon):
         assert len(last["k_action"]) == horizon
     saved = json.load(open(os.path.join(logdir, "config.json")))
     assert saved["estimator"] == estimator and saved["horizon"] == horizon
+    assert saved["estimator_args"] == ({"rho": 0.5} if estimator == "mix" else {})
 
 
 def test_smoke_pixels_with_latent_nodes_and_gif(tmp_path):
