@@ -1,5 +1,7 @@
 """The Dreamer agent's pieces: shapes, lambda-returns, estimator wiring, non-finite updates."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -321,3 +323,34 @@ def test_an_actor_update_moves_the_objective_up(estimator):
     beh.actor_opt.zero_grad(set_to_none=True)
     after = objective()
     assert after > before, (before, after)
+
+
+def test_critic_loss_regresses_each_state_on_its_own_lambda_return():
+    """The reported critic loss, recomputed independently from the imagined rollout: v(s_t)
+    for t = 0 .. H-1 regresses on V_t = r(s_{t+1}) + gamma((1 - lam) v(s_{t+1}) + lam V_{t+1})
+    (V_H = v(s_H), values from the target critic), weighted gamma^t (docs/tensor_shapes.md)."""
+    torch.manual_seed(0)
+    cfg = small_cfg(estimator="rp", horizon=4)
+    agent = Dreamer((5,), A, cfg)
+    beh = agent.behavior
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    post = agent.world_model.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+    seen = []
+    real = beh.actor_gradient
+    beh.actor_gradient = lambda *a: seen.append(real(*a)) or seen[-1]
+    critic_before = {k: v.clone() for k, v in beh.critic.state_dict().items()}
+    metrics = beh.update(agent.world_model, post)
+    (im,) = seen
+    H, gamma, lam = cfg.horizon, cfg.gamma, cfg.lam
+    r, v = im.rewards.double(), im.values.double()  # r[t] = r(s_{t+1}), v[t] = v(s_t)
+    V = [None] * H
+    nxt = v[H]
+    for t in reversed(range(H)):
+        nxt = r[t] + gamma * ((1 - lam) * v[t + 1] + lam * nxt)
+        V[t] = nxt
+    critic = copy.deepcopy(beh.critic)
+    critic.load_state_dict(critic_before)
+    with torch.no_grad():
+        pred = critic(im.feats[:-1]).double()  # v(s_0) .. v(s_{H-1})
+    want = sum(0.5 * gamma ** t * (pred[t] - V[t]).pow(2).mean() for t in range(H)) / H
+    torch.testing.assert_close(metrics["critic_loss"].double(), want, rtol=1e-5, atol=1e-7)
