@@ -212,10 +212,11 @@ class Trainer:
             self.logger.close()
 
 
-def evaluate(agent: Dreamer, cfg: configs.Config, seed: int, episodes: int, frames: bool = False):
-    """(returns, frames of the first episode) of `episodes` episodes with the mean action on
-    an environment seeded with `seed`. Uses its own torch RNG (seeded with `seed`), so the
-    caller's is not perturbed."""
+def evaluate(agent: Dreamer, cfg: configs.Config, seed: int, episodes: int, frames: bool = False,
+             explore: bool = False):
+    """(returns, frames of the first episode) of `episodes` episodes with the mean action (or
+    with `explore`, the policy's samples) on an environment seeded with `seed`. Uses its own
+    torch RNG (seeded with `seed`), so the caller's is not perturbed."""
     returns, shown = [], []
     env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=seed, episode_length=cfg.episode_length)
     devices = [agent.device] if agent.device.type == "cuda" else []
@@ -226,7 +227,7 @@ def evaluate(agent: Dreamer, cfg: configs.Config, seed: int, episodes: int, fram
             while not done:
                 if frames and i == 0:
                     shown.append(obs if cfg.obs == "pixels" else env.render(64))
-                action, state = agent.act(obs, state, explore=False)
+                action, state = agent.act(obs, state, explore=explore)
                 obs, reward, done, _ = env.step(action)
                 ret += reward
             returns.append(ret)
