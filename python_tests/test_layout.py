@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("module", ["tpx_ext.gradvar", "tpx_ext.control", "tpx_ext.frozen",
                                     "tpx_ext.sweep", "tpx_ext.experiments.gradvar",
                                     "tpx_ext.experiments.control", "tpx_ext.experiments.frozen",
-                                    "tpx_ext.experiments.sweep"])
+                                    "tpx_ext.experiments.sweep", "tpx_ext.evaluate",
+                                    "tpx_ext.dreamer.evaluate"])
 def test_command_runs(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
