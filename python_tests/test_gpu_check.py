@@ -94,7 +94,8 @@ def test_dry_run_prints_every_step_in_order_and_runs_nothing(tmp_path):
                      "--no-build-isolation -e '.[dev,dreamer]'", "-m tpx_ext\n",
                      "-k 'cuda and not gpu_check'", "bench/ops.py --device cuda",
                      "bench/train_step.py --device cuda", "--configs dmc_proprio",
-                     "--configs dmc_vision", "--estimator tpx", "--steps 3000"]:
+                     "--configs dmc_vision", "--estimator tpx", "--steps 3000",
+                     "--precision bf16", "--precision 16"]:
         assert expected in r.stdout, expected
     rows = tsv_rows(tmp_path / "out")
     assert [row["step"] for row in rows] == STEPS

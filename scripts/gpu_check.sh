@@ -31,8 +31,10 @@ Builds tpx_ext with the CUDA kernels and checks it on this machine's GPU, in the
   pytest            the CUDA variants of the tests (pytest -k cuda); none may be skipped
   bench_ops         bench/ops.py --device cuda, short (CUDA events)
   bench_train_step  bench/train_step.py --device cuda, dmc_proprio agent, H 15 and 100
-  dmc_proprio       python -m tpx_ext.train --configs dmc_proprio --estimator tpx, short
-  dmc_vision        the same from pixels (--configs dmc_vision; rendering through EGL)
+  dmc_proprio       python -m tpx_ext.train --configs dmc_proprio --estimator tpx, short,
+                    --precision bf16
+  dmc_vision        the same from pixels (--configs dmc_vision; rendering through EGL),
+                    --precision 16
 Each step has a time limit within the total budget. A failed step is recorded and the next
 runs. Exit status 0 when every step passed, 1 when one failed, 2 for bad arguments.
 MAX_JOBS (default: the number of cores) and TORCH_CUDA_ARCH_LIST (default: this GPU's
@@ -342,19 +344,21 @@ prepare_gl() {
   ((DRY_RUN)) || touch "$WORK/gl_done"
 }
 
-train_run() {  # name preset
+train_run() {  # name preset precision
   need_cuda || return 1
   prepare_gl || return 1
   # A few thousand steps of DreamerV1's agent with tpx: one random episode of prefill, then
   # a training phase every 500 steps (1 update per 20 env steps, half V1's rate, to fit the
-  # step's limit), one evaluation of 2 episodes at the start and at the end.
+  # step's limit), one evaluation of 2 episodes at the start and at the end. Mixed
+  # precision: bf16 from states, float16 (with grad scalers) from pixels.
   main_cmd "$PY" -m tpx_ext.train --configs "$2" --task walker_walk --estimator tpx --device cuda \
+    --precision "$3" \
     --steps "$STEPS" --prefill 1000 --train_every 500 --train_steps 25 --pretrain 50 \
     --eval_every "$STEPS" --eval_episodes 2 --checkpoint_every "$STEPS" \
     --logdir "$WORK/runs/$1" --quiet
 }
-step_dmc_proprio() { train_run dmc_proprio dmc_proprio; }
-step_dmc_vision() { train_run dmc_vision dmc_vision; }
+step_dmc_proprio() { train_run dmc_proprio dmc_proprio bf16; }
+step_dmc_vision() { train_run dmc_vision dmc_vision 16; }
 
 export -f show run_cmd main_cmd warn key need_cuda link_base_packages gpu_arch prepare_gl train_run
 for s in "${STEPS_ALL[@]}"; do export -f "step_$s"; done

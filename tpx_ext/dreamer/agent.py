@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from . import configs
 from .behavior import ActorCritic, finite_step
+from .precision import Precision
 from .rssm import LatentState
 from .world_model import WorldModel
 
@@ -23,9 +24,11 @@ class Dreamer(nn.Module):
         configs.validate(cfg)  # the one place that checks a config's values
         self.cfg, self.action_dim = cfg, action_dim
         self.world_model = WorldModel(obs_shape, action_dim, cfg)
-        self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg)
+        self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg, device)
         self.model_opt = torch.optim.Adam(self.world_model.parameters(), cfg.model_lr,
                                           eps=cfg.adam_eps)
+        self.precision = Precision(cfg.precision, device)
+        self.model_scaler = self.precision.scaler()
         self.to(device)
         self.device = torch.device(device)
 
@@ -37,10 +40,12 @@ class Dreamer(nn.Module):
         t0 = time.perf_counter()
         data = {k: torch.as_tensor(batch[k], device=self.device)
                 for k in ("obs", "action", "reward")}
-        loss, post, metrics = self.world_model.loss(data)
+        with self.precision.autocast():
+            loss, post, metrics = self.world_model.loss(data)
         if torch.isfinite(loss):
-            loss.backward()
-            norm, ok = finite_step(self.model_opt, self.world_model.parameters(), self.cfg.grad_clip)
+            self.model_scaler.scale(loss).backward()
+            norm, ok = finite_step(self.model_opt, self.world_model.parameters(), self.cfg.grad_clip,
+                                   self.model_scaler)
         else:
             self.model_opt.zero_grad(set_to_none=True)
             norm, ok = torch.tensor(float("nan")), False
@@ -85,9 +90,12 @@ class Dreamer(nn.Module):
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict:
         return {"modules": self.state_dict(), "model_opt": self.model_opt.state_dict(),
+                "model_scaler": self.model_scaler.state_dict(),
                 "behavior": self.behavior.state_dict_extra()}
 
     def load_checkpoint_state(self, state: dict) -> None:
         self.load_state_dict(state["modules"])
         self.model_opt.load_state_dict(state["model_opt"])
+        if state.get("model_scaler"):  # an active scaler's state (an inactive one saves {})
+            self.model_scaler.load_state_dict(state["model_scaler"])
         self.behavior.load_state_dict_extra(state["behavior"])

@@ -11,13 +11,14 @@ terms after it; the LR baseline of step t is kappa_t v_t (TPX.md sec. 4).
 
 import contextlib
 import copy
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..estimators import Estimator, NodeStats, lambda_returns
 from .networks import ActorHead, ScalarHead
+from .precision import Precision
 from .rssm import LatentState
 
 class Imagination(NamedTuple):
@@ -58,19 +59,27 @@ def frozen(*modules: nn.Module):
             p.requires_grad_(True)
 
 
-def finite_step(optimizer: torch.optim.Optimizer, params, clip: float):
+def finite_step(optimizer: torch.optim.Optimizer, params, clip: float,
+                scaler: Optional[torch.amp.GradScaler] = None):
     """Clip the gradient norm and step, unless the norm is non-finite: then the gradients
-    are dropped and the weights stay untouched. Returns (norm before clipping, stepped)."""
+    are dropped and the weights stay untouched. With an active grad `scaler` the gradients
+    are unscaled first, and its scale is updated (lowered after a non-finite one). Returns
+    (norm before clipping, stepped)."""
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        scaler.unscale_(optimizer)
     norm = nn.utils.clip_grad_norm_(params, clip)
     ok = bool(torch.isfinite(norm))
     if ok:
-        optimizer.step()
+        scaler.step(optimizer) if scaling else optimizer.step()
+    if scaling:
+        scaler.update()  # lowers the scale after a non-finite gradient
     optimizer.zero_grad(set_to_none=True)
     return norm.detach(), ok
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, feat_dim: int, action_dim: int, cfg):
+    def __init__(self, feat_dim: int, action_dim: int, cfg, device="cpu"):
         super().__init__()
         self.cfg, self.action_dim = cfg, action_dim
         self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.actor_layers,
@@ -83,6 +92,8 @@ class ActorCritic(nn.Module):
         self.estimator = Estimator.from_name(cfg.estimator, **cfg.estimator_args)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
+        self.precision = Precision(cfg.precision, device)
+        self.actor_scaler, self.critic_scaler = self.precision.scaler(), self.precision.scaler()
         self._weights: Dict = {}  # (horizon, device) -> w [H]
         self.updates = 0
 
@@ -107,7 +118,7 @@ class ActorCritic(nn.Module):
         cfg, H = self.cfg, horizon
         weights = self.objective_weights(H, start.deter.device)
         rssm, target = world_model.rssm, self.target_critic
-        with frozen(world_model, self.critic):
+        with frozen(world_model, self.critic), self.precision.autocast():
             graph = estimator.graph()
             act = graph.sampler("action")
             latent = graph.sampler("latent") if cfg.latent_nodes else None
@@ -120,12 +131,13 @@ class ActorCritic(nn.Module):
                 action = torch.tanh(act(mu, sigma))
                 deter = rssm.deter_step(state.stoch, action, state.deter)
                 mean, std = rssm.prior(deter)
-                stoch = latent(mean, std) if latent else mean + std * torch.randn_like(mean)
+                stoch = (latent(mean, std) if latent else
+                         mean + std * torch.randn(mean.shape, device=mean.device).to(mean.dtype))
                 state = LatentState(mean, std, stoch, deter)
                 feats.append(state.feat)
             values.append(target(state.feat))
-            feats, values = torch.stack(feats), torch.stack(values)  # [H+1, N, F], [H+1, N]
-            rewards = world_model.reward(feats[1:])                    # [H, N]
+            feats, values = torch.stack(feats), torch.stack(values).float()  # [H+1, N, F], [H+1, N]
+            rewards = world_model.reward(feats[1:]).float()            # [H, N]; returns in float32
             # TPX.md sec. 4: r_t = r(s_{t+1}), values of s_0 .. s_H; each node's baseline is
             # kappa_t v(s_t) (the graph's value baseline for this convention).
             returns = graph.lambda_return(rewards, values, cfg.gamma, cfg.lam,
@@ -137,9 +149,11 @@ class ActorCritic(nn.Module):
             sigma_d = torch.stack(sigmas)
             if cfg.actor_entropy and cfg.actor_state_grad:
                 _, sigma_d = self.actor(feats[:-1].detach())
-            entropy = sigma_d.log().sum(-1).mean()
-            graph.loss(-(objective + cfg.actor_entropy * entropy)).backward()
-            stats = graph.stats
+            entropy = sigma_d.float().log().sum(-1).mean()
+            loss = graph.loss(-(objective + cfg.actor_entropy * entropy))
+        with frozen(world_model, self.critic):
+            self.actor_scaler.scale(loss).backward()
+        stats = graph.stats
         return Imagination(feats.detach(), values.detach(), rewards.detach(), sigma_d.detach(),
                            entropy.detach(), stats)
 
@@ -149,16 +163,20 @@ class ActorCritic(nn.Module):
         start = start.map(lambda x: x.detach().reshape(-1, x.shape[-1]))
         im = self.actor_gradient(world_model, start, self.estimator, H)
         feats, values, rewards, sigma_d, entropy, stats = im
-        actor_norm, actor_ok = finite_step(self.actor_opt, self.actor.parameters(), cfg.grad_clip)
+        actor_norm, actor_ok = finite_step(self.actor_opt, self.actor.parameters(), cfg.grad_clip,
+                                           self.actor_scaler)
 
         # Critic: regress v(s_t) on lambda-returns built from the target critic's values
         # (computed before this step).
         targets = lambda_returns(rewards, values, cfg.gamma, cfg.lam)  # [H, N]
-        disc = self.cfg.gamma ** torch.arange(H, device=feats.device, dtype=feats.dtype)
-        err = self.critic(feats[:-1]) - targets
+        disc = self.cfg.gamma ** torch.arange(H, device=feats.device, dtype=torch.float32)
+        with self.precision.autocast():
+            pred = self.critic(feats[:-1])
+        err = pred.float() - targets
         critic_loss = 0.5 * (disc[:, None] * err.pow(2)).mean()
-        critic_loss.backward()
-        critic_norm, critic_ok = finite_step(self.critic_opt, self.critic.parameters(), cfg.grad_clip)
+        self.critic_scaler.scale(critic_loss).backward()
+        critic_norm, critic_ok = finite_step(self.critic_opt, self.critic.parameters(), cfg.grad_clip,
+                                             self.critic_scaler)
 
         self.updates += 1
         if self.slow_critic is not None and self.updates % cfg.slow_critic_every == 0:
@@ -195,6 +213,7 @@ class ActorCritic(nn.Module):
     def state_dict_extra(self):
         return {
             "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+            "scalers": [self.actor_scaler.state_dict(), self.critic_scaler.state_dict()],
             "updates": self.updates,
             # (var_lr, var_rp) of the coordinate-wise rule, one [3, C, C] tensor of the matrix rule
             "running_stats": [(n, s, buffers) for (n, s), buffers in self.estimator.running_stats.items()],
@@ -203,6 +222,9 @@ class ActorCritic(nn.Module):
     def load_state_dict_extra(self, state):
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
+        for scaler, saved in zip((self.actor_scaler, self.critic_scaler), state.get("scalers", ())):
+            if saved:  # an active scaler's state (an inactive one saves {})
+                scaler.load_state_dict(saved)
         self.updates = state["updates"]
         self.estimator.running_stats = {  # also checkpoints that stored (n, s, var_lr, var_rp)
             (e[0], e[1]): e[2] if len(e) == 3 else (e[2], e[3]) for e in state["running_stats"]}

@@ -22,6 +22,7 @@ import math
 from typing import Dict, List
 
 from ..estimators.modes import KNOBS, MODE_TABLE, NAMES, parse, resolve
+from .precision import PRECISIONS
 
 # The agent's actor-gradient estimators: every mode and named variant but tp, whose
 # per-sample parameter gradients cost O(B x P) memory at every node.
@@ -41,6 +42,8 @@ class Config:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     threads: int = 0                # torch CPU threads; 0 keeps torch's default
+    precision: str = "32"           # 32 | bf16 | 16: autocast of the world model, actor and
+                                    # critic (16 with grad scalers); tpx_ext/dreamer/precision.py
     # replay and training schedule
     replay_capacity: int = 1_000_000
     prefill: int = 5_000            # environment steps of random actions before training
@@ -259,6 +262,8 @@ def parse_value(key: str, value, kind):
 def validate(cfg: Config) -> None:
     checks = [
         (cfg.obs in ("state", "pixels"), f"obs must be 'state' or 'pixels', got {cfg.obs!r}"),
+        (cfg.precision in PRECISIONS,
+         f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
         (cfg.estimator in ESTIMATORS,
          f"estimator must be one of {', '.join(ESTIMATORS)}, got {cfg.estimator!r} (tp forms "
          f"per-sample parameter gradients, B x P: use it through tpx_ext.Estimator on small "

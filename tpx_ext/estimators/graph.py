@@ -172,7 +172,11 @@ class StochasticGraph:
                 raise ValueError(f"sample: baseline must have shape ({B},), got {shape}")
             baseline = baseline.detach()
         if eps is None:
-            eps = torch.randn(mu.shape, generator=self._generator, dtype=mu.dtype, device=mu.device)
+            # drawn in float32 at least: autocast's float16/bfloat16 nodes see the same noise,
+            # rounded, as float32 ones
+            draw = torch.promote_types(mu.dtype, torch.float32)
+            eps = torch.randn(mu.shape, generator=self._generator, dtype=draw,
+                              device=mu.device).to(mu.dtype)
         elif eps.shape != mu.shape:
             raise ValueError(f"sample: eps must have shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
         else:
