@@ -354,3 +354,30 @@ def test_critic_loss_regresses_each_state_on_its_own_lambda_return():
         pred = critic(im.feats[:-1]).double()  # v(s_0) .. v(s_{H-1})
     want = sum(0.5 * gamma ** t * (pred[t] - V[t]).pow(2).mean() for t in range(H)) / H
     torch.testing.assert_close(metrics["critic_loss"].double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.8])
+def test_world_model_loss_recomputed_from_the_batch(balance):
+    """The reported losses, recomputed independently: the decoder reconstructs obs_t and the
+    reward head predicts reward_t (the reward that led to obs_t) from the posterior of step
+    t, and the KL of the Gaussians (torch.distributions) is floored at free_nats."""
+    from torch.distributions import Independent, Normal, kl_divergence
+
+    torch.manual_seed(0)
+    cfg = small_cfg(kl_balance=balance, free_nats=0.5, kl_scale=0.7)
+    agent = Dreamer((5,), A, cfg)
+    wm = agent.world_model
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss, _, m = wm.loss(data)
+        torch.manual_seed(3)  # the same posterior samples
+        post, prior = wm.rssm.observe(wm.embed(data["obs"]), data["action"])
+        obs_loss = 0.5 * (wm.decoder(post.feat) - data["obs"]).pow(2).sum(-1).mean()
+        reward_loss = 0.5 * (wm.reward(post.feat) - data["reward"]).pow(2).mean()
+        kl = kl_divergence(Independent(Normal(post.mean, post.std), 1),
+                           Independent(Normal(prior.mean, prior.std), 1)).mean()
+        want = obs_loss + reward_loss + 0.7 * torch.clamp(kl, min=0.5)
+    for got, expected in ((m["obs_loss"], obs_loss), (m["reward_loss"], reward_loss),
+                          (m["kl"], kl), (loss, want)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
