@@ -341,9 +341,17 @@ def test_every_weighting_mode_records_its_node_statistics(mode, kw, want_k):
     policy = GaussianPolicy(2, 4)
     stats = policy_gradient(tpx_ext.Estimator(mode, **kw), policy, ChaoticRotor(), 3, 8,
                             torch.Generator().manual_seed(0))
+    coords = 1 if mode == "tp" else 2  # tp: one weight per node; else per (mu, sigma) coordinate
+    assert len(stats) == 3 and [s.step for s in stats] == [0, 1, 2]
     for st in stats:
-        assert st.k is not None and st.var_lr is not None and st.nonfinite is not None
-        assert want_k is None or bool((st.k == want_k).all())
+        for t in (st.k, st.var_lr, st.var_rp):
+            assert t.shape == (coords,) and t.dtype == torch.float64 and torch.isfinite(t).all()
+        assert (st.var_lr > 0).all() and (st.var_rp >= 0).all() and int(st.nonfinite) == 0
+        assert st.adv.shape == (8,)
+        if want_k is not None:
+            assert bool((st.k == want_k).all())
+        elif mode == "tp":  # inverse-variance weight of the two traces
+            torch.testing.assert_close(st.k, st.var_rp / (st.var_lr + st.var_rp))
 
 
 def test_ucb_reference_bounds_follow_the_formula_at_any_scale():
