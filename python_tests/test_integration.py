@@ -7,7 +7,6 @@ version differs in a few lines, which one test counts.
 
 import difflib
 import inspect
-import re
 
 import pytest
 import torch

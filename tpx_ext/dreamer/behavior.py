@@ -11,7 +11,7 @@ terms after it; the LR baseline of step t is kappa_t v_t (TPX.md sec. 4).
 
 import contextlib
 import copy
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn

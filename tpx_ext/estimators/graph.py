@@ -27,7 +27,7 @@ from ..ops import new_running_stats
 from .node import GaussianNode, Node, NodeStats
 from .returns import CONVENTIONS, discounted_lambda_return, node_step_of_state, returns_to_go
 from .sampler import Sampler
-from .modes import KNOBS, MODE_TABLE, MODES, parse, resolve
+from .modes import KNOBS, MODE_TABLE, parse, resolve
 from .weights import WeightRule
 
 CHECKS = ("first", "every", "off")
