@@ -435,3 +435,8 @@ def test_returns_are_the_plain_recursion_and_the_terms_sum_to_the_objective(conv
     loss.backward()
     total = sum(graph._terms[k] for k in graph._terms).mean()
     torch.testing.assert_close(total, -loss.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_lambda_return_terms_refuses_trailing_dims_instead_of_broadcasting():
+    with pytest.raises(ValueError, match=r"rewards must be \[H, B\], got \(3, 16, 1\)"):
+        tpx_ext.lambda_return_terms(R_, V_, GAMMA, LAM, torch.ones(3))

@@ -36,6 +36,9 @@ def lambda_return_terms(
     rho_k depends on the nodes of steps <= k only, so it is credited correctly.
     """
     H = rewards.shape[0]
+    if rewards.dim() != 2:
+        raise ValueError(f"lambda_return_terms: rewards must be [H, B], got {tuple(rewards.shape)} "
+                         "(graph.lambda_return takes trailing dims of size 1)")
     if values.shape[0] != H + 1 or weights.shape != (H,):
         raise ValueError(
             f"lambda_return_terms: rewards {tuple(rewards.shape)} needs values of H+1 = {H + 1} "
