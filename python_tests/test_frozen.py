@@ -141,3 +141,19 @@ def test_workers_give_the_runs_of_one_process(model_dir, tmp_path):
                               "--workers", "2"])
     assert [r["spec"] for r in one] == [r["spec"] for r in two]
     assert [r["metrics"] for r in one] == [r["metrics"] for r in two]
+
+
+def test_the_model_runs_estimator_knobs_do_not_reach_other_estimators(tmp_path):
+    """A world model trained with tpx and ucb 1: a frozen rp run builds (ucb is tpx's knob),
+    and a frozen tpx run takes the library's defaults, not the model run's knobs."""
+    from tpx_ext.dreamer.train import main as train
+
+    threads = torch.get_num_threads()
+    run_dir = str(tmp_path / "model")
+    train(["--configs", "debug", "--logdir", run_dir, "--quiet", "--threads", "1", "--steps", "400",
+           "--estimator_args.ucb", "1"])
+    torch.set_num_threads(threads)
+    model = frozen.FrozenModel(run_dir)
+    assert model.config["estimator_args"] == {"ucb": 1.0}
+    assert model.agent(spec(estimator="rp")).behavior.estimator.mode == "rp"
+    assert model.agent(spec(estimator="tpx")).behavior.estimator.knobs["ucb"] == 2.0

@@ -79,7 +79,8 @@ class FrozenModel:
 
     def agent(self, spec: FrozenSpec) -> Dreamer:
         """A Dreamer with this world model and a fresh actor and critic (seeded by spec.seed)."""
-        cfg = configs.build([], {**self.config, "estimator": spec.estimator,
+        # the model run's estimator knobs belong to its estimator, not to spec.estimator's
+        cfg = configs.build([], {**self.config, "estimator": spec.estimator, "estimator_args": {},
                                  "horizon": spec.horizon, "seed": spec.seed})
         torch.manual_seed(spec.seed)
         agent = Dreamer(self.obs_shape, self.action_dim, cfg, self.device)
@@ -256,7 +257,9 @@ def main(argv=None) -> List[Dict]:
     p = Parser(prog="python -m tpx_ext.frozen", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, metavar="RUN_DIR", help="a trained Dreamer run")
     p.add_argument("--horizons", type=int, nargs="+", default=[15, 100, 200, 300])
-    p.add_argument("--estimators", nargs="+", default=["rp", "tpx"], choices=list(configs.ESTIMATORS))
+    # the knob-free estimators and variants: a run takes no estimator_args (mix would need rho)
+    p.add_argument("--estimators", nargs="+", default=["rp", "tpx"],
+                   choices=[e for e in configs.ESTIMATORS if e != "mix"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--updates", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=250)
