@@ -24,10 +24,10 @@ class Dreamer(nn.Module):
         configs.validate(cfg)  # the one place that checks a config's values
         self.cfg, self.action_dim = cfg, action_dim
         self.world_model = WorldModel(obs_shape, action_dim, cfg)
-        self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg, device)
+        self.precision = Precision(cfg.precision, device)
+        self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg, self.precision)
         self.model_opt = torch.optim.Adam(self.world_model.parameters(), cfg.model_lr,
                                           eps=cfg.adam_eps)
-        self.precision = Precision(cfg.precision, device)
         self.model_scaler = self.precision.scaler()
         self.to(device)
         self.device = torch.device(device)

@@ -79,7 +79,7 @@ def finite_step(optimizer: torch.optim.Optimizer, params, clip: float,
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, feat_dim: int, action_dim: int, cfg, device="cpu"):
+    def __init__(self, feat_dim: int, action_dim: int, cfg, precision: Precision):
         super().__init__()
         self.cfg, self.action_dim = cfg, action_dim
         self.actor = ActorHead(feat_dim, action_dim, cfg.hidden, cfg.actor_layers,
@@ -92,7 +92,7 @@ class ActorCritic(nn.Module):
         self.estimator = Estimator.from_name(cfg.estimator, **cfg.estimator_args)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.actor_lr, eps=cfg.adam_eps)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.critic_lr, eps=cfg.adam_eps)
-        self.precision = Precision(cfg.precision, device)
+        self.precision = precision  # the agent's
         self.actor_scaler, self.critic_scaler = self.precision.scaler(), self.precision.scaler()
         self._weights: Dict = {}  # (horizon, device) -> w [H]
         self.updates = 0
@@ -118,40 +118,41 @@ class ActorCritic(nn.Module):
         cfg, H = self.cfg, horizon
         weights = self.objective_weights(H, start.deter.device)
         rssm, target = world_model.rssm, self.target_critic
-        with frozen(world_model, self.critic), self.precision.autocast():
-            graph = estimator.graph()
-            act = graph.sampler("action")
-            latent = graph.sampler("latent") if cfg.latent_nodes else None
-            state, feats, values, sigmas = start, [start.feat], [], []
-            for t in range(H):
-                actor_in = state.feat if cfg.actor_state_grad else state.feat.detach()
-                mu, sigma = self.actor(graph.cut(actor_in))
-                sigmas.append(sigma)
-                values.append(target(state.feat))
-                action = torch.tanh(act(mu, sigma))
-                deter = rssm.deter_step(state.stoch, action, state.deter)
-                mean, std = rssm.prior(deter)
-                stoch = (latent(mean, std) if latent else
-                         mean + std * torch.randn(mean.shape, device=mean.device).to(mean.dtype))
-                state = LatentState(mean, std, stoch, deter)
-                feats.append(state.feat)
-            values.append(target(state.feat))
-            feats, values = torch.stack(feats), torch.stack(values).float()  # [H+1, N, F], [H+1, N]
-            rewards = world_model.reward(feats[1:]).float()            # [H, N]; returns in float32
-            # TPX.md sec. 4: r_t = r(s_{t+1}), values of s_0 .. s_H; each node's baseline is
-            # kappa_t v(s_t) (the graph's value baseline for this convention).
-            returns = graph.lambda_return(rewards, values, cfg.gamma, cfg.lam,
-                                          convention="next_reward")
-            objective = (weights[:, None] * returns).sum(0).mean()
-            # Entropy of the pre-tanh Gaussian. It must not depend on the samples (it stays
-            # outside the nodes' weighting): the rollout's sigmas qualify when the actor reads
-            # detached states; otherwise it takes its own forward over the detached states.
-            sigma_d = torch.stack(sigmas)
-            if cfg.actor_entropy and cfg.actor_state_grad:
-                _, sigma_d = self.actor(feats[:-1].detach())
-            entropy = sigma_d.float().log().sum(-1).mean()
-            loss = graph.loss(-(objective + cfg.actor_entropy * entropy))
         with frozen(world_model, self.critic):
+            with self.precision.autocast():
+                graph = estimator.graph()
+                act = graph.sampler("action")
+                latent = graph.sampler("latent") if cfg.latent_nodes else None
+                state, feats, values, sigmas = start, [start.feat], [], []
+                for t in range(H):
+                    actor_in = state.feat if cfg.actor_state_grad else state.feat.detach()
+                    mu, sigma = self.actor(graph.cut(actor_in))
+                    sigmas.append(sigma)
+                    values.append(target(state.feat))
+                    action = torch.tanh(act(mu, sigma))
+                    deter = rssm.deter_step(state.stoch, action, state.deter)
+                    mean, std = rssm.prior(deter)
+                    stoch = (latent(mean, std) if latent else
+                             mean + std * torch.randn(mean.shape, device=mean.device).to(mean.dtype))
+                    state = LatentState(mean, std, stoch, deter)
+                    feats.append(state.feat)
+                values.append(target(state.feat))
+                # [H+1, N, F], [H+1, N], [H, N]; the returns in float32
+                feats, values = torch.stack(feats), torch.stack(values).float()
+                rewards = world_model.reward(feats[1:]).float()
+                # TPX.md sec. 4: r_t = r(s_{t+1}), values of s_0 .. s_H; each node's baseline is
+                # kappa_t v(s_t) (the graph's value baseline for this convention).
+                returns = graph.lambda_return(rewards, values, cfg.gamma, cfg.lam,
+                                              convention="next_reward")
+                objective = (weights[:, None] * returns).sum(0).mean()
+                # Entropy of the pre-tanh Gaussian. It must not depend on the samples (it stays
+                # outside the nodes' weighting): the rollout's sigmas qualify when the actor reads
+                # detached states; otherwise it takes its own forward over the detached states.
+                sigma_d = torch.stack(sigmas)
+                if cfg.actor_entropy and cfg.actor_state_grad:
+                    _, sigma_d = self.actor(feats[:-1].detach())
+                entropy = sigma_d.float().log().sum(-1).mean()
+                loss = graph.loss(-(objective + cfg.actor_entropy * entropy))
             self.actor_scaler.scale(loss).backward()
         stats = graph.stats
         return Imagination(feats.detach(), values.detach(), rewards.detach(), sigma_d.detach(),

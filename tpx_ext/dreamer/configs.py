@@ -19,7 +19,7 @@ the measurements behind them.
 
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 from ..estimators.modes import KNOBS, MODE_TABLE, NAMES, parse, resolve
 from .precision import PRECISIONS
@@ -185,7 +185,7 @@ def build(presets: List[str], overrides: Dict[str, object]) -> Config:
             if knob not in KNOBS:
                 raise ValueError(f"unknown estimator knob {knob!r} in --{key}; knobs: "
                                  f"{', '.join(KNOBS)}")
-            cfg.estimator_args[knob] = parse_knob(key, value)
+            cfg.estimator_args[knob] = parse_knob(value)
         elif key == "estimator_args":
             if not isinstance(value, dict):
                 raise ValueError(f"estimator_args must be a mapping, got {value!r}")
@@ -220,13 +220,24 @@ def from_saved(saved: Dict[str, object]) -> Dict[str, object]:
     that became estimator_args move there (those that applied to its estimator)."""
     out = {k: v for k, v in saved.items() if k not in RENAMED}
     if any(k in saved for k in RENAMED):
-        mode = parse(saved.get("estimator", Config.estimator))[0]
+        takes = knobs_of(saved.get("estimator", Config.estimator))
         args = dict(saved.get("estimator_args", {}))
         for old, knob in RENAMED.items():
-            if old in saved and knob in MODE_TABLE[mode].knobs:
+            if old in saved and knob in takes:
                 args.setdefault(knob, saved[old])
         out["estimator_args"] = args
     return out
+
+
+def knobs_of(estimator: str) -> Tuple[str, ...]:
+    """The knobs an estimator (a mode or named variant) takes."""
+    return MODE_TABLE[parse(estimator)[0]].knobs
+
+
+def run_name(task: str, estimator: str, horizon: int, seed: int, obs: Optional[str] = None) -> str:
+    """The name of a run's directory: the trainer's default (with obs) and the sweep's
+    trials (whose obs is one for the whole sweep)."""
+    return "_".join([task, *([obs] if obs else []), estimator, f"h{horizon}", f"s{seed}"])
 
 
 def estimator_knobs(cfg: Config) -> Dict[str, object]:
@@ -235,7 +246,7 @@ def estimator_knobs(cfg: Config) -> Dict[str, object]:
     return resolve(mode, {**knobs, **cfg.estimator_args})
 
 
-def parse_knob(key: str, value):
+def parse_knob(value):
     if not isinstance(value, str):
         return value
     try:

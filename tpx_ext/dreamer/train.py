@@ -250,13 +250,8 @@ def load_run(run_dir: str, device="cpu"):
 
 
 def default_logdir(cfg: configs.Config) -> str:
-    return os.path.join("runs", run_name(cfg.task, cfg.estimator, cfg.horizon, cfg.seed, cfg.obs))
-
-
-def run_name(task: str, estimator: str, horizon: int, seed: int, obs: Optional[str] = None) -> str:
-    """The name of a run's directory: the trainer's default (with obs) and the sweep's
-    trials (whose obs is one for the whole sweep)."""
-    return "_".join([task, *([obs] if obs else []), estimator, f"h{horizon}", f"s{seed}"])
+    return os.path.join("runs", configs.run_name(cfg.task, cfg.estimator, cfg.horizon, cfg.seed,
+                                                 cfg.obs))
 
 
 def prepare(presets: List[str], overrides: Dict[str, object], logdir: Optional[str] = None,

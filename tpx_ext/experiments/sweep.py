@@ -56,9 +56,7 @@ class Trial:
 
     @property
     def name(self) -> str:
-        from ..dreamer.train import run_name
-
-        return run_name(self.task, self.estimator, self.horizon, self.seed)
+        return configs.run_name(self.task, self.estimator, self.horizon, self.seed)
 
 
 class TrialError(RuntimeError):
@@ -121,8 +119,7 @@ def build_spec(args) -> Dict:
         overrides[key] = value
     knobs = [k.split(".", 1)[1] for k in overrides if k.startswith("estimator_args.")]
     for knob in knobs:
-        if not any(knob in configs.MODE_TABLE[configs.parse(e)[0]].knobs
-                   for e in args.estimators if e in configs.ESTIMATORS):
+        if not any(knob in configs.knobs_of(e) for e in args.estimators if e in configs.ESTIMATORS):
             raise UsageError(f"--set estimator_args.{knob}: no estimator of the grid "
                              f"({', '.join(args.estimators)}) takes {knob}")
     try:
@@ -177,7 +174,7 @@ def estimator_overrides(overrides: Dict[str, object], estimator: str) -> Dict[st
     takes that knob (a sweep over rp and mix sets mix's rho)."""
     if estimator not in configs.ESTIMATORS:
         return overrides  # the config check names the valid estimators
-    takes = configs.MODE_TABLE[configs.parse(estimator)[0]].knobs
+    takes = configs.knobs_of(estimator)
     return {k: v for k, v in overrides.items()
             if not k.startswith("estimator_args.") or k.split(".", 1)[1] in takes}
 
