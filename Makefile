@@ -48,7 +48,7 @@ setup: $(STAMPS)/built
 # the run is complete, only prints its final evaluation. ARGS adds trainer options.
 RUN_DIR ?= runs/default
 run: setup
-	$(PY) -m tpx_ext.train --logdir $(RUN_DIR) $(if $(wildcard $(RUN_DIR)/checkpoint.pt),--resume) $(ARGS)
+	$(PY) -m tpx_ext.train --logdir $(RUN_DIR) $(if $(wildcard $(RUN_DIR)/checkpoint.pt $(RUN_DIR)/checkpoint.prev.pt),--resume) $(ARGS)
 	$(PY) -m tpx_ext.plot $(RUN_DIR) --out $(RUN_DIR)/curve.png
 
 selfcheck: setup

@@ -1,11 +1,11 @@
-"""Replay buffer: eviction, sequence sampling, checkpoint exactness, atomic save."""
+"""Replay buffer: eviction, sequence sampling, episode files, exact restore."""
 
 import os
 
 import numpy as np
 import pytest
 
-from tpx_ext.dreamer.replay import ReplayBuffer
+from tpx_ext.dreamer.replay import CorruptReplay, ReplayBuffer
 
 
 def fill(buf, lengths, start_id=0):
@@ -17,8 +17,9 @@ def fill(buf, lengths, start_id=0):
             buf.add(obs, action, reward=float(i), discount=0.5, first=i == 0, last=i == n - 1)
 
 
-def state_buffer(capacity=1000, seed=0):
-    return ReplayBuffer(capacity, obs_shape=(2,), obs_dtype=np.float32, action_dim=3, seed=seed)
+def state_buffer(capacity=1000, seed=0, directory=None):
+    return ReplayBuffer(capacity, obs_shape=(2,), obs_dtype=np.float32, action_dim=3, seed=seed,
+                        directory=directory)
 
 
 def test_capacity_evicts_oldest_episodes():
@@ -90,16 +91,15 @@ def test_add_errors():
         ReplayBuffer(10, obs_shape=(2,), obs_dtype=np.float64, action_dim=1)
 
 
-def test_checkpoint_restores_contents_and_rng_exactly(tmp_path):
-    a = state_buffer(capacity=30, seed=7)
+def test_manifest_and_episode_files_restore_contents_and_rng_exactly(tmp_path):
+    a = state_buffer(capacity=30, seed=7, directory=tmp_path / "replay")
     fill(a, [10, 12, 9, 6])  # the first episode is evicted
     for i in range(3):  # and one episode left unfinished
         a.add(np.array([9, i]), np.ones(3), 1.0, 1.0, first=i == 0)
     a.sample(5, 4)  # advance the RNG before checkpointing
-    path = tmp_path / "replay.npz"
-    a.save(path)
-    b = state_buffer(capacity=30, seed=123)
-    b.load(path)
+    manifest = a.manifest()
+    assert (manifest["first_id"], manifest["end_id"]) == (1, 4)
+    b = ReplayBuffer.open(tmp_path / "replay", manifest)
     assert (len(b), b.num_episodes, b.nbytes) == (len(a), a.num_episodes, a.nbytes)
     for k, v in a.state_dict().items():
         np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
@@ -113,22 +113,67 @@ def test_checkpoint_restores_contents_and_rng_exactly(tmp_path):
     assert np.any(a.sample(64, 4)["obs"][:, 0, 0] == 9)
 
 
-def test_load_rejects_other_configuration(tmp_path):
+def test_episodes_are_written_once_as_they_finish(tmp_path):
+    d = tmp_path / "replay"
+    buf = state_buffer(directory=d)
+    fill(buf, [5])
+    buf.add(np.array([1, 0]), np.zeros(3), 0.0, 1.0, first=True)  # unfinished: not written
+    assert sorted(os.listdir(d)) == ["ep-00000000.npz"]
+    stamp = os.stat(d / "ep-00000000.npz").st_mtime_ns
+    buf.add(np.array([1, 1]), np.zeros(3), 0.0, 1.0, last=True)
+    buf.flush()
+    assert sorted(os.listdir(d)) == ["ep-00000000.npz", "ep-00000001.npz"]
+    assert os.stat(d / "ep-00000000.npz").st_mtime_ns == stamp  # not rewritten
+    with np.load(d / "ep-00000001.npz") as ep:
+        np.testing.assert_array_equal(ep["obs"], [[1, 0], [1, 1]])
+
+
+def test_manifest_needs_the_episodes_on_disk():
+    with pytest.raises(ValueError, match="needs every stored episode on disk"):
+        state_buffer().manifest()
+
+
+def test_legacy_single_file_replay_loads(tmp_path):
     a = state_buffer()
-    fill(a, [5])
-    a.save(tmp_path / "r.npz")
+    fill(a, [5, 6])
+    np.savez(tmp_path / "r.npz", **a.state_dict())
+    b = state_buffer()
+    b.load(tmp_path / "r.npz")
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
     other = ReplayBuffer(1000, obs_shape=(2,), obs_dtype=np.float32, action_dim=4)
     with pytest.raises(ValueError, match="checkpoint was made by a buffer"):
         other.load(tmp_path / "r.npz")
 
 
-def test_failed_save_leaves_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "r.npz"
-    buf = state_buffer()
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped", "wrong_shape"])
+def test_a_damaged_episode_file_is_named(tmp_path, damage):
+    d = tmp_path / "replay"
+    buf = state_buffer(directory=d)
+    fill(buf, [5, 6, 7])
+    manifest = buf.manifest()
+    path = d / "ep-00000001.npz"
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":  # a byte of the arrays' data: only the zip's CRC shows it
+        i = data.index(np.float32(5.0).tobytes())  # episode 1's last reward
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    else:
+        np.savez(path, obs=np.zeros((6, 3), np.float32), action=np.zeros((6, 3), np.float32),
+                 reward=np.zeros(6, np.float32), discount=np.zeros(6, np.float32))
+    with pytest.raises(CorruptReplay, match=f"{path}: " + {
+            "missing": "missing", "truncated": "unreadable, truncated or corrupt",
+            "flipped": "unreadable, truncated or corrupt", "wrong_shape": "field obs"}[damage]):
+        ReplayBuffer.open(d, manifest)
+
+
+def test_failed_episode_write_leaves_no_file(tmp_path, monkeypatch):
+    d = tmp_path / "replay"
+    buf = state_buffer(directory=d)
     fill(buf, [5])
-    buf.save(path)
-    before = path.read_bytes()
-    fill(buf, [7], start_id=1)
 
     def crash(f, **arrays):
         f.write(b"partial")
@@ -136,13 +181,11 @@ def test_failed_save_leaves_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "savez", crash)
     with pytest.raises(OSError, match="disk full"):
-        buf.save(path)
+        fill(buf, [7], start_id=1)
     monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["r.npz"]  # no temporary file left behind
-    restored = state_buffer()
-    restored.load(path)
-    assert restored.num_episodes == 1 and len(restored) == 5
+    assert os.listdir(d) == ["ep-00000000.npz"]  # no temporary file, no partial episode
+    buf.flush()  # the episode is stored; the next flush writes it
+    assert sorted(os.listdir(d)) == ["ep-00000000.npz", "ep-00000001.npz"]
 
 
 def test_capacity_boundaries():
@@ -169,30 +212,3 @@ def test_eviction_follows_insertion_order():
     for start_id, kept in ((3, {1.0, 2.0, 3.0}), (4, {2.0, 3.0, 4.0})):
         fill(buf, [5], start_id=start_id)
         assert {float(x) for x in buf.sample(256, 1)["obs"][:, 0, 0]} == kept
-
-
-@pytest.mark.parametrize("failing", ["replay", "checkpoint"])
-def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_complete(tmp_path, monkeypatch, failing):
-    """The replay file is written before the checkpoint that names it, and old replay files
-    are deleted only after: whichever write fails, the previous checkpoint still loads, with
-    the replay it names."""
-    from tpx_ext.dreamer import checkpoint
-
-    run_dir = str(tmp_path)
-    old, new = state_buffer(), state_buffer()
-    fill(old, [10])
-    fill(new, [10, 10])
-    checkpoint.save(run_dir, {"config": {}, "agent": {}, "counters": {"env_steps": 100}}, old, 100)
-
-    def disk_full(*args, **kwargs):
-        raise OSError("no space left on device")
-
-    target = (ReplayBuffer, "save") if failing == "replay" else (checkpoint, "atomic_torch_save")
-    monkeypatch.setattr(*target, disk_full)
-    with pytest.raises(OSError, match="no space left"):
-        checkpoint.save(run_dir, {"config": {}, "agent": {}, "counters": {"env_steps": 200}}, new, 200)
-    monkeypatch.undo()
-    restored = state_buffer()
-    state = checkpoint.load(run_dir, restored)
-    assert state["counters"]["env_steps"] == 100 and state["replay_file"] == "replay-0000000100.npz"
-    assert len(restored) == 10 and restored.num_episodes == 1

@@ -75,10 +75,12 @@ V1_FEATURES = ["--expl_noise", "0.3", "--pretrain", "7", "--slow_critic_every", 
                "--kl_balance", "0", "--actor_state_grad", "false"]
 
 
-@pytest.mark.parametrize("extra", [[], V1_FEATURES], ids=["default", "v1_features"])
-def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
-    """SIGKILL a run right after its first checkpoint, resume it, and compare with a run that
-    was never interrupted: same weights, same counters, same metrics records."""
+@pytest.mark.parametrize("extra,delay", [([], 0.0), ([], 0.6), (V1_FEATURES, 0.0)],
+                         ids=["default", "default_later", "v1_features"])
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra, delay):
+    """SIGKILL a run right after its first checkpoint (or `delay` s later, while it writes
+    episodes the checkpoint does not name), resume it, and compare with a run that was
+    never interrupted: same weights, counters, metrics records and episode files."""
     full, _ = run(tmp_path, "full", *extra)
     killed = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "tpx_ext.train", "--configs", "debug", "--logdir", killed,
@@ -89,6 +91,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.time() < deadline, "no checkpoint within 120 s"
         time.sleep(0.01)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, counters = weights(killed)
@@ -99,7 +102,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra):
     for k in w_full:
         assert torch.equal(w_full[k], w_res[k]), k
     assert records(full) == records(killed)
-    assert len([f for f in os.listdir(killed) if f.startswith("replay-")]) == 1
+    episodes = [sorted(os.listdir(os.path.join(d, "replay"))) for d in (full, killed)]
+    assert episodes[0] == episodes[1] and len(episodes[0]) == 6  # 1200 env steps
+    for name in episodes[0]:
+        with np.load(os.path.join(full, "replay", name)) as a, \
+                np.load(os.path.join(killed, "replay", name)) as b:
+            assert all(np.array_equal(a[k], b[k]) for k in a.files), name
 
 
 def test_pretrain_runs_its_updates_once_after_the_prefill(tmp_path):
@@ -136,8 +144,10 @@ def test_missing_checkpoint_errors(tmp_path):
     logdir, _ = run(tmp_path, "r", "--steps", "400")
     state = checkpoint.read_state(logdir)
     assert state["counters"]["env_steps"] == 400
-    os.unlink(os.path.join(logdir, state["replay_file"]))
-    with pytest.raises(FileNotFoundError, match="which is missing"):
+    assert state["replay"]["end_id"] == 2  # 400 env steps: 2 episodes
+    missing = os.path.join(logdir, "replay", "ep-00000001.npz")
+    os.unlink(missing)
+    with pytest.raises(ValueError, match=f"no complete checkpoint: {missing}: missing"):
         load_run(logdir)
 
 

@@ -435,7 +435,7 @@ done
 
 if ((!DRY_RUN)) && [[ -d "$WORK/runs" ]]; then
   # Metrics, configs and evaluation GIFs; checkpoints and replay stay in the scratch folder.
-  tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=checkpoint.pt --exclude='replay-*.npz' --exclude=tb runs ||
+  tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude='checkpoint*.pt' --exclude=replay --exclude=tb runs ||
     progress "could not archive $WORK/runs"
 fi
 

@@ -101,7 +101,10 @@ class DMCEnv:
         return self._env.task.random.get_state()
 
     def set_rng_state(self, state) -> None:
-        self._env.task.random.set_state(state)
+        # a checkpoint stores the MT19937 key as an int64 tensor (see checkpoint.to_tensors)
+        name, key, *rest = state
+        key = np.asarray(key.cpu() if hasattr(key, "cpu") else key).astype(np.uint32)
+        self._env.task.random.set_state((name, key, *rest))
 
     def reset(self) -> np.ndarray:
         self._needs_reset = False

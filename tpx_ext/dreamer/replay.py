@@ -11,12 +11,20 @@ world model trains on:
 
 An episode becomes sampleable when a step with last=True finishes it (or when the next
 first=True step begins a new one, which keeps the unfinished one as it is).
+
+On disk (`directory=`), every finished episode is written once, atomically, to
+`<directory>/ep-<id>.npz` (ids count episodes from 0), so a checkpoint needs only
+`manifest()`: the buffer's configuration, RNG state and the range of ids it holds, a few
+hundred bytes at any size. Evicted episodes' files stay until `prune` (called by the
+checkpoint once no checkpoint kept on disk names them).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import zipfile
 from collections import deque
 
 import numpy as np
@@ -26,10 +34,16 @@ from .atomic import atomic_write
 _FIELDS = ("obs", "action", "reward", "discount")
 
 
+class CorruptReplay(ValueError):
+    """An episode file named by a checkpoint is missing, truncated or not what it should be."""
+
+
 class ReplayBuffer:
-    def __init__(self, capacity: int, obs_shape, obs_dtype, action_dim: int, seed: int = 0):
+    def __init__(self, capacity: int, obs_shape, obs_dtype, action_dim: int, seed: int = 0,
+                 directory=None):
         """capacity: the most stored steps (over finished episodes); the oldest episodes
-        are evicted to stay within it. obs_dtype: np.uint8 (pixels) or np.float32 (states)."""
+        are evicted to stay within it. obs_dtype: np.uint8 (pixels) or np.float32 (states).
+        directory: where finished episodes are written (None: memory only)."""
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.obs_dtype = np.dtype(obs_dtype)
@@ -43,6 +57,13 @@ class ReplayBuffer:
         self._steps = 0
         self._pending: dict[str, list] = {k: [] for k in _FIELDS}
         self._starts_cache = None  # (T, episode indices, cumulative valid starts)
+        self.directory = None if directory is None else os.fspath(directory)
+        if self.directory is not None:
+            os.makedirs(self.directory, exist_ok=True)
+        self._first_id = 0  # id of the oldest stored episode
+        self._written = 0  # episodes with smaller ids are on disk
+        # first id named by the checkpoint last written or read (see checkpoint.save)
+        self.checkpointed_from = None
 
     # -- adding -------------------------------------------------------------------------
     def add(
@@ -84,7 +105,10 @@ class ReplayBuffer:
         self._steps += n
         while self._steps > self.capacity:
             self._steps -= len(self._episodes.popleft()["obs"])
+            self._first_id += 1
         self._starts_cache = None
+        if self.directory is not None:
+            self.flush()
 
     # -- inspecting ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -151,9 +175,7 @@ class ReplayBuffer:
         restore continues exactly as it would have). The concatenation is a copy: saving
         needs as much free memory as the buffer holds (nbytes)."""
         state = {
-            "config": np.array(
-                json.dumps([self.capacity, list(self.obs_shape), self.obs_dtype.str, self.action_dim])
-            ),
+            "config": np.array(self._config_json()),
             # PCG64's state holds 128-bit integers, which JSON keeps exactly.
             "rng": np.array(json.dumps(self._rng.bit_generator.state)),
             "lengths": np.array([len(ep["obs"]) for ep in self._episodes], dtype=np.int64),
@@ -167,7 +189,7 @@ class ReplayBuffer:
 
     def load_state_dict(self, state) -> None:
         config = json.loads(str(state["config"]))
-        mine = [self.capacity, list(self.obs_shape), self.obs_dtype.str, self.action_dim]
+        mine = json.loads(self._config_json())
         if config != mine:
             raise ValueError(
                 "checkpoint was made by a buffer with (capacity, obs_shape, obs_dtype, action_dim) = "
@@ -178,18 +200,100 @@ class ReplayBuffer:
             {k: np.array(state[k][a:b]) for k in _FIELDS} for a, b in itertools.pairwise(bounds)
         )
         self._steps = int(bounds[-1])
+        self._first_id = self._written = 0  # none of these is on disk yet
         self._pending = {k: list(np.array(state["pending_" + k])) for k in _FIELDS}
         self._rng.bit_generator.state = json.loads(str(state["rng"]))
         self._starts_cache = None
 
-    def save(self, path) -> None:
-        """Write state_dict() to one .npz file atomically: a temporary file in the same
-        directory, then os.replace, so a crash mid-write leaves the previous file intact."""
-        atomic_write(path, lambda f: np.savez(f, **self.state_dict()), suffix=".npz.tmp")
-
     def load(self, path) -> None:
+        """Fill the buffer from a state_dict() saved with np.savez (the single-file replay
+        of checkpoints made before episodes were written one by one)."""
         with np.load(path, allow_pickle=False) as data:
             self.load_state_dict({k: data[k] for k in data.files})
+
+    # -- on disk ------------------------------------------------------------------------
+    def episode_path(self, episode_id: int) -> str:
+        return os.path.join(self.directory, f"ep-{episode_id:08d}.npz")
+
+    @property
+    def id_range(self) -> tuple[int, int]:
+        """(first, end): the stored episodes' ids are first, ..., end - 1."""
+        return self._first_id, self._first_id + len(self._episodes)
+
+    def flush(self) -> None:
+        """Write the stored episodes not yet on disk (each once, atomically)."""
+        first, end = self.id_range
+        for i in range(max(self._written, first), end):
+            episode = self._episodes[i - first]
+            atomic_write(self.episode_path(i), lambda f: np.savez(f, **episode), suffix=".npz.tmp")
+        self._written = max(self._written, end)
+
+    def manifest(self) -> dict:
+        """What a checkpoint stores of a buffer whose episodes are on disk (flush() first):
+        its configuration, RNG state and id range, and the unfinished episode, if any."""
+        if self.directory is None or self._written < self.id_range[1]:
+            raise ValueError("manifest() needs every stored episode on disk: give the buffer a "
+                             "directory and flush() it first")
+        empty = self._empty_fields()
+        return {
+            "config": self._config_json(),
+            "rng": json.dumps(self._rng.bit_generator.state),
+            "first_id": self._first_id, "end_id": self.id_range[1],
+            "pending": {k: np.stack(v) if v else empty[k] for k, v in self._pending.items()},
+        }
+
+    @classmethod
+    def open(cls, directory, manifest: dict) -> "ReplayBuffer":
+        """The buffer a manifest describes, its episodes read from `directory`. Raises
+        CorruptReplay naming the first episode file that is missing or damaged."""
+        capacity, obs_shape, obs_dtype, action_dim = json.loads(manifest["config"])
+        buf = cls(capacity, obs_shape, np.dtype(obs_dtype), action_dim, directory=directory)
+        first, end = int(manifest["first_id"]), int(manifest["end_id"])
+        buf._episodes = deque(buf._read_episode(i) for i in range(first, end))
+        buf._steps = sum(len(ep["obs"]) for ep in buf._episodes)
+        buf._first_id, buf._written = first, end
+        buf._pending = {k: list(np.asarray(v)) for k, v in manifest["pending"].items()}
+        buf._rng.bit_generator.state = json.loads(manifest["rng"])
+        return buf
+
+    def _read_episode(self, episode_id: int) -> dict[str, np.ndarray]:
+        path = self.episode_path(episode_id)
+        if not os.path.exists(path):
+            raise CorruptReplay(f"{path}: missing (the checkpoint holds episodes "
+                                f"{self._first_id}.. of this directory)")
+        try:
+            # Reading every member checks the zip's CRCs, so flipped bytes are caught too.
+            with np.load(path, allow_pickle=False) as data:
+                episode = {k: data[k] for k in _FIELDS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise CorruptReplay(f"{path}: unreadable, truncated or corrupt "
+                                f"({type(exc).__name__}: {exc})") from exc
+        empty, n = self._empty_fields(), len(episode["obs"])
+        for k, e in empty.items():
+            if episode[k].dtype != e.dtype or episode[k].shape != (n, *e.shape[1:]):
+                raise CorruptReplay(f"{path}: field {k} is {episode[k].dtype}{list(episode[k].shape)}, "
+                                    f"expected {e.dtype}{[n, *e.shape[1:]]}")
+        if not 0 < n <= self.capacity:
+            raise CorruptReplay(f"{path}: an episode of {n} steps (capacity {self.capacity})")
+        return episode
+
+    def prune(self, keep_from: int) -> None:
+        """Delete the episode files with ids below keep_from or beyond the stored ones (left by
+        a run that crashed after its last checkpoint), and unfinished temporary files."""
+        end = self.id_range[1]
+        for name in os.listdir(self.directory):
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.directory, name))
+            elif name.startswith("ep-") and name.endswith(".npz"):
+                try:
+                    i = int(name[3:-4])
+                except ValueError:
+                    continue
+                if i < keep_from or i >= end:
+                    os.unlink(os.path.join(self.directory, name))
+
+    def _config_json(self) -> str:
+        return json.dumps([self.capacity, list(self.obs_shape), self.obs_dtype.str, self.action_dim])
 
     def _empty_fields(self) -> dict[str, np.ndarray]:
         return {

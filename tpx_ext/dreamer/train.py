@@ -31,7 +31,6 @@ from . import checkpoint, configs
 from .agent import Dreamer
 from .envs import make_env, rendering_error, task_names
 from .logger import Logger, save_gif
-from .replay import ReplayBuffer
 
 # Counters kept across the whole run (and checkpointed).
 COUNTERS = ("env_steps", "episodes", "updates", "evals", "model_skipped", "actor_skipped",
@@ -59,8 +58,9 @@ class Trainer:
                             episode_length=cfg.episode_length)
         self.agent = Dreamer(self.env.observation_shape, self.env.action_dim, cfg, self.device)
         obs_dtype = np.uint8 if cfg.obs == "pixels" else np.float32
-        self.replay = ReplayBuffer(cfg.replay_capacity, self.env.observation_shape, obs_dtype,
-                                   self.env.action_dim, seed=cfg.seed)
+        self.replay = checkpoint.new_replay(run_dir, cfg.replay_capacity,
+                                            self.env.observation_shape, obs_dtype,
+                                            self.env.action_dim, seed=cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)  # random actions while prefilling
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_eval: Optional[Dict] = None
@@ -188,10 +188,10 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "numpy_rng": self.rng.bit_generator.state, "env_rng": self.env.rng_state(),
         }
-        checkpoint.save(self.run_dir, state, self.replay, self.counters["env_steps"])
+        checkpoint.save(self.run_dir, state, self.replay)
 
     def _restore(self) -> None:
-        state = checkpoint.load(self.run_dir, self.replay, map_location=self.device)
+        state, self.replay = checkpoint.load(self.run_dir, self.device, quarantine=True)
         self.agent.load_checkpoint_state(state["agent"])
         self.counters.update(state["counters"])
         self.last_eval = state["last_eval"]
@@ -237,14 +237,9 @@ def evaluate(agent: Dreamer, cfg: configs.Config, seed: int, episodes: int, fram
 def load_run(run_dir: str, device="cpu"):
     """(agent, replay, config) of a run's checkpoint, for analysis (`python -m tpx_ext.gradvar
     --checkpoint`); no environment is created."""
-    state = checkpoint.read_state(run_dir, map_location=device)
+    state, replay = checkpoint.load(run_dir, map_location=device)
     cfg = configs.build([], configs.from_saved(state["config"]))
-    replay_file = checkpoint.replay_path(run_dir, state)
-    with np.load(replay_file) as data:
-        capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
-    replay = ReplayBuffer(capacity, obs_shape, np.dtype(obs_dtype), action_dim, seed=cfg.seed)
-    replay.load(replay_file)
-    agent = Dreamer(tuple(obs_shape), action_dim, cfg, device)
+    agent = Dreamer(replay.obs_shape, replay.action_dim, cfg, device)
     agent.load_checkpoint_state(state["agent"])
     return agent, replay, cfg
 

@@ -36,6 +36,7 @@ import torch
 
 from ..cli import Parser
 from ..dreamer.atomic import atomic_write
+from ..dreamer.checkpoint import safe_load
 from .gradvar import ESTIMATORS, make_estimator
 from .parallel import run_jobs
 from .report import mean_std, plot_profiles, plot_seed_bands, welch_p
@@ -114,7 +115,7 @@ def train_run(spec: RunSpec, run_dir: str, log_every: int = 0, stop_after: Optio
     estimator = make_estimator(spec.estimator)
     record = {"spec": asdict(spec), "metrics": [], "seconds": 0.0, "nonfinite": 0, "iteration": 0}
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = safe_load(ckpt_path)
         if ckpt["record"]["spec"] != asdict(spec):
             raise ValueError(f"{run_dir} holds a run with other settings "
                              f"({ckpt['record']['spec']}); use another --runs directory")

@@ -37,7 +37,6 @@ from ..cli import Parser
 from ..dreamer import checkpoint, configs
 from ..dreamer.agent import Dreamer
 from ..dreamer.atomic import atomic_write
-from ..dreamer.replay import ReplayBuffer
 from ..dreamer.train import evaluate, resolve_device
 from .parallel import run_jobs
 from .report import mean_std, plot_profiles, plot_seed_bands, welch_p
@@ -63,19 +62,14 @@ class FrozenModel:
     """A trained run's config, world-model weights and replay, read once."""
 
     def __init__(self, run_dir: str, device="cpu"):
-        state = checkpoint.read_state(run_dir, map_location=device)
+        state, self.replay = checkpoint.load(run_dir, map_location=device)
         self.run_dir, self.device = run_dir, torch.device(device)
         self.config = configs.from_saved(state["config"])
         self.steps = state["counters"]["env_steps"]
         prefix = "world_model."
         self.weights = {k[len(prefix):]: v for k, v in state["agent"]["modules"].items()
                         if k.startswith(prefix)}
-        replay_file = checkpoint.replay_path(run_dir, state)
-        with np.load(replay_file) as data:
-            capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
-        self.obs_shape, self.action_dim = tuple(obs_shape), action_dim
-        self.replay = ReplayBuffer(capacity, obs_shape, np.dtype(obs_dtype), action_dim)
-        self.replay.load(replay_file)
+        self.obs_shape, self.action_dim = self.replay.obs_shape, self.replay.action_dim
 
     def agent(self, spec: FrozenSpec) -> Dreamer:
         """A Dreamer with this world model and a fresh actor and critic (seeded by spec.seed)."""
@@ -102,7 +96,7 @@ def train_run(model: FrozenModel, spec: FrozenSpec, run_dir: str, log_every: int
     record = {"spec": asdict(spec), "model": model.run_dir, "metrics": [], "seconds": 0.0,
               "update": 0, "skipped": 0}
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=model.device, weights_only=False)
+        ckpt = checkpoint.safe_load(ckpt_path, map_location=model.device)
         if ckpt["record"]["spec"] != asdict(spec):
             raise ValueError(f"{run_dir} holds a run with other settings "
                              f"({ckpt['record']['spec']}); use another --runs directory")
