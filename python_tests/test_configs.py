@@ -104,7 +104,7 @@ def test_cpu_default_matches_its_documented_run():
     saved = configs.from_saved(documented)  # its tpx_* keys are estimator_args now
     default = dataclasses.asdict(configs.Config())
     # keys added after that run, whose defaults are what the run did
-    added = {"precision": "32"}
+    added = {"precision": "32", "envs": 1}
     assert set(default) - set(saved) == set(added) and not set(saved) - set(default)
     assert {k: default[k] for k in added} == added
     saved.update(added)

@@ -75,8 +75,9 @@ V1_FEATURES = ["--expl_noise", "0.3", "--pretrain", "7", "--slow_critic_every", 
                "--kl_balance", "0", "--actor_state_grad", "false"]
 
 
-@pytest.mark.parametrize("extra,delay", [([], 0.0), ([], 0.6), (V1_FEATURES, 0.0)],
-                         ids=["default", "default_later", "v1_features"])
+@pytest.mark.parametrize("extra,delay", [([], 0.0), ([], 0.6), (V1_FEATURES, 0.0),
+                                         (["--envs", "2"], 0.0)],
+                         ids=["default", "default_later", "v1_features", "two_envs"])
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, extra, delay):
     """SIGKILL a run right after its first checkpoint (or `delay` s later, while it writes
     episodes the checkpoint does not name), resume it, and compare with a run that was
@@ -181,6 +182,7 @@ def test_resume_refusals(tmp_path, capsys):
     (["--estimator", "tp"], "estimator must be one of"),
     (["--estimator", "foo"], "estimator must be one of"),
     (["--horizon", "0"], "horizon must be >= 1"),
+    (["--envs", "0"], "envs must be >= 1, got 0"),
     (["--bogus_key", "1"], "unrecognized arguments: --bogus_key 1"),
     (["--horizon", "ten"], "expected int"),
     (["--latent_nodes", "maybe"], "expected true/false"),
@@ -221,3 +223,21 @@ def test_plot_horizon_profile(tmp_path):
     rp, _ = run(tmp_path, "rp", "--steps", "400", "--estimator", "rp")
     with pytest.raises(ValueError, match="rp runs have no"):
         plot.profile(rp, "k_action")
+
+
+def test_envs_steps_environments_in_parallel_and_stores_each_episode(tmp_path):
+    """--envs 2: every round is one episode per environment (env i seeded seed + i), both
+    stored in order, env steps and training phases counted over both; --envs 1 is the
+    trainer as it was (test_kill_and_resume compares runs of it bit for bit)."""
+    logdir, result = run(tmp_path, "two", "--envs", "2")
+    trained = [r for r in read_metrics(os.path.join(logdir, "metrics.jsonl")) if "train_return" in r]
+    # debug: 200-step episodes, prefill 400, one update every 20 env steps
+    assert [(r["step"], r["episodes"], r["updates"]) for r in trained] == \
+        [(400, 2, 1), (800, 4, 21), (1200, 6, 41)]
+    _, replay, _ = load_run(logdir)
+    obs = replay.state_dict()["obs"].reshape(6, 101, -1)
+    from tpx_ext.dreamer.envs import make_env
+    for i in range(2):  # the first round: env i starts where a lone env seeded i starts
+        with make_env("cartpole_balance", seed=i, episode_length=200) as env:
+            np.testing.assert_array_equal(obs[i, 0], env.reset())
+    assert not np.array_equal(obs[0, 0], obs[1, 0])

@@ -22,7 +22,7 @@ class Dreamer(nn.Module):
     def __init__(self, obs_shape, action_dim: int, cfg, device="cpu"):
         super().__init__()
         configs.validate(cfg)  # the one place that checks a config's values
-        self.cfg, self.action_dim = cfg, action_dim
+        self.cfg, self.obs_shape, self.action_dim = cfg, tuple(obs_shape), action_dim
         self.world_model = WorldModel(obs_shape, action_dim, cfg)
         self.precision = Precision(cfg.precision, device)
         self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg, self.precision)
@@ -75,17 +75,21 @@ class Dreamer(nn.Module):
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, state: Optional[PolicyState], explore: bool):
-        """One environment step: obs [*obs_shape] -> (action [A] float32 numpy, next state).
-        state None starts a new episode. explore: sample the actor, then add `expl_noise`
-        Gaussian noise and clip to [-1, 1] (DreamerV1's additive exploration; the noise comes
-        from torch's RNG, which checkpoints save); else the mean action."""
-        latent, prev_action = self.initial_policy_state() if state is None else state
-        obs_t = torch.as_tensor(np.asarray(obs)[None], device=self.device)
+        """One environment step: obs [*obs_shape] -> (action [A] float32 numpy, next state),
+        or a batch of environments' obs [N, *obs_shape] -> actions [N, A]. state None starts
+        new episodes. explore: sample the actor, then add `expl_noise` Gaussian noise and
+        clip to [-1, 1] (DreamerV1's additive exploration; the noise comes from torch's RNG,
+        which checkpoints save); else the mean action."""
+        obs = np.asarray(obs)
+        batched = obs.ndim == len(self.obs_shape) + 1
+        obs_t = torch.as_tensor(obs if batched else obs[None], device=self.device)
+        latent, prev_action = self.initial_policy_state(len(obs_t)) if state is None else state
         latent, _ = self.world_model.rssm.obs_step(latent, prev_action, self.world_model.embed(obs_t))
         action = self.behavior.act(latent.feat, explore)
         if explore and self.cfg.expl_noise > 0:
             action = (action + self.cfg.expl_noise * torch.randn_like(action)).clamp(-1.0, 1.0)
-        return action[0].cpu().numpy().astype(np.float32), (latent, action)
+        out = action.cpu().numpy().astype(np.float32)
+        return (out if batched else out[0]), (latent, action)
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict:

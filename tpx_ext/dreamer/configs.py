@@ -40,6 +40,8 @@ class Config:
     episode_length: int = 0         # physics steps per episode; 0: the suite's own limit
     steps: int = 60_000             # environment steps (physics steps: agent steps x repeat)
     seed: int = 0
+    envs: int = 1                   # environments stepped in worker processes, env i seeded
+                                    # seed + i; the policy acts on their batch
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     threads: int = 0                # torch CPU threads; 0 keeps torch's default
     precision: str = "32"           # 32 | bf16 | 16: autocast of the world model, actor and
@@ -284,6 +286,7 @@ def validate(cfg: Config) -> None:
         (cfg.batch_size >= 1 and cfg.seq_len >= 1, "batch_size and seq_len must be >= 1"),
         (cfg.train_every >= 1 and cfg.train_steps >= 1, "train_every and train_steps must be >= 1"),
         (cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}"),
+        (cfg.envs >= 1, f"envs must be >= 1, got {cfg.envs}"),
         (cfg.imag_starts >= 0, f"imag_starts must be >= 0, got {cfg.imag_starts}"),
         (cfg.episode_length >= 0, f"episode_length must be >= 0, got {cfg.episode_length}"),
         (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1 and cfg.eval_episodes >= 1,

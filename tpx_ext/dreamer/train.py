@@ -29,6 +29,7 @@ with needs("dreamer"):
 from ..cli import Parser, UsageError
 from . import checkpoint, configs
 from .agent import Dreamer
+from .env_pool import EnvPool
 from .envs import make_env, rendering_error, task_names
 from .logger import Logger, save_gif
 
@@ -54,8 +55,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
-        self.env = make_env(cfg.task, cfg.obs, cfg.action_repeat, seed=cfg.seed,
-                            episode_length=cfg.episode_length)
+        self.env = EnvPool(cfg.envs, cfg.task, cfg.obs, cfg.action_repeat, seed=cfg.seed,
+                           episode_length=cfg.episode_length)
         self.agent = Dreamer(self.env.observation_shape, self.env.action_dim, cfg, self.device)
         obs_dtype = np.uint8 if cfg.obs == "pixels" else np.float32
         self.replay = checkpoint.new_replay(run_dir, cfg.replay_capacity,
@@ -86,15 +87,15 @@ class Trainer:
             while c["env_steps"] < cfg.steps:
                 t0, before = time.perf_counter(), c["env_steps"]
                 ret, length, update_metrics = self._episode(bar)
-                c["episodes"] += 1
+                c["episodes"] += self.env.n
                 record = {"train_return": ret, "episode_length": length,
                           "env_steps_per_second": (c["env_steps"] - before) / (time.perf_counter() - t0),
                           **update_metrics, **{k: c[k] for k in COUNTERS if k != "env_steps"}}
                 self.logger.write(c["env_steps"], record)
                 done = c["env_steps"] >= cfg.steps
-                if done or c["env_steps"] // cfg.eval_every > (c["env_steps"] - length) // cfg.eval_every:
+                if done or c["env_steps"] // cfg.eval_every > before // cfg.eval_every:
                     self._evaluate()
-                if done or c["env_steps"] // cfg.checkpoint_every > (c["env_steps"] - length) // cfg.checkpoint_every:
+                if done or c["env_steps"] // cfg.checkpoint_every > before // cfg.checkpoint_every:
                     self._save()
                 bar.set_postfix(ret=f"{ret:.1f}", eval=f"{self.last_eval['eval_return']:.1f}",
                                 upd=c["updates"], skipped=c["model_skipped"] + c["actor_skipped"])
@@ -110,38 +111,55 @@ class Trainer:
         return self.last_eval
 
     def _episode(self, bar):
-        """One training episode: act, store, and train every `train_every` steps."""
-        cfg, c = self.cfg, self.counters
+        """One training episode in each environment: act on their batch, train every
+        `train_every` env steps (counted over all environments); the finished episodes are
+        stored in the environments' order. Returns the mean return, the episode length and the mean
+        update metrics."""
+        cfg, c, n, action_dim = self.cfg, self.counters, self.env.n, self.env.action_dim
         obs, state = self.env.reset(), None
-        self.replay.add(obs, np.zeros(self.env.action_dim), 0.0, 1.0, first=True)
-        ret, length, done = 0.0, 0, False
-        sums, profiles, n = defaultdict(float), defaultdict(lambda: 0.0), 0
+        episodes = [[(o, np.zeros(action_dim), 0.0, 1.0)] for o in obs]
+        ret, length, done = np.zeros(n), 0, False
+        sums, profiles, updates_done = defaultdict(float), defaultdict(lambda: 0.0), 0
         while not done:
             if c["env_steps"] < cfg.prefill:
-                action = self.rng.uniform(-1, 1, self.env.action_dim).astype(np.float32)
+                action = self.rng.uniform(-1, 1, (n, action_dim)).astype(np.float32)
             else:
-                action, state = self.agent.act(obs, state, explore=True)
-            obs, reward, done, info = self.env.step(action)
-            self.replay.add(obs, action, reward, info["discount"], last=done)
-            ret, length = ret + reward, length + cfg.action_repeat
-            c["env_steps"] += cfg.action_repeat
-            bar.update(cfg.action_repeat)
-            if (c["env_steps"] >= cfg.prefill and self.replay.num_episodes > 0
-                    and c["env_steps"] % cfg.train_every < cfg.action_repeat):
+                action, state = self.agent.act(np.stack(obs), state, explore=True)
+            results = self.env.step(action)
+            dones = {r[2] for r in results}
+            if len(dones) > 1:
+                raise RuntimeError(f"{cfg.task}: the {n} environments' episodes ended at different "
+                                   "steps; --envs needs episodes of one length (time limits)")
+            done = dones.pop()
+            for i, (o, reward, _, info) in enumerate(results):
+                episodes[i].append((o, action[i], reward, info["discount"]))
+                ret[i] += reward
+            obs = [r[0] for r in results]
+            if done:  # stored before this step's training, which may sample them
+                for steps in episodes:
+                    for t, (o, a, r, discount) in enumerate(steps):
+                        self.replay.add(o, a, r, discount, first=t == 0, last=t == len(steps) - 1)
+            length += cfg.action_repeat
+            before = c["env_steps"]
+            c["env_steps"] += n * cfg.action_repeat
+            bar.update(n * cfg.action_repeat)
+            phases = c["env_steps"] // cfg.train_every - before // cfg.train_every
+            if c["env_steps"] < cfg.prefill or self.replay.num_episodes == 0:
+                continue
+            for _ in range(phases):
                 # The first phase (no update yet) takes `pretrain` updates when it is set.
-                updates = cfg.pretrain if c["updates"] == 0 else cfg.train_steps
-                for _ in range(updates):
+                for _ in range(cfg.pretrain if c["updates"] == 0 else cfg.train_steps):
                     m = self.agent.update(self.replay.sample(cfg.batch_size, cfg.seq_len))
                     self._count(m)
-                    n += 1
+                    updates_done += 1
                     for k, v in m.items():
                         if v.numel() == 1:
                             sums[k] += float(v)
                         else:
                             profiles[k] = profiles[k] + v.detach().cpu().numpy()
-        means = {k: v / n for k, v in sums.items()}
-        means.update({k: v / n for k, v in profiles.items()})
-        return ret, length, means
+        means = {k: v / updates_done for k, v in sums.items()}
+        means.update({k: v / updates_done for k, v in profiles.items()})
+        return float(ret.mean()), length, means
 
     def _count(self, m: Dict[str, torch.Tensor]) -> None:
         c = self.counters
@@ -186,7 +204,7 @@ class Trainer:
             "counters": dict(self.counters), "last_eval": self.last_eval,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-            "numpy_rng": self.rng.bit_generator.state, "env_rng": self.env.rng_state(),
+            "numpy_rng": self.rng.bit_generator.state, "env_rngs": self.env.rng_state(),
         }
         checkpoint.save(self.run_dir, state, self.replay)
 
@@ -199,7 +217,8 @@ class Trainer:
         if state["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.rng.bit_generator.state = state["numpy_rng"]
-        self.env.set_rng_state(state["env_rng"])
+        # checkpoints made before --envs hold one environment's state as env_rng
+        self.env.set_rng_state(state["env_rngs"] if "env_rngs" in state else [state["env_rng"]])
 
     def _checkpoint_step(self) -> int:
         if not checkpoint.exists(self.run_dir):
