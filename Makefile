@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= 2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: setup run selfcheck test pytest ctest bench clean FORCE
+.PHONY: setup run selfcheck test pytest ctest mutation bench clean FORCE
 
 # `make setup` is incremental, so that a second `make run` (the way to resume) starts
 # training at once: each step below runs only when its inputs changed.
@@ -63,6 +63,11 @@ pytest: setup
 test: setup
 	PYTHON=$(PY) scripts/cmake_test.sh
 	$(PY) -m pytest python_tests -q
+
+# Mutation testing (not part of `test`; hours on 2 cores, resumable): report in docs/MUTATION.md.
+mutation: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q "mutmut==3.8.1"
+	$(PY) scripts/mutation.py $(ARGS)
 
 bench: setup
 	$(PY) bench/ops.py

@@ -28,15 +28,16 @@ def machine_description(device) -> str:
     return desc
 
 
-def write_section(name: str, argv, body: str, device="cpu") -> Path:
+def write_section(name: str, argv, body: str, device="cpu", key=None) -> Path:
     """Replace the text between <!-- name:begin --> and <!-- name:end --> in BENCHMARKS.md
     (appending the markers if they are missing) with the command `python <name> <argv>`
     (argv None: sys.argv[1:]) and `body`. A GPU run writes its own section
     (<!-- name cuda:begin -->, in the CUDA part of the page), so it never replaces the
-    CPU table."""
+    CPU table. `key` names the section when one script writes two."""
     cmd = f"python {name} " + " ".join(sys.argv[1:] if argv is None else argv)
     body = f"Command: `{cmd.strip()}`\n\n{body}"
-    key = name if torch.device(device).type == "cpu" else f"{name} {torch.device(device).type}"
+    key = key or name
+    key = key if torch.device(device).type == "cpu" else f"{key} {torch.device(device).type}"
     begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     if begin not in text:

@@ -3,6 +3,7 @@
     python bench/train_step.py                      # CPU default agent, horizons 15 50 100 200
     python bench/train_step.py --write              # also rewrite docs/BENCHMARKS.md's section
     python bench/train_step.py --configs dmc_proprio --device cuda
+    python bench/train_step.py --versus 1cf6c71 --write   # this tree's update vs an older commit's
 
 For every horizon, one agent per estimator (identical initial weights) takes the same
 replay batch; "update" is one whole training update (world model, actor, critic) and
@@ -11,6 +12,15 @@ alternation, one call each per round (rotating which goes first), so machine dri
 them alike; the table shows medians and ratios to rp. On the CPU a call is timed with
 perf_counter; on a GPU with CUDA events recorded around it after the queue has drained, so
 the interval is the call's own from its first launch to its last kernel.
+
+`--versus REV` instead times one whole update of this tree against the same update of
+commit REV (extracted with `git archive` into a temporary directory, sharing this tree's
+compiled op), each in its own one-thread process holding its agent, called in alternation;
+at the `dmc_vision` sizes (50 x 50 pixel batch) and the CPU default, each with its own
+default config. It also counts FLOPs per update (FlopCounterMode) and times this tree
+without its channels_last convolutions and with fused Adam, to show what each is worth,
+and once more in another process as a control: the spread between the two copies of the
+same code is the resolution of the table.
 """
 
 import argparse
@@ -85,6 +95,120 @@ def time_horizon(presets, horizon, device, rounds, obs_dim, action_dim):
     return {key: statistics.median(v) for key, v in times.items()}
 
 
+# ------------------------------------------------------------------ --versus REV
+# The child: builds one agent from the tree on its sys.path, then answers "time" (seconds of
+# one update) and "flops" lines on stdin. Written against the API both trees share.
+CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from tpx_ext.dreamer.configs import build
+from tpx_ext.dreamer import Dreamer
+presets, tricks = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+cfg = build(presets, {})
+pixels = cfg.obs == "pixels"
+obs_shape, A = ((3, 64, 64) if pixels else (5,)), (6 if pixels else 1)
+torch.manual_seed(0)
+agent = Dreamer(obs_shape, A, cfg, "cpu")
+if "channels_first" in tricks:
+    agent.world_model.to(memory_format=torch.contiguous_format)
+if "fused_adam" in tricks:
+    for owner, name in ((agent, "model_opt"), (agent.behavior, "actor_opt"), (agent.behavior, "critic_opt")):
+        old = getattr(owner, name)
+        setattr(owner, name, torch.optim.Adam(old.param_groups[0]["params"], lr=old.defaults["lr"],
+                                              eps=old.defaults["eps"], fused=True))
+rng = np.random.default_rng(0)
+B, T = cfg.batch_size, cfg.seq_len
+batch = {"obs": (rng.integers(0, 256, (B, T, *obs_shape), dtype=np.uint8) if pixels
+                 else rng.standard_normal((B, T, *obs_shape)).astype(np.float32)),
+         "action": rng.uniform(-1, 1, (B, T, A)).astype(np.float32),
+         "reward": rng.random((B, T)).astype(np.float32),
+         "discount": np.ones((B, T), np.float32), "is_first": np.zeros((B, T), bool)}
+agent.update(batch)  # warm-up
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "flops":
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            agent.update(batch)
+        print(fc.get_total_flops(), flush=True)
+    else:
+        t0 = time.perf_counter()
+        agent.update(batch)
+        print(time.perf_counter() - t0, flush=True)
+"""
+
+
+class Child:
+    def __init__(self, root, presets, tricks=()):
+        import json
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(presets),
+                                      json.dumps(list(tricks))], cwd=str(root), env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the update child in {root} failed (see its stderr above)")
+
+    def ask(self, what: str) -> float:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def versus(rev: str, rounds: int, setups) -> str:
+    import shutil
+    import subprocess
+    import tempfile
+
+    from common import ROOT
+
+    old_root = tempfile.mkdtemp(prefix="tpx_versus_")
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", old_root], input=archive, check=True)
+        for so in (ROOT / "tpx_ext").glob("_C*.so"):
+            shutil.copy(so, os.path.join(old_root, "tpx_ext"))
+        rows = []
+        for label, presets in setups:
+            arms = {f"{rev}": (old_root, ()), "this tree": (ROOT, ()),
+                    "this tree, NCHW convolutions": (ROOT, ("channels_first",)),
+                    "this tree + fused Adam": (ROOT, ("fused_adam",)),
+                    # the same code in a fourth process: what placement alone moves a median
+                    "this tree (control)": (ROOT, ())}
+            if presets == []:  # no convolutions in the state-based CPU default
+                del arms["this tree, NCHW convolutions"]
+            children = {name: Child(root, presets, tricks) for name, (root, tricks) in arms.items()}
+            try:
+                flops = {name: c.ask("flops") for name, c in children.items()}
+                times = {name: [] for name in children}
+                names = list(children)
+                for r in range(rounds):
+                    for name in names[r % len(names):] + names[:r % len(names)]:
+                        times[name].append(children[name].ask("time"))
+                    print(f"{label} round {r + 1}: " + ", ".join(
+                        f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
+            finally:
+                for c in children.values():
+                    c.close()
+            base = statistics.median(times[rev])
+            for name in names:
+                med = statistics.median(times[name])
+                rows.append(f"| {label} | {name} | {flops[name] / 1e9:.0f} | {med:.3f} s | "
+                            f"{base / med:.2f}x |")
+        return ("| setup | code | GFLOP / update | time / update | speed-up vs "
+                f"{rev} |\n|---|---|---:|---:|---:|\n" + "\n".join(rows))
+    finally:
+        shutil.rmtree(old_root, ignore_errors=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="*", default=[], help="config presets (default: the CPU default)")
@@ -95,7 +219,19 @@ def main(argv=None):
     p.add_argument("--action_dim", type=int, default=1, help="action size (cartpole: 1)")
     p.add_argument("--write", action="store_true",
                    help="rewrite docs/BENCHMARKS.md's section (the CUDA one for --device cuda)")
+    p.add_argument("--versus", metavar="REV",
+                   help="time this tree's whole update against commit REV's (dmc_vision sizes "
+                        "and the CPU default, one thread each)")
     a = p.parse_args(argv)
+    if a.versus:
+        table = versus(a.versus, a.rounds, [("dmc_vision", ["dmc_vision"]), ("CPU default", [])])
+        body = (f"Machine: {machine_description('cpu')}; one thread per process, {a.rounds} "
+                f"rounds in alternation, median.\n\n{table}")
+        print(table)
+        if a.write:
+            print("wrote", write_section("bench/train_step.py", argv, body,
+                                         key="bench/train_step.py --versus"))
+        return
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {a.device}: CUDA is not available to torch {torch.__version__}")

@@ -290,6 +290,43 @@ def test_act_returns_bounded_actions_and_carries_state():
     assert np.all(np.abs(a2) <= 1) and not torch.equal(state[0].deter, state2[0].deter)
 
 
+def test_act_on_a_batch_acts_for_each_environment_separately():
+    """--envs: one call on N observations gives N actions, row i depending on obs i only
+    (the posterior sample draws the same noise per row under the same seed); a batch of
+    one is the single-observation call bit for bit."""
+    agent = Dreamer((5,), A, small_cfg())
+    obs = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+
+    def act(o, explore=True):
+        torch.manual_seed(7)
+        return agent.act(o, None, explore=explore)
+
+    actions, state = act(obs)
+    assert actions.shape == (3, A) and state[0].deter.shape[0] == 3
+    changed = obs.copy()
+    changed[2] += 1.0
+    again, _ = act(changed)
+    np.testing.assert_array_equal(again[:2], actions[:2])
+    assert not np.array_equal(again[2], actions[2])
+    one, _ = act(obs[:1])
+    single, _ = act(obs[0])
+    np.testing.assert_array_equal(one[0], single)
+
+
+def test_pixel_world_model_uses_channels_last_with_the_same_loss():
+    torch.manual_seed(0)
+    agent = Dreamer((3, 64, 64), A, small_cfg())
+    convs = [m for m in agent.world_model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    nchw = copy.deepcopy(agent.world_model).to(memory_format=torch.contiguous_format)
+    data = {k: torch.as_tensor(v) for k, v in batch((3, 64, 64)).items()}
+    torch.manual_seed(1)
+    a = agent.world_model.loss(data)[0]
+    torch.manual_seed(1)
+    b = nchw.loss(data)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_imag_starts_subsamples_the_start_states():
     agent = Dreamer((5,), A, small_cfg(imag_starts=5, estimator="tpx"))
     seen = []

@@ -24,6 +24,10 @@ class Dreamer(nn.Module):
         configs.validate(cfg)  # the one place that checks a config's values
         self.cfg, self.obs_shape, self.action_dim = cfg, tuple(obs_shape), action_dim
         self.world_model = WorldModel(obs_shape, action_dim, cfg)
+        if len(self.obs_shape) == 3:
+            # NHWC convolutions: 1.2x faster updates at dmc_vision sizes on the CPU
+            # (bench/train_step.py --versus, docs/BENCHMARKS.md), and what cuDNN prefers
+            self.world_model.to(memory_format=torch.channels_last)
         self.precision = Precision(cfg.precision, device)
         self.behavior = ActorCritic(self.world_model.rssm.feat_dim, action_dim, cfg, self.precision)
         self.model_opt = torch.optim.Adam(self.world_model.parameters(), cfg.model_lr,
