@@ -62,8 +62,12 @@ def diff(name: str) -> str:
 
 
 def write_report(run_seconds, command: str) -> None:
-    import mutmut
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        tool = f"mutmut {version('mutmut')}"
+    except PackageNotFoundError:
+        tool = "mutmut not installed here"
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     by_file = results()
     rows, unexplained, explained = [], [], []
@@ -84,7 +88,7 @@ def write_report(run_seconds, command: str) -> None:
     lines = [
         "# Mutation testing",
         "",
-        f"Command: `{command}` (mutmut {mutmut.__version__}"
+        f"Command: `{command}` ({tool}"
         + (f", {run_seconds / 60:.0f} min on this run" if run_seconds else "") + ").",
         "Scope and test selection: `[tool.mutmut]` in pyproject.toml. score = killed / "
         "(checked - equivalent - no tests); a timeout counts as not killed.",
