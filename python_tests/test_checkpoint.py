@@ -196,6 +196,7 @@ def test_a_checkpoint_from_before_episode_files_loads_and_migrates(tmp_path):
     torch.save({**state(22), "replay_file": "replay-0000000022.npz"}, run_dir / "checkpoint.pt")
     s, buf = checkpoint.load(str(run_dir))
     assert s["counters"]["env_steps"] == 22 and isinstance(s["env_rng"][1], np.ndarray)
+    assert not (run_dir / "replay").exists()  # reading changes nothing in the run
     for k, v in old.state_dict().items():
         np.testing.assert_array_equal(buf.state_dict()[k], v, err_msg=k)
     checkpoint.save(str(run_dir), state(30), buf)

@@ -27,8 +27,15 @@ def state_run(tmp_path_factory):
 
 
 def digest(run_dir):
-    return {name: hashlib.sha256(open(os.path.join(run_dir, name), "rb").read()).hexdigest()
-            for name in sorted(os.listdir(run_dir)) if os.path.isfile(os.path.join(run_dir, name))}
+    """Every file and directory under run_dir, files with their contents' hash."""
+    out = {}
+    for root, dirs, files in os.walk(run_dir):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(root, d), run_dir)] = "dir"
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, run_dir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
 
 
 def test_returns_json_and_gif_leave_the_run_untouched(state_run, tmp_path, capsys):
@@ -47,6 +54,21 @@ def test_returns_json_and_gif_leave_the_run_untouched(state_run, tmp_path, capsy
     assert again["returns"] == result["returns"]
     sampled = evaluate.main([state_run, "--episodes", "2", "--sample"])
     assert sampled["action"] == "sampled" and sampled["returns"] != result["returns"]
+
+
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_evaluated(
+        tmp_path_factory, capsys):
+    """debug: checkpoints at 400 (episodes 0-1) and 800 env steps (0-3). Without episode 3
+    the newest is incomplete: the result and its env steps are the previous checkpoint's."""
+    run_dir = trained(tmp_path_factory, "--steps", "800")
+    missing = os.path.join(run_dir, "replay", "ep-00000003.npz")
+    os.unlink(missing)
+    before = digest(run_dir)
+    result = evaluate.main([run_dir, "--episodes", "1"])
+    captured = capsys.readouterr()
+    assert f"{missing}: missing" in captured.err and "using the previous checkpoint" in captured.err
+    assert result["env_steps"] == 400 and "after 400 env steps" in captured.out
+    assert digest(run_dir) == before
 
 
 @pytest.mark.parametrize("args, match", [
@@ -69,7 +91,7 @@ def test_errors_are_one_line(state_run, tmp_path, capsys, args, match):
 @pytest.mark.skipif(rendering_error() is not None, reason="pixels need a headless OpenGL backend")
 def test_openloop_video_puts_the_real_frames_beside_the_model(tmp_path_factory, tmp_path):
     run_dir = trained(tmp_path_factory, "--obs", "pixels", "--steps", "600")
-    agent, replay, cfg = load_run(run_dir)
+    agent, replay, cfg, _ = load_run(run_dir)
     frames = evaluate.openloop_frames(agent, replay, sequences=2, seed=3)
     T = evaluate.CONTEXT + evaluate.OPENLOOP
     assert len(frames) == T and frames[0].shape == (3, 3 * 64, 2 * 64)

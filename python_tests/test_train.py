@@ -124,7 +124,7 @@ def test_pretrain_runs_its_updates_once_after_the_prefill(tmp_path):
 def test_exploration_noise_changes_the_collected_actions(tmp_path):
     a, _ = run(tmp_path, "a", "--steps", "600")
     b, _ = run(tmp_path, "b", "--steps", "600", "--expl_noise", "0.3")
-    actions = [load_run(logdir)[1].state_dict()["action"] for logdir in (a, b)]
+    actions = [load_run(logdir).replay.state_dict()["action"] for logdir in (a, b)]
     assert len(actions[0]) == len(actions[1]) == 3 * 101  # 3 episodes of 100 steps + first
     # The first two episodes are the random prefill: the same numpy draws in both runs.
     np.testing.assert_array_equal(actions[0][:202], actions[1][:202])
@@ -234,7 +234,7 @@ def test_envs_steps_environments_in_parallel_and_stores_each_episode(tmp_path):
     # debug: 200-step episodes, prefill 400, one update every 20 env steps
     assert [(r["step"], r["episodes"], r["updates"]) for r in trained] == \
         [(400, 2, 1), (800, 4, 21), (1200, 6, 41)]
-    _, replay, _ = load_run(logdir)
+    replay = load_run(logdir).replay
     obs = replay.state_dict()["obs"].reshape(6, 101, -1)
     from tpx_ext.dreamer.envs import make_env
     for i in range(2):  # the first round: env i starts where a lone env seeded i starts

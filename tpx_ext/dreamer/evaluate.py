@@ -72,11 +72,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if not checkpoint.exists(a.run_dir):
             raise UsageError(f"{a.run_dir} holds no run of python -m tpx_ext.train (no "
                              f"{checkpoint.CHECKPOINT_FILE})")
-        agent, replay, cfg = load_run(a.run_dir, resolve_device(a.device))
+        agent, replay, cfg, steps = load_run(a.run_dir, resolve_device(a.device))
         if a.openloop and cfg.obs != "pixels":
             raise UsageError("--openloop needs a run from pixels (obs pixels); this run is from "
                              "states")
-    steps = checkpoint.read_state(a.run_dir)["counters"]["env_steps"]
     agent.eval()
     returns, frames = evaluate(agent, cfg, a.seed, a.episodes, frames=bool(a.gif), explore=a.sample)
     result = {"run_dir": a.run_dir, "task": cfg.task, "env_steps": steps, "episodes": a.episodes,

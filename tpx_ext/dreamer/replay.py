@@ -57,9 +57,8 @@ class ReplayBuffer:
         self._steps = 0
         self._pending: dict[str, list] = {k: [] for k in _FIELDS}
         self._starts_cache = None  # (T, episode indices, cumulative valid starts)
+        # created by the first flush, so that a reader (evaluate, frozen) changes no run
         self.directory = None if directory is None else os.fspath(directory)
-        if self.directory is not None:
-            os.makedirs(self.directory, exist_ok=True)
         self._first_id = 0  # id of the oldest stored episode
         self._written = 0  # episodes with smaller ids are on disk
         # first id named by the checkpoint last written or read (see checkpoint.save)
@@ -222,6 +221,7 @@ class ReplayBuffer:
 
     def flush(self) -> None:
         """Write the stored episodes not yet on disk (each once, atomically)."""
+        os.makedirs(self.directory, exist_ok=True)
         first, end = self.id_range
         for i in range(max(self._written, first), end):
             episode = self._episodes[i - first]

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from .agent import Dreamer
 from .env_pool import EnvPool
 from .envs import make_env, rendering_error, task_names
 from .logger import Logger, save_gif
+from .replay import ReplayBuffer
 
 # Counters kept across the whole run (and checkpointed).
 COUNTERS = ("env_steps", "episodes", "updates", "evals", "model_skipped", "actor_skipped",
@@ -253,14 +254,22 @@ def evaluate(agent: Dreamer, cfg: configs.Config, seed: int, episodes: int, fram
     return returns, shown
 
 
-def load_run(run_dir: str, device="cpu"):
-    """(agent, replay, config) of a run's checkpoint, for analysis (`python -m tpx_ext.gradvar
-    --checkpoint`); no environment is created."""
+class LoadedRun(NamedTuple):
+    agent: Dreamer
+    replay: ReplayBuffer
+    cfg: configs.Config
+    env_steps: int  # of the checkpoint that was read (the previous one if the newest is damaged)
+
+
+def load_run(run_dir: str, device="cpu") -> LoadedRun:
+    """The agent, replay, config and env steps of a run's newest complete checkpoint, for
+    analysis (`python -m tpx_ext.gradvar --checkpoint`, `tpx_ext.evaluate`); no environment
+    is created and nothing in the run directory changes."""
     state, replay = checkpoint.load(run_dir, map_location=device)
     cfg = configs.build([], configs.from_saved(state["config"]))
     agent = Dreamer(replay.obs_shape, replay.action_dim, cfg, device)
     agent.load_checkpoint_state(state["agent"])
-    return agent, replay, cfg
+    return LoadedRun(agent, replay, cfg, state["counters"]["env_steps"])
 
 
 def default_logdir(cfg: configs.Config) -> str:

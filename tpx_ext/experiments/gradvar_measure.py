@@ -99,7 +99,7 @@ def dreamer_problem(run_dir: str, batch: int, seed: int, device):
     fixed start states (posterior states of one replay batch)."""
     from ..dreamer.train import load_run
 
-    agent, replay, cfg = load_run(run_dir, device)
+    agent, replay, cfg, _ = load_run(run_dir, device)
     replay.reseed(seed)
     data = replay.sample(max(1, -(-batch // cfg.seq_len)), cfg.seq_len)
     data = {k: torch.as_tensor(data[k], device=device) for k in ("obs", "action", "reward")}
