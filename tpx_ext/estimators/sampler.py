@@ -48,7 +48,7 @@ class Sampler:
         `graph.lambda_return`, None means the value baseline that matches its convention).
     """
 
-    def __init__(self, graph, name: str, start: int = 0, baseline=None):
+    def __init__(self, graph, name: str, start: int, baseline):
         if not isinstance(name, str) or not name:
             raise ValueError(f"sampler: name must be a non-empty string, got {name!r}")
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
