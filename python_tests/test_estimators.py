@@ -659,3 +659,42 @@ def test_tp_with_one_or_both_estimators_non_finite(value_too):
         want, _ = grads("lr", inf=False)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("H", [1, 2])
+def test_baseline_coefficients_at_the_shortest_horizons(H):
+    """kappa_t = (1 - gamma lam) sum_{k=t}^{H-2} c_k + c_{H-1}: at H = 1 only c_0; at
+    H = 2 with w = 1, gamma = lam = 0.5: c = (1, 1.25), kappa = (0.75 + 1.25, 1.25)."""
+    kappa = tpx_ext.baseline_coefficients(0.5, 0.5, torch.ones(H, dtype=torch.float64))
+    expected = [1.0] if H == 1 else [2.0, 1.25]
+    assert kappa.tolist() == expected
+
+
+def test_lambda_return_terms_compute_in_the_rewards_dtype():
+    """float32 weights (e.g. gamma^t built in float32) with float64 rewards: the credit is
+    computed in float64, so the terms equal those of float64 weights to the last bit."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    values = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    w64 = torch.tensor([1.0, 0.3, 0.7, 0.1], dtype=torch.float64)
+    exact = tpx_ext.lambda_return_terms(rewards, values, 0.99, 0.95, w64.float().double())
+    torch.testing.assert_close(tpx_ext.lambda_return_terms(rewards, values, 0.99, 0.95, w64.float()),
+                               exact, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("values_rows, weights_len", [(4, 4), (5, 3)])
+def test_lambda_return_terms_names_every_shape_it_got(values_rows, weights_len):
+    rewards = torch.zeros(4, 2)
+    with pytest.raises(ValueError) as info:
+        tpx_ext.lambda_return_terms(rewards, torch.zeros(values_rows, 2), 0.9, 0.9,
+                                    torch.ones(weights_len))
+    assert str(info.value) == (
+        f"lambda_return_terms: rewards (4, 2) needs values of H+1 = 5 rows and weights of "
+        f"shape (4,); got values ({values_rows}, 2), weights ({weights_len},)")
+
+
+def test_lambda_return_terms_trailing_dims_message_names_the_fix():
+    with pytest.raises(ValueError) as info:
+        tpx_ext.lambda_return_terms(torch.zeros(3, 2, 1), torch.zeros(4, 2, 1), 0.9, 0.9, torch.ones(3))
+    assert str(info.value) == ("lambda_return_terms: rewards must be [H, B], got (3, 2, 1) "
+                               "(graph.lambda_return takes trailing dims of size 1)")

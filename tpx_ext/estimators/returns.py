@@ -57,9 +57,8 @@ def baseline_coefficients(gamma: float, lam: float, weights: Tensor) -> Tensor:
     With these, b_t = G_t exactly when every value and lambda-return equals v(s_t).
     """
     c = step_credit(weights, gamma, lam)
-    inner = returns_to_go(c[:-1]) if c.shape[0] > 1 else c[:0]
     kappa = torch.full_like(c, 0.0)
-    kappa[:-1] = (1 - gamma * lam) * inner
+    kappa[:-1] = (1 - gamma * lam) * returns_to_go(c[:-1])
     return kappa + c[-1]
 
 
