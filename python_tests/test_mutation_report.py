@@ -25,12 +25,55 @@ def test_report_counts_statuses_and_scores_without_equivalents(tmp_path, monkeyp
              "m.f__mutmut_5": 36, "m.f__mutmut_6": None, "m.f__mutmut_7": 33}
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
     (tmp_path / "equivalent.json").write_text(json.dumps({"m.f__mutmut_3": "same value"}))
-    monkeypatch.setattr(mod, "diff", lambda name: f"-a\n+b ({name})")
+    monkeypatch.setattr(mod, "full_diff", lambda name: f"--- f\n+++ f\n-a\n+b ({name})")
     mod.write_report(120.0, "make mutation")
     text = (tmp_path / "MUTATION.md").read_text()
     # 7 mutants: 2 killed, 1 unexplained survivor, 1 equivalent, 1 timeout, 1 no tests,
     # 1 not checked; score = 2 / (6 checked - 1 equivalent - 1 no tests) = 50%
-    assert "| `tpx_ext/m.py` | 7 | 2 | 1 | 1 | 1 | 1 | 1 | 50% |" in text
+    assert "| `tpx_ext/m.py` | 7 | 2 | 1 | 0 | 1 | 1 | 1 | 1 | 50% | 50% |" in text
     assert "- `m.f__mutmut_3`: same value" in text
     assert "+b (m.f__mutmut_4)" in text and "m.f__mutmut_3`\n\n```diff" not in text
     assert "2 min on this run" in text
+
+
+def test_message_wording_is_told_apart_from_behaviour(tmp_path, monkeypatch):
+    mod = load(tmp_path, monkeypatch)
+    wording = ('@@\n     if x < 0:\n         raise ValueError("f: x must be >= 0 "\n'
+               '-                         "(got a negative)")\n'
+               '+                         "XX(got a negative)XX")\n')
+    case = ('@@\n     if x:\n-        warnings.warn("Sigma is NaN")\n'
+            '+        warnings.warn("sigma is nan")\n')
+    key = ('@@\n     def f(name):\n-        return name == "rho"\n'
+           '+        return name == "XXrhoXX"\n')
+    outside = ('@@\n     def f():\n-        return {"mode": 1}\n+        return {"XXmodeXX": 1}\n')
+    lost = ('@@\n     if x < 0:\n-        raise ValueError("f: x must be >= 0")\n'
+            '+        raise ValueError(None)\n')
+    assert mod.message_wording_only(wording) and mod.message_wording_only(case)
+    assert not any(mod.message_wording_only(d) for d in (key, outside, lost))
+
+    meta = tmp_path / "mutants" / "tpx_ext" / "m.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {"m.f__mutmut_1": 1, "m.f__mutmut_2": 0,
+                                                     "m.f__mutmut_3": 0}}))
+    diffs = {"m.f__mutmut_2": wording, "m.f__mutmut_3": lost}
+    monkeypatch.setattr(mod, "full_diff", diffs.get)
+    mod.write_report(None, "make mutation")
+    text = (tmp_path / "MUTATION.md").read_text()
+    # score = 1 / 3 checked; behaviour score = 1 / (3 - 1 wording)
+    assert "| `tpx_ext/m.py` | 3 | 1 | 1 | 1 | 0 | 0 | 0 | 0 | 33% | 50% |" in text
+    assert '- `m.f__mutmut_2`: `"XX(got a negative)XX")`' in text
+    assert "+        raise ValueError(None)" in text
+
+
+def test_recheck_resets_only_the_named_survivors(tmp_path, monkeypatch):
+    mod = load(tmp_path, monkeypatch)
+    meta = tmp_path / "mutants" / "tpx_ext" / "m.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"tpx_ext.m.f__mutmut_1": 0, "tpx_ext.m.f__mutmut_2": 1, "tpx_ext.n.g__mutmut_1": 0}
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": {}}))
+    assert mod.reset_survivors(["tpx_ext.m"]) == 1
+    data = json.loads(meta.read_text())
+    assert data["exit_code_by_key"] == {"tpx_ext.m.f__mutmut_1": None, "tpx_ext.m.f__mutmut_2": 1,
+                                        "tpx_ext.n.g__mutmut_1": 0}
+    assert data["durations_by_key"] == {}
+    assert mod.reset_survivors([]) == 1

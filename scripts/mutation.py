@@ -3,6 +3,7 @@
     python scripts/mutation.py                 # run (or resume) mutmut, then write the report
     python scripts/mutation.py --report-only   # only rewrite docs/MUTATION.md from mutants/
     python scripts/mutation.py --files tpx_ext/estimators/modes.py   # a part of the scope
+    python scripts/mutation.py --recheck-survivors   # after adding tests: survivors again
 
 mutmut (configured in pyproject.toml's [tool.mutmut]) writes every mutant of the scoped
 files into mutants/ and runs, for each, only the tests that execute the mutated function.
@@ -53,12 +54,67 @@ def results() -> dict:
     return out
 
 
-def diff(name: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT,
-                         capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("+", "-"))
+def reset_survivors(prefixes) -> int:
+    """Mark survivors (of mutants whose names start with one of `prefixes`, or all) as not
+    checked, so the next run tries them again: mutmut reruns a mutant only when its
+    function changed, not when a test was added that may kill it."""
+    count = 0
+    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        for name, code in codes.items():
+            if code in SURVIVED and (not prefixes or name.startswith(tuple(prefixes))):
+                codes[name] = None
+                count += 1
+        meta.write_text(json.dumps(data, indent=4))
+    return count
+
+
+def full_diff(name: str) -> str:
+    """mutmut's unified diff of one mutant against the original (with context lines);
+    called in this process, as `mutmut show` would reload the tool per mutant."""
+    from mutmut.__main__ import get_diff_for_mutant
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # mutmut reads mutants/ relative to the working directory
+    try:
+        return get_diff_for_mutant(name)
+    finally:
+        os.chdir(cwd)
+
+
+def changed_lines(diff_text: str) -> str:
+    lines = [ln for ln in diff_text.splitlines() if ln.startswith(("+", "-"))
              and not ln.startswith(("+++", "---"))]
-    return "\n".join(lines) or out.stdout.strip()
+    return "\n".join(lines) or diff_text.strip()
+
+
+MESSAGE_OPENERS = ("raise ", "warnings.warn(", "print(", "sys.exit(", "parser.error(")
+
+
+def message_wording_only(diff_text: str) -> bool:
+    """True when a mutant only wraps text of an error or warning message in XX or changes
+    its case: what the program does is unchanged, only the message's wording. The changed
+    line must belong to a raise/warn/print statement (it or one of the 4 context lines
+    before it opens one) and must not compare strings (`==`, `!=`), so a mutated key or
+    mode name never counts."""
+    lines = diff_text.splitlines()
+    removed = [i for i, ln in enumerate(lines) if ln.startswith("-") and not ln.startswith("---")]
+    added = [i for i, ln in enumerate(lines) if ln.startswith("+") and not ln.startswith("+++")]
+    if not removed or len(removed) != len(added):
+        return False
+    for i, j in zip(removed, added):
+        old, new = lines[i][1:], lines[j][1:]
+        if old == new or "==" in old or "!=" in old:
+            return False
+        if new.replace("XX", "").lower() != old.lower():
+            return False
+        opened = any(lines[k][1:].lstrip().startswith(MESSAGE_OPENERS)
+                     or "Error(" in lines[k] or "Warning(" in lines[k]
+                     for k in range(max(0, i - 4), i + 1) if not lines[k].startswith("+"))
+        if not opened:
+            return False
+    return True
 
 
 def write_report(run_seconds, command: str) -> None:
@@ -70,61 +126,86 @@ def write_report(run_seconds, command: str) -> None:
         tool = "mutmut not installed here"
     equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
     by_file = results()
-    rows, unexplained, explained = [], [], []
+    rows, unexplained, explained, wording = [], [], [], []
+    diffs = {}
     totals = Counter()
     for source, mutants in sorted(by_file.items()):
         c = Counter(mutants.values())
-        eq = sum(1 for n, s in mutants.items() if s == "survived" and n in equivalent)
+        eq = msg = 0
+        for n, s in sorted(mutants.items()):
+            if s != "survived":
+                continue
+            if n in equivalent:
+                explained.append(n)
+                eq += 1
+                continue
+            diffs[n] = full_diff(n)
+            if message_wording_only(diffs[n]):
+                wording.append(n)
+                msg += 1
+            else:
+                unexplained.append(n)
         checked = len(mutants) - c["not checked"]
         denom = checked - eq - c["no tests"]
         score = f"{100 * c['killed'] / denom:.0f}%" if denom else "-"
-        rows.append(f"| `{source}` | {len(mutants)} | {c['killed']} | {c['survived'] - eq} | {eq} | "
-                    f"{c['timeout']} | {c['no tests']} | {c['not checked']} | {score} |")
+        behaviour = f"{100 * c['killed'] / (denom - msg):.0f}%" if denom - msg else "-"
+        rows.append(f"| `{source}` | {len(mutants)} | {c['killed']} | {c['survived'] - eq - msg} | "
+                    f"{msg} | {eq} | {c['timeout']} | {c['no tests']} | {c['not checked']} | "
+                    f"{score} | {behaviour} |")
         totals.update(c)
         totals["equivalent"] += eq
-        for n, s in sorted(mutants.items()):
-            if s == "survived":
-                (explained if n in equivalent else unexplained).append(n)
+        totals["wording"] += msg
     lines = [
         "# Mutation testing",
         "",
         f"Command: `{command}` ({tool}"
         + (f", {run_seconds / 60:.0f} min on this run" if run_seconds else "") + ").",
         "Scope and test selection: `[tool.mutmut]` in pyproject.toml. score = killed / "
-        "(checked - equivalent - no tests); a timeout counts as not killed.",
+        "(checked - equivalent - no tests); a timeout counts as not killed. `wording` counts "
+        "survivors that only wrap an error message's text in XX or change its case (listed "
+        "below); they count as not killed in `score` and are left out of `behaviour score`.",
         "",
-        "| file | mutants | killed | survived | equivalent | timeout | no tests | not checked | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| file | mutants | killed | survived | wording | equivalent | timeout | no tests | "
+        "not checked | score | behaviour score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Totals: {sum(totals[k] for k in totals if k != 'equivalent')} mutants, "
-        f"{totals['killed']} killed, {totals['survived'] - totals['equivalent']} survived, "
-        f"{totals['equivalent']} equivalent, {totals['timeout']} timed out, "
-        f"{totals['not checked']} not checked.",
+        f"Totals: {sum(totals[k] for k in totals if k not in ('equivalent', 'wording'))} mutants, "
+        f"{totals['killed']} killed, "
+        f"{totals['survived'] - totals['equivalent'] - totals['wording']} survived, "
+        f"{totals['wording']} message wording, {totals['equivalent']} equivalent, "
+        f"{totals['timeout']} timed out, {totals['not checked']} not checked.",
         "",
         "## Equivalent survivors",
         "",
     ]
     for n in explained:
         lines += [f"- `{n}`: {equivalent[n]}"]
+    lines += ["", "## Message wording survivors", "",
+              "The tests match each message's key phrase, not its every letter.", ""]
+    lines += [f"- `{n}`: `{changed_lines(diffs[n]).splitlines()[-1][1:].strip()}`" for n in wording]
     lines += ["", "## Unexplained survivors", ""]
     for n in unexplained:
-        lines += [f"- `{n}`", "", "```diff", diff(n), "```", ""]
+        lines += [f"- `{n}`", "", "```diff", changed_lines(diffs[n]), "```", ""]
     REPORT.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT}: {totals['killed']} killed, "
-          f"{totals['survived'] - totals['equivalent']} unexplained survivors")
+          f"{len(unexplained)} unexplained survivors, {len(wording)} message wording")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--recheck-survivors", action="store_true",
+                   help="run the survivors again (after adding tests), not only unchecked mutants")
     p.add_argument("--files", nargs="*", default=[],
                    help="only the mutants of these source files (default: the whole scope)")
     a = p.parse_args(argv)
     seconds = None
     if not a.report_only:
         names = [f"{f.removesuffix('.py').replace('/', '.')}*" for f in a.files]
+        if a.recheck_survivors:
+            print(f"{reset_survivors([n[:-1] for n in names])} survivors to check again")
         t0 = time.perf_counter()
         # mutmut reads its configuration from the working directory's pyproject.toml
         proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
