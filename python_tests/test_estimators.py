@@ -456,6 +456,21 @@ def test_tp_weights_a_parameter_free_node_by_its_coordinate_traces():
     torch.testing.assert_close(stats["tp"].k, (v_rp / (v_lr + v_rp)).reshape(1), rtol=1e-9, atol=0)
 
 
+def test_tp_weight_uses_the_advantages_rounded_to_the_nodes_dtype():
+    """The node's own gradient uses float64 advantages rounded to its dtype; tp's traces
+    must be of that same gradient, so float64 and pre-rounded advantages give one answer."""
+    from tpx_ext.estimators.tp import tp_weight
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 2, generator=gen)
+    d, eps = torch.randn(16, 2, generator=gen), torch.randn(16, 2, generator=gen)
+    adv = torch.randn(16, generator=gen, dtype=torch.float64) / 3
+    module = FixedModule()
+    sigma = module(x)[1]
+    exact = tp_weight(module, (x,), d, eps, sigma, adv.float())
+    for got, want in zip(tp_weight(module, (x,), d, eps, sigma, adv), exact):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- chaos
 CHAOS_HORIZONS = (5, 20, 50)
 CHAOS_MARGIN = 2.0
