@@ -471,6 +471,40 @@ def test_tp_weight_uses_the_advantages_rounded_to_the_nodes_dtype():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode, knobs, message", [
+    ("tpx", {"rho": 0.5}, "rho applies to mode 'mix' only (mode 'tpx')"),
+    ("tpx", {"bogus": 1, "rho": 0.5},
+     "unknown estimator knob 'bogus'; knobs: rho, weights, ucb, momentum; "
+     "rho applies to mode 'mix' only (mode 'tpx')"),
+    ("tpx", {"weights": "matrix-loo", "momentum": 0.5},
+     "weights='matrix-loo' weighs each sample by the other samples of its batch; it keeps "
+     "no running statistics (momentum must be 0)"),
+    ("nope", {}, "unknown estimator mode 'nope'; valid modes: rp, lr, mix, tp, tpx "
+                 "(named variants: tpx-coord, tpx-paper, tpx-loo)"),
+])
+def test_the_mode_table_names_every_misplaced_knob_in_full(mode, knobs, message):
+    from tpx_ext.estimators import modes
+    with pytest.raises(ValueError) as info:
+        modes.resolve(mode, knobs)
+    assert str(info.value) == message
+
+
+def test_an_unknown_estimator_name_lists_the_valid_ones():
+    from tpx_ext.estimators import modes
+    with pytest.raises(ValueError) as info:
+        modes.parse("nope")
+    assert str(info.value) == ("unknown estimator 'nope'; valid: rp, lr, mix, tp, tpx, "
+                               "tpx-coord, tpx-paper, tpx-loo")
+
+
+def test_mix_weight_rho_is_stored_as_a_float():
+    """rho has no default (mix requires it), so it is converted by name: an int 1 from a
+    config file must become 1.0 like every other weight."""
+    from tpx_ext.estimators import modes
+    out = modes.resolve("mix", {"rho": 1})
+    assert out == {"rho": 1.0} and type(out["rho"]) is float
+
+
 # --------------------------------------------------------------------------- chaos
 CHAOS_HORIZONS = (5, 20, 50)
 CHAOS_MARGIN = 2.0

@@ -96,7 +96,7 @@ def resolve(mode: str, knobs: Dict[str, object]) -> Dict[str, object]:
     if foreign:
         owners = {k: [m for m, s in MODE_TABLE.items() if k in s.knobs] for k in foreign}
         raise ValueError("; ".join(
-            f"{k} applies to mode {' / '.join(map(repr, owners[k])) or 'none'} only (mode {mode!r})"
+            f"{k} applies to mode {' / '.join(map(repr, owners[k]))} only (mode {mode!r})"
             if k in KNOBS else f"unknown estimator knob {k!r}; knobs: {', '.join(KNOBS)}"
             for k in foreign))
     out = {}
