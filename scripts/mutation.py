@@ -8,6 +8,9 @@
 mutmut (configured in pyproject.toml's [tool.mutmut]) writes every mutant of the scoped
 files into mutants/ and runs, for each, only the tests that execute the mutated function.
 Its results are kept in mutants/**/*.meta, so an interrupted run resumes where it stopped.
+A changed test selection or pytest arguments in [tool.mutmut] makes mutmut discard every
+verdict (a full rerun); a changed test file does not, so after adding tests use
+--recheck-survivors.
 The report counts killed, survived, timed-out and untested mutants per file. A survivor is
 either explained in scripts/mutation_equivalent.json (mutant name -> why no test can tell
 it from the original) or listed as unexplained with its diff; the score per file is killed /
