@@ -505,6 +505,30 @@ def test_mix_weight_rho_is_stored_as_a_float():
     assert out == {"rho": 1.0} and type(out["rho"]) is float
 
 
+@pytest.mark.parametrize("name, knobs", [("lr", {}), ("mix", {"rho": 0.5}),
+                                         ("tpx", {"weights": "coordinate"}), ("tpx", {})])
+@pytest.mark.parametrize("check_sigma", [True, False])
+def test_every_weighted_mode_refuses_a_zero_sigma_unless_told_not_to(name, knobs, check_sigma):
+    """A sigma entry of 0 makes the LR gradient infinite; every mode that computes one
+    refuses it at the backward, naming sigma, unless the Estimator was built with
+    check_sigma=False (then the backward runs)."""
+    graph = tpx_ext.Estimator(name, check_sigma=check_sigma, **knobs).graph(
+        torch.Generator().manual_seed(0))
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_(True)
+    module = FixedModule()
+    mu, sigma = module(x)
+    sigma = sigma * torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y = graph.sample(mu, sigma, 0)
+    graph.add_objective(torch.sin(y).sum(1), 0)
+    if check_sigma:
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            graph.backward()
+    else:
+        graph.backward()
+        assert x.grad is not None
+
+
 # --------------------------------------------------------------------------- chaos
 CHAOS_HORIZONS = (5, 20, 50)
 CHAOS_MARGIN = 2.0
