@@ -529,6 +529,25 @@ def test_every_weighted_mode_refuses_a_zero_sigma_unless_told_not_to(name, knobs
         assert x.grad is not None
 
 
+@pytest.mark.parametrize("weights", ["matrix", "coordinate"])
+def test_the_ucb_knob_reaches_the_weights(weights):
+    """The same batch under ucb 0 and ucb 3: the bound on the variances differs, so the
+    LR weight and the gradient differ; a node that dropped the knob would give one answer."""
+    grads, ks = [], []
+    for ucb in (0.0, 3.0):
+        graph = tpx_ext.Estimator("tpx", weights=weights, ucb=ucb).graph(torch.Generator().manual_seed(0))
+        x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(True)
+        mu, sigma = FixedModule()(x)
+        y = graph.sample(mu, sigma, 0)
+        graph.add_objective(torch.sin(3 * y).sum(1), 0)
+        (stats,) = graph.backward()
+        grads.append(x.grad)
+        ks.append(stats.k)
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-6, atol=0)
+    assert not torch.allclose(ks[0], ks[1], rtol=1e-6, atol=0)
+
+
 # --------------------------------------------------------------------------- chaos
 CHAOS_HORIZONS = (5, 20, 50)
 CHAOS_MARGIN = 2.0
