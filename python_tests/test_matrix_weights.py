@@ -376,3 +376,28 @@ def test_loo_node_matches_the_reference():
     g_lr, g_rp = reference.gaussian_per_sample(d, eps, sigma, adv)
     ref = reference.loo_matrix_combine(g_lr, g_rp, 2.0)
     torch.testing.assert_close(torch.cat([g_mu, g_sigma], 1), ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", (2.0, 2.0 ** 14))
+@pytest.mark.parametrize("half", (torch.float16, torch.bfloat16), ids=str)
+def test_a_scaled_half_node_combines_in_float_and_returns_its_dtype(half, scale):
+    """Under AMP the cotangent d arrives multiplied by the loss scale in half precision; the
+    scale exists because the unscaled gradients (here 0.1 / scale, ~6e-6 at 2^14) lie
+    below float16's normal range (6.1e-5). The node divides the scale out in float32, combines, and scales back:
+    the result is in the half dtype (for any scale GradScaler sets,
+    down to 2 after its back-offs) and equals the float32 combination of the unscaled d,
+    times the scale, rounded once (float16 keeps 11 bits, bfloat16 8: within 2^-9 / 2^-6
+    relative). Dividing in float16 would flush d to subnormals and lose most of its bits."""
+    d, eps, sigma, adv = node_inputs(64, 3, torch.float32, "cpu")
+    d, adv = d * (0.1 / scale), adv * (0.1 / scale)  # the scaled cotangent is ~0.1
+    rule = WeightRule(weights="matrix")
+    d_half = (d * scale).to(half)  # what autograd hands the node
+    ref = Node(NodeStats("n", 0), None, None, rule, True, None, adv=adv)
+    want_mu, want_sigma = ref.combine(d_half.float() / scale, eps.to(half).float(), sigma.to(half).float())
+    node = Node(NodeStats("n", 0), None, None, rule, True, None, adv=adv)
+    node.scale = scale
+    g_mu, g_sigma = node.combine(d_half, eps.to(half), sigma.to(half))
+    assert g_mu.dtype == half and g_sigma.dtype == half
+    tol = 2.0 ** -9 if half == torch.float16 else 2.0 ** -6
+    for got, want in ((g_mu, want_mu), (g_sigma, want_sigma)):
+        torch.testing.assert_close(got.float() / scale, want, rtol=tol, atol=1e-3 * tol * want.abs().max().item())
