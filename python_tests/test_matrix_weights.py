@@ -381,12 +381,12 @@ def test_loo_node_matches_the_reference():
 @pytest.mark.parametrize("scale", (2.0, 2.0 ** 14))
 @pytest.mark.parametrize("half", (torch.float16, torch.bfloat16), ids=str)
 def test_a_scaled_half_node_combines_in_float_and_returns_its_dtype(half, scale):
-    """Under AMP the cotangent d arrives multiplied by the loss scale in half precision; the
-    scale exists because the unscaled gradients (here 0.1 / scale, ~6e-6 at 2^14) lie
-    below float16's normal range (6.1e-5). The node divides the scale out in float32, combines, and scales back:
-    the result is in the half dtype (for any scale GradScaler sets,
-    down to 2 after its back-offs) and equals the float32 combination of the unscaled d,
-    times the scale, rounded once (float16 keeps 11 bits, bfloat16 8: within 2^-9 / 2^-6
+    """Under AMP the cotangent d arrives multiplied by the loss scale, in half precision;
+    the scale exists because the unscaled gradients (here 0.1 / scale, ~6e-6 at 2^14) lie
+    below float16's normal range (6.1e-5). The node divides the scale out in float32,
+    combines and scales back: for any scale GradScaler sets (down to 2 after back-offs) the
+    result is in the half dtype and equals the float32 combination of the unscaled d times
+    the scale, rounded once (float16 keeps 11 bits, bfloat16 8: within 2^-9 / 2^-6
     relative). Dividing in float16 would flush d to subnormals and lose most of its bits."""
     d, eps, sigma, adv = node_inputs(64, 3, torch.float32, "cpu")
     d, adv = d * (0.1 / scale), adv * (0.1 / scale)  # the scaled cotangent is ~0.1
