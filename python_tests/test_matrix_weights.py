@@ -302,6 +302,7 @@ def test_leave_one_out_baseline():
     (40, 4, 2.0, 1.0), (40, 4, 0.0, 1.0),   # correlated, with and without the bounds
     (12, 4, 2.0, 1e30),                      # RP 1e30 times LR
     (6, 4, 0.0, 1.0),                        # B <= C + 1: removing a sample loses rank
+    (3, 2, 2.0, 1.0),                        # the smallest batch with leave-one-out weights
 ])
 def test_loo_weights_match_the_sample_by_sample_reference(B, C, ucb, scale):
     """Sherman-Morrison's O(B C^2) leave-one-out combination against the reference that
@@ -314,6 +315,20 @@ def test_loo_weights_match_the_sample_by_sample_reference(B, C, ucb, scale):
     ref = reference.loo_matrix_combine(g_lr, g_rp, ucb)
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+
+
+def test_loo_weights_of_two_samples_are_the_batchs():
+    """With B = 2 the other sample alone has no covariance: both samples are weighed by the
+    batch's matrices (its covariance with the bounds, into pinv_weights)."""
+    from tpx_ext.estimators.weights import pinv_weights
+    g_lr, g_rp = correlated_pair(2, 3, seed=0)
+    cov, bound, _ = joint(g_lr, g_rp, 2.0)
+    sig = cov + torch.diag(bound - cov.diagonal())
+    S_lr, S_rp, X = sig[:3, :3], sig[3:, 3:], sig[:3, 3:]
+    K, L = pinv_weights(S_rp - X.T, S_lr - X, S_lr + S_rp - X - X.T)
+    want = g_lr @ K.T + g_rp @ L.T
+    got = loo_matrix_combine(g_lr, g_rp, cov, bound)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
 
 
 def test_loo_weights_with_dead_and_zero_coordinates_stay_finite():
