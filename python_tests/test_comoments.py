@@ -250,3 +250,15 @@ def test_cpu_and_cuda_agree(B, D, groups, ucb):
     scale = (diag[:, None] * diag[None, :]).sqrt()
     assert bool(((gpu.cov.cpu() - cpu.cov).abs() <= 2 * COV_RTOL * scale).all())
     torch.testing.assert_close(gpu.bound.cpu(), cpu.bound, rtol=2 * COV_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("B", [3, 7, 33])
+def test_reference_covariance_of_a_constant_column_is_exactly_zero(B):
+    """Shifting by the first row makes a constant column exactly zero before the mean is
+    taken; without it, the mean of B copies of 0.1 is not always 0.1 in float64 and the
+    covariance comes out ~1e-30 instead of 0 (at B = 3, 7 and 33 with these values)."""
+    x = torch.full((B, 1), 0.1, dtype=torch.float64)
+    y = torch.randn(B, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e3
+    y[:, 1] = 1 / 3
+    assert torch.equal(reference.covariance(x, y), torch.zeros(1, 2, dtype=torch.float64))
+    assert torch.equal(reference.covariance(y, x), torch.zeros(2, 1, dtype=torch.float64))

@@ -179,7 +179,9 @@ def write_report(run_seconds, command: str) -> None:
         f"{totals['wording']} message wording, {totals['equivalent']} equivalent, "
         f"{totals['timeout']} timed out, {totals['not checked']} not checked.",
         "",
-        "## Equivalent survivors",
+        "## Explained survivors",
+        "",
+        "Equivalent to the original, or (stated) indistinguishable on a machine without a GPU.",
         "",
     ]
     for n in explained:
