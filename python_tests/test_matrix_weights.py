@@ -416,3 +416,31 @@ def test_a_scaled_half_node_combines_in_float_and_returns_its_dtype(half, scale)
     tol = 2.0 ** -9 if half == torch.float16 else 2.0 ** -6
     for got, want in ((g_mu, want_mu), (g_sigma, want_sigma)):
         torch.testing.assert_close(got.float() / scale, want, rtol=tol, atol=1e-3 * tol * want.abs().max().item())
+
+
+def test_reference_matrix_backward_defaults_and_knobs():
+    """The reference's defaults are the Estimator's (no running statistics, momentum 0, the
+    default ucb, a sigma gradient); ucb reaches its covariance bounds; groups 1 has no sigma
+    gradient (None, not an empty tensor)."""
+    d, eps, sigma, adv = node_inputs(32, 3, torch.float64, "cpu")
+    default = reference.matrix_tpx_backward(d, eps, sigma, adv)
+    explicit = reference.matrix_tpx_backward(d, eps, sigma, adv, None, 0.0, reference.DEFAULT_UCB, 2)
+    for a, b in zip(default, explicit):
+        assert torch.equal(a, b)
+    cov_d, bound_d, _ = reference.gaussian_comoments(d, eps, sigma, adv)
+    cov_e, bound_e, _ = reference.gaussian_comoments(d, eps, sigma, adv, 2, reference.DEFAULT_UCB)
+    assert torch.equal(cov_d, cov_e) and torch.equal(bound_d, bound_e)
+    no_bound = reference.matrix_tpx_backward(d, eps, sigma, adv, ucb=0.0)
+    assert not torch.allclose(no_bound[0], default[0], rtol=1e-6, atol=0)
+    g_mu, g_sigma, K, _ = reference.matrix_tpx_backward(d, eps, sigma, adv, groups=1)
+    assert g_sigma is None and g_mu.shape == (32, 3) and K.shape == (3, 3)
+    with pytest.raises(ValueError, match="groups must be 1 .mu. or 2 .mu, sigma., got 3"):
+        reference.gaussian_comoments(d, eps, sigma, adv, 3)
+    # with running statistics the default momentum 0 uses only the current batch
+    second = node_inputs(32, 3, torch.float64, "cpu", seed=1)
+    runs = [torch.full((3, 6, 6), float("nan"), dtype=torch.float64) for _ in range(2)]
+    reference.matrix_tpx_backward(d, eps, sigma, adv, runs[0])
+    reference.matrix_tpx_backward(d, eps, sigma, adv, runs[1], 0.0)
+    with_default = reference.matrix_tpx_backward(*second, runs[0])
+    assert torch.equal(with_default[0], reference.matrix_tpx_backward(*second, runs[1], 0.0)[0])
+    assert torch.equal(with_default[0], reference.matrix_tpx_backward(*second)[0])

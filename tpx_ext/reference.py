@@ -152,6 +152,8 @@ def gaussian_comoments(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, group
     column's variance (+inf where not finite).
     """
     d, eps, sigma, adv = d.double(), eps.double(), sigma.double(), adv.double()
+    if groups not in (1, 2):
+        raise ValueError(f"gaussian_comoments: groups must be 1 (mu) or 2 (mu, sigma), got {groups!r}")
     C = groups * d.shape[1]
     g_lr, g_rp = gaussian_per_sample(d, eps, sigma, adv)
     return joint_covariance(g_lr[:, :C], g_rp[:, :C], ucb)
