@@ -72,46 +72,35 @@ def _stats_of_default_start():
     return graph.stats
 
 
-def _advantages(use_sampler: bool):
-    """lr advantages of two nodes: the first with the sampler's baseline, the second with a
-    call's own; the twin graph passes the same baselines to graph.sample directly."""
+def _advantages(how: str):
+    """lr advantages of two nodes. "sampler": the first with the sampler's baseline, the
+    second with a call's own; "direct": the same baselines given to graph.sample; "none":
+    no baselines."""
     mu, sigma = _mu_sigma()
     gen = torch.Generator().manual_seed(1)
     eps = [torch.randn(N, 2, generator=gen, dtype=torch.float64) for _ in range(2)]
     b_default = torch.arange(N, dtype=torch.float64)
     b_call = -10 * torch.ones(N, dtype=torch.float64)
     graph = Estimator("lr").graph()
-    if use_sampler:
-        act = graph.sampler("a", baseline=b_default)
-        x0 = act(mu, sigma, eps=eps[0])
-        x1 = act(mu, sigma, eps=eps[1], baseline=b_call)
-    else:
+    if how == "direct":
         x0 = graph.sample(mu, sigma, 0, name="a", eps=eps[0], baseline=b_default)
         x1 = graph.sample(mu, sigma, 1, name="a", eps=eps[1], baseline=b_call)
+    else:
+        act = graph.sampler("a", baseline=b_default if how == "sampler" else None)
+        x0 = act(mu, sigma, eps=eps[0])
+        x1 = act(mu, sigma, eps=eps[1], baseline=b_call if how == "sampler" else None)
     graph.add_objective(x0.sum(-1), 0)
     graph.add_objective(x1.sum(-1), 1)
     graph.backward()
     return [s.adv for s in graph.stats]
 
 
-def _advantages_without_baselines():
-    mu, sigma = _mu_sigma()
-    gen = torch.Generator().manual_seed(1)
-    eps = [torch.randn(N, 2, generator=gen, dtype=torch.float64) for _ in range(2)]
-    graph = Estimator("lr").graph()
-    act = graph.sampler("a")
-    graph.add_objective(act(mu, sigma, eps=eps[0]).sum(-1), 0)
-    graph.add_objective(act(mu, sigma, eps=eps[1]).sum(-1), 1)
-    graph.backward()
-    return [s.adv for s in graph.stats]
-
-
 def test_the_samplers_baseline_is_the_default_and_a_calls_baseline_overrides_it():
-    direct, sampled = _advantages(False), _advantages(True)
+    direct, sampled = _advantages("direct"), _advantages("sampler")
     for a, b in zip(direct, sampled):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     # the baselines are what the advantages subtract: ignoring or swapping one changes them
-    plain = _advantages_without_baselines()
+    plain = _advantages("none")
     torch.testing.assert_close(direct[0], plain[0] - torch.arange(N, dtype=torch.float64))
     torch.testing.assert_close(direct[1], plain[1] + 10)
 

@@ -12,9 +12,10 @@ A changed test selection or pytest arguments in [tool.mutmut] makes mutmut disca
 verdict (a full rerun); a changed test file does not, so after adding tests use
 --recheck-survivors.
 The report counts killed, survived, timed-out and untested mutants per file. A survivor is
-either explained in scripts/mutation_equivalent.json (mutant name -> why no test can tell
-it from the original) or listed as unexplained with its diff; the score per file is killed /
-(checked - equivalent).
+explained in scripts/mutation_equivalent.json (mutant name -> why no test can tell it from
+the original), or only rewords an error message (reported apart), or is listed as
+unexplained with its diff. score = killed / (checked - equivalent - no tests); the
+behaviour score also leaves out the rewording survivors.
 """
 
 import argparse
@@ -65,11 +66,12 @@ def reset_survivors(prefixes) -> int:
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         data = json.loads(meta.read_text())
         codes = data["exit_code_by_key"]
-        for name, code in codes.items():
-            if code in SURVIVED and (not prefixes or name.startswith(tuple(prefixes))):
-                codes[name] = None
-                count += 1
-        meta.write_text(json.dumps(data, indent=4))
+        reset = [name for name, code in codes.items()
+                 if code in SURVIVED and (not prefixes or name.startswith(tuple(prefixes)))]
+        if reset:  # mutmut's own files are left untouched where nothing changes
+            codes.update(dict.fromkeys(reset))
+            meta.write_text(json.dumps(data, indent=4))
+            count += len(reset)
     return count
 
 
