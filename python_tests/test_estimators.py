@@ -671,6 +671,60 @@ def test_backward_runs_once_and_closes_the_graph():
         graph.sample(MU, MU.exp(), 1)
 
 
+def test_every_way_in_after_backward_names_itself():
+    """graph.loss() and a second loss().backward() after the graph ran are refused with the
+    call that was refused; a loss that enters with weight 0 closes the graph too."""
+    graph = _graph()
+    graph.add_objective(_node(graph).sum(1), 0)
+    first, second = graph.loss(), graph.loss()
+    first.backward()
+    with pytest.raises(RuntimeError, match=r"^loss: backward already ran on this graph"):
+        graph.loss()
+    with pytest.raises(RuntimeError, match=r"^loss\(\).backward: backward already ran on this graph"):
+        second.backward()
+    graph, mu = _graph(), torch.zeros(4, 2, requires_grad=True)
+    graph.add_objective(graph.sample(mu, mu.exp(), 0).sum(1), 0)
+    (0.0 * graph.loss()).backward()
+    assert mu.grad is None
+    with pytest.raises(RuntimeError, match="^backward: backward already ran"):
+        graph.backward()
+
+
+@pytest.mark.parametrize("mode", ["rp", "lr", "tpx"])
+def test_default_loss_is_minus_j_with_backwards_gradient(mode):
+    """graph.loss() without an argument is -J of the add_objective terms: its value is
+    -mean_i sum_k term_k, and its backward gives exactly minus graph.backward()'s gradient
+    (same samples, same estimator)."""
+    def run(use_loss):
+        mu = torch.linspace(-1, 1, 8).view(4, 2).requires_grad_()
+        graph = tpx_ext.Estimator(mode).graph(torch.Generator().manual_seed(0))
+        x0 = graph.sample(mu, mu.exp(), 0)
+        x1 = graph.sample(mu * x0, mu.exp(), 1)
+        terms = (x0.square().sum(1), (x0 * x1).sum(1))
+        graph.add_objective(terms[0], 0)
+        graph.add_objective(terms[1], 1)
+        if use_loss:
+            loss = graph.loss()
+            assert loss.item() == pytest.approx(-(terms[0] + terms[1]).mean().item(), rel=1e-6)
+            loss.backward()
+        else:
+            graph.backward()
+        return mu.grad
+
+    g_loss, g_backward = run(True), run(False)
+    assert g_backward.abs().sum() > 0
+    torch.testing.assert_close(g_loss, -g_backward, rtol=1e-6, atol=1e-7)
+
+
+def test_default_loss_is_refused_with_lambda_returns():
+    graph = _graph()
+    _node(graph)
+    graph.lambda_return(torch.ones(1, 4), torch.ones(2, 4), 0.9, 0.95, convention="next_reward")
+    with pytest.raises(ValueError, match=r"^loss: pass the loss built from graph.lambda_return's "
+                                         r"returns$"):
+        graph.loss()
+
+
 def test_loss_backward_without_the_graph_is_refused():
     graph = _graph()
     x = graph.sample(MU, MU.exp(), 0)

@@ -201,7 +201,9 @@ def test_value_baselines_equal_the_return_when_values_are_stationary(convention)
     first = 1 if convention == "dreamerv1" else 0
     for s in graph.stats[first:]:
         torch.testing.assert_close(s.adv, torch.zeros_like(s.adv), atol=1e-12, rtol=0)
-    assert graph.stats[0].adv.abs().max() > 0 or first == 0
+    if first:  # G_0 = J_i = v_i sum_t w_t / T, less the other samples' mean
+        G = v * weights.sum() / T
+        torch.testing.assert_close(graph.stats[0].adv, G - (G.sum() - G) / (N - 1))
 
 
 def test_next_reward_convention_reproduces_the_hand_computed_terms_and_baselines():
@@ -250,6 +252,48 @@ def test_wrong_convention_is_caught_as_a_misplaced_term(mode, wrong):
                                          rf"'{wrong}'.* depends on node 'action' of step \d+"):
         v1_arrays_declared(wrong, est)
     v1_arrays_declared("dreamerv1", Estimator(mode, rho=0.5) if mode == "mix" else Estimator(mode))
+
+
+def test_a_misplaced_value_of_s0_is_named_as_the_baseline_of_step_0():
+    """DreamerV1's values (of s_1 .. s_H) declared as next_reward's (of s_0 .. s_H): the
+    first row the check meets is values[0], taken for the value of s_0, which depends on
+    the first action; the message says which role the row had."""
+    with pytest.raises(ValueError, match=r"^misplaced term: values\[0\] \(convention 'next_reward': "
+                                         r"the value of s_0, a baseline of step 0\) depends on "
+                                         r"node 'action' of step 0, a later step"):
+        v1_arrays_declared("next_reward", Estimator("lr"))
+
+
+def test_misplaced_rewards_are_caught_where_the_values_are_right():
+    """next_reward's arrays (values of s_0 .. s_H, rewards r(s_1) .. r(s_H)) declared as
+    dreamerv2's: every value is at its state, but reward[t] = r(s_{t+1}) is taken for a
+    function of s_t, a term of step t - 1 that depends on the action of step t."""
+    agent, est = Agent(), Estimator("lr")
+    for convention, raises in (("dreamerv2", True), ("next_reward", False)):
+        graph = est.graph() if raises else Estimator("lr", check="every").graph()
+        act = graph.sampler("action")
+        state = torch.randn(N, S, generator=torch.Generator().manual_seed(0))
+        states = [state]
+        for _ in range(H):
+            state = torch.tanh(agent.transition(torch.cat([state, act(agent.policy(state))], -1))[:, :S])
+            states.append(state)
+        states = torch.stack(states)
+        R = graph.lambda_return(agent.reward(states[1:]), agent.value(states), GAMMA, LAM,
+                                convention=convention)
+        if raises:
+            with pytest.raises(ValueError, match=r"^misplaced term: rewards\[\d+\] \(convention "
+                                                 r"'dreamerv2'.* depends on node 'action'"):
+                graph.loss(-R.mean()).backward()
+        else:
+            graph.loss(-R.mean()).backward()
+
+
+@pytest.mark.parametrize("convention", ["next_reward", "dreamerv1", "dreamerv2"])
+def test_advantages_keep_the_returns_dtype(convention):
+    """float32 returns give float32 advantages (the value baselines are computed in float64
+    and rounded back, as the terms are)."""
+    graph = v1_arrays_declared(convention, Estimator("lr", check="off"))
+    assert [s.adv.dtype for s in graph.stats] == [torch.float32] * H
 
 
 def test_the_check_runs_on_the_first_graph_by_default_every_graph_or_never():

@@ -401,8 +401,10 @@ class StochasticGraph:
         for node, _ in self._nodes:
             t = node.stats.step
             i = bisect.bisect_left(steps, t)
-            if i == len(steps) or not 0 <= t - v_off <= v.shape[0] - 1:
-                continue  # no later term, or no value of s_t: leave-one-out below
+            # No later term, or no value of s_t (dreamerv1's s_0): leave-one-out below. A
+            # node with a later term has t - v_off <= T - 1, inside values' T + 1 rows.
+            if i == len(steps) or t < v_off:
+                continue
             ret["baselines"][t] = (G_unit[i] * v[t - v_off]).to(ret["rewards"].dtype)
         if self._checked:  # which rows the check follows: (row, its step, what it is)
             with torch.enable_grad():  # rows of the graph also inside loss().backward()
@@ -412,6 +414,7 @@ class StochasticGraph:
         ret = self._returns
         rows = [(ret["rewards"][t], node_step_of_state(t + r_off), f"rewards[{t}]")
                 for t in range(ret["rewards"].shape[0])]
+        # The value of s_0 (step -1) depends on no node: any node it reaches is misplaced.
         rows += [(ret["values"][t], node_step_of_state(t + v_off) if t + v_off else -1,
                   f"values[{t}]") for t in range(ret["values"].shape[0])]
         return rows
@@ -425,7 +428,9 @@ class StochasticGraph:
                 if isinstance(self._terms[k], Tensor) and self._terms[k].requires_grad]
         if self._returns is not None:
             conv = self._returns["convention"]
-            rows += [(row, k, f"{what} (convention {conv!r}: a term of step {k})")
+            rows += [(row, k, f"{what} (convention {conv!r}: "
+                              + (f"a term of step {k})" if k >= 0 else
+                                 "the value of s_0, a baseline of step 0)"))
                      for row, k, what in self._returns["rows"]]
         for node, _ in self._nodes:
             node.passthrough = True
@@ -458,8 +463,6 @@ class StochasticGraph:
                                         allow_unused=True)
             for (stats, _), g in zip(later, grads):
                 if g is not None and bool((g != 0).any()):
-                    if k < 0:
-                        what = f"{what[:-1]}: the value of s_0, a baseline of step 0)"
                     raise ValueError(
                         f"misplaced term: {what} depends on node {stats.name!r} of step "
                         f"{stats.step}, a later step, so that node's LR gradient misses it. "
