@@ -197,3 +197,79 @@ def test_presets_are_the_documented_table():
                             else math.isclose(got, value)), (presets, key, got, value)
                     checked += 1
     assert checked >= 60, checked  # the table is read, not skipped
+
+
+def _config_before_estimator_args(**changes):
+    """The config.json of a run made before estimator_args (docs/results/cpu_default's, with
+    tpx_weights, the last knob key added before the change): every estimator's knobs were
+    top-level keys, saved whatever the estimator."""
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "results", "cpu_default",
+                        "config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    saved.update({"tpx_weights": "matrix", **changes})
+    assert "estimator_args" not in saved and set(configs.RENAMED) <= set(saved)
+    return saved
+
+
+@pytest.mark.parametrize("estimator,args", [
+    ("tpx", {"weights": "coordinate", "ucb": 1.0, "momentum": 0.3}),
+    ("mix", {"rho": 0.25}),
+    ("rp", {}),
+])
+def test_old_knob_keys_become_the_estimators_args(estimator, args):
+    """from_saved moves mix_rho, tpx_weights, tpx_ucb and tpx_momentum into estimator_args,
+    those of the saved estimator only (the others were saved but unused); the other keys
+    pass unchanged and the result builds into a config with those knobs."""
+    saved = _config_before_estimator_args(estimator=estimator, mix_rho=0.25,
+                                          tpx_weights="coordinate", tpx_ucb=1.0,
+                                          tpx_momentum=0.3)
+    out = configs.from_saved(saved)
+    assert out["estimator_args"] == args
+    assert {k: v for k, v in out.items() if k != "estimator_args"} == \
+        {k: v for k, v in saved.items() if k not in configs.RENAMED}
+    assert configs.build([], out).estimator_args == args
+
+
+def test_saved_estimator_args_win_over_old_knob_keys():
+    """A saved config that has estimator_args keeps them; the old keys only fill the knobs
+    it lacks, and the saved mapping is not modified."""
+    saved = {"estimator": "tpx", "estimator_args": {"ucb": 3.0}, "tpx_ucb": 1.0,
+             "tpx_momentum": 0.3}
+    out = configs.from_saved(saved)
+    assert out == {"estimator": "tpx", "estimator_args": {"ucb": 3.0, "momentum": 0.3}}
+    assert saved["estimator_args"] == {"ucb": 3.0}
+
+
+def test_old_knob_keys_without_an_estimator_are_the_default_estimators():
+    """A saved config without the estimator key is Config's default estimator (tpx): its
+    knobs move, mix's rho is dropped."""
+    assert configs.Config.estimator == "tpx"
+    assert configs.from_saved({"mix_rho": 0.5, "tpx_ucb": 1.0, "seed": 3}) == \
+        {"seed": 3, "estimator_args": {"ucb": 1.0}}
+
+
+def test_configs_without_old_knob_keys_pass_unchanged():
+    saved = dataclasses.asdict(configs.build([], {"estimator": "mix",
+                                                  "estimator_args.rho": "0.5"}))
+    assert configs.from_saved(saved) == saved
+    assert configs.from_saved({"seed": 3}) == {"seed": 3}
+
+
+def test_knob_values_given_as_text_are_parsed():
+    """--estimator_args.KNOB VALUE: a number given as text becomes a float, a word stays a
+    string, a value that is not text passes unchanged."""
+    cfg = configs.build(["debug"], {"estimator_args.ucb": "1.5",
+                                    "estimator_args.weights": "coordinate",
+                                    "estimator_args.momentum": 0.25})
+    assert cfg.estimator_args == {"ucb": 1.5, "weights": "coordinate", "momentum": 0.25}
+    assert type(cfg.estimator_args["ucb"]) is float
+    assert configs.parse_knob("2") == 2.0 and configs.parse_knob(True) is True
+    assert configs.parse_knob("1e-2") == 0.01 and configs.parse_knob("nan!") == "nan!"
+
+
+def test_run_name():
+    assert configs.run_name("walker_walk", "tpx-coord", 15, 2) == "walker_walk_tpx-coord_h15_s2"
+    assert configs.run_name("walker_walk", "rp", 5, 0, obs="pixels") == \
+        "walker_walk_pixels_rp_h5_s0"
+    assert configs.run_name("walker_walk", "rp", 5, 0, obs="") == "walker_walk_rp_h5_s0"
