@@ -1,11 +1,21 @@
 """Replay buffer: eviction, sequence sampling, episode files, exact restore."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 
 from tpx_ext.dreamer.replay import CorruptReplay, ReplayBuffer
+
+MARKER = "ran-code-marker"
+
+
+class RunsCode:
+    """An object whose unpickling runs a command: it creates MARKER in the working directory."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
 
 
 def fill(buf, lengths, start_id=0):
@@ -134,26 +144,74 @@ def test_manifest_needs_the_episodes_on_disk():
 
 
 def test_legacy_single_file_replay_loads(tmp_path):
-    a = state_buffer()
+    """A state_dict() saved with np.savez restores the episodes, the unfinished one and the
+    RNG: the restored buffer holds as many steps and samples the same sequences."""
+    a = state_buffer(seed=3)
     fill(a, [5, 6])
+    for i in range(3):
+        a.add(np.array([9, i]), np.ones(3), 1.0, 1.0, first=i == 0)
+    a.sample(4, 2)  # the RNG moved on
+    assert a.state_dict()["pending_obs"].shape == (3, 2)
     np.savez(tmp_path / "r.npz", **a.state_dict())
     b = state_buffer()
     b.load(tmp_path / "r.npz")
+    assert (len(b), b.num_episodes) == (len(a), a.num_episodes) == (11, 2)
     for k, v in a.state_dict().items():
         np.testing.assert_array_equal(b.state_dict()[k], v, err_msg=k)
+    sa, sb = a.sample(8, 5), b.sample(8, 5)  # before and after the next episode finishes
+    for k in sa:
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    for buf in (a, b):
+        buf.add(np.array([9, 3]), np.ones(3), 1.0, 0.0, last=True)
+    assert len(b) == 15
+    for _ in range(3):
+        sa, sb = a.sample(16, 4), b.sample(16, 4)
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
     other = ReplayBuffer(1000, obs_shape=(2,), obs_dtype=np.float32, action_dim=4)
     with pytest.raises(ValueError, match="checkpoint was made by a buffer"):
         other.load(tmp_path / "r.npz")
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped", "wrong_shape"])
-def test_a_damaged_episode_file_is_named(tmp_path, damage):
+def test_an_empty_buffers_state_dict_has_the_dtypes_of_a_full_ones(tmp_path):
+    full = state_buffer()
+    fill(full, [4])
+    full.add(np.zeros(2), np.zeros(3), 0.0, 1.0, first=True)
+    empty = state_buffer()
+    assert ({k: v.dtype for k, v in empty.state_dict().items()}
+            == {k: v.dtype for k, v in full.state_dict().items()})
+    assert empty.state_dict()["lengths"].dtype == np.int64
+    np.savez(tmp_path / "r.npz", **empty.state_dict())
+    full.load(tmp_path / "r.npz")
+    assert (len(full), full.num_episodes, full.state_dict()["pending_obs"].shape) == (0, 0, (0, 2))
+
+
+def test_a_legacy_replay_file_holding_a_pickled_object_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = state_buffer()
+    fill(a, [5])
+    np.savez(tmp_path / "r.npz", **{**a.state_dict(), "reward": np.array([RunsCode()] * 5)})
+    with pytest.raises(ValueError, match="^Object arrays cannot be loaded when allow_pickle=False$"):
+        state_buffer().load(tmp_path / "r.npz")
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped", "wrong_shape", "empty",
+                                    "too_long", "pickled"])
+def test_a_damaged_episode_file_is_named(tmp_path, monkeypatch, damage):
+    monkeypatch.chdir(tmp_path)
     d = tmp_path / "replay"
-    buf = state_buffer(directory=d)
+    buf = state_buffer(capacity=20, directory=d)
     fill(buf, [5, 6, 7])
     manifest = buf.manifest()
     path = d / "ep-00000001.npz"
     data = path.read_bytes()
+
+    def episode(n, obs_shape=(2,), obs=None):
+        np.savez(path, obs=np.zeros((n, *obs_shape), np.float32) if obs is None else obs,
+                 action=np.zeros((n, 3), np.float32), reward=np.zeros(n, np.float32),
+                 discount=np.zeros(n, np.float32))
+
     if damage == "missing":
         path.unlink()
     elif damage == "truncated":
@@ -161,13 +219,38 @@ def test_a_damaged_episode_file_is_named(tmp_path, damage):
     elif damage == "flipped":  # a byte of the arrays' data: only the zip's CRC shows it
         i = data.index(np.float32(5.0).tobytes())  # episode 1's last reward
         path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+    elif damage == "wrong_shape":
+        episode(6, obs_shape=(3,))
+    elif damage == "empty":  # fields of the right dtypes and shapes, but no step
+        episode(0)
+    elif damage == "too_long":
+        episode(21)
     else:
-        np.savez(path, obs=np.zeros((6, 3), np.float32), action=np.zeros((6, 3), np.float32),
-                 reward=np.zeros(6, np.float32), discount=np.zeros(6, np.float32))
-    with pytest.raises(CorruptReplay, match=f"{path}: " + {
-            "missing": "missing", "truncated": "unreadable, truncated or corrupt",
-            "flipped": "unreadable, truncated or corrupt", "wrong_shape": "field obs"}[damage]):
+        episode(6, obs=np.array([RunsCode()] * 6))
+    unreadable = re.escape(f"{path}: unreadable, truncated or corrupt ")
+    with pytest.raises(CorruptReplay) as info:
         ReplayBuffer.open(d, manifest)
+    assert re.fullmatch({
+        "missing": re.escape(f"{path}: missing (the checkpoint holds episodes 0.. of this directory)"),
+        "truncated": unreadable + r"\(BadZipFile: .+\)",
+        "flipped": unreadable + r"\(BadZipFile: Bad CRC-32 .+\)",
+        "wrong_shape": re.escape(f"{path}: field obs is float32[6, 3], expected float32[6, 2]"),
+        "empty": re.escape(f"{path}: an episode of 0 steps (capacity 20)"),
+        "too_long": re.escape(f"{path}: an episode of 21 steps (capacity 20)"),
+        "pickled": unreadable + re.escape(
+            "(ValueError: Object arrays cannot be loaded when allow_pickle=False)"),
+    }[damage], str(info.value)), str(info.value)
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_episodes_of_one_step_and_of_the_whole_capacity_are_read_back(tmp_path):
+    d = tmp_path / "replay"
+    buf = state_buffer(capacity=10, directory=d)
+    fill(buf, [1, 9])
+    assert ReplayBuffer.open(d, buf.manifest()).state_dict()["lengths"].tolist() == [1, 9]
+    fill(buf, [10], start_id=2)
+    b = ReplayBuffer.open(d, buf.manifest())
+    assert (len(b), b.num_episodes, b.id_range) == (10, 1, (2, 3))
 
 
 def test_failed_episode_write_leaves_no_file(tmp_path, monkeypatch):

@@ -178,7 +178,6 @@ class ReplayBuffer:
             # PCG64's state holds 128-bit integers, which JSON keeps exactly.
             "rng": np.array(json.dumps(self._rng.bit_generator.state)),
             "lengths": np.array([len(ep["obs"]) for ep in self._episodes], dtype=np.int64),
-            "pending_length": np.array(len(self._pending["obs"]), dtype=np.int64),
         }
         empty = self._empty_fields()
         for k in _FIELDS:
