@@ -281,6 +281,72 @@ def test_non_finite_batch_skips_the_whole_update():
     assert float(m["model_skipped"]) == 0 and float(m["actor_skipped"]) == 0
 
 
+
+def _trained_with_running_stats(estimator, **kw):
+    """An agent after two updates whose tpx nodes keep running statistics (momentum 0.5),
+    and a deep copy of its checkpoint state."""
+    torch.manual_seed(0)
+    cfg = small_cfg(estimator=estimator, estimator_args={"momentum": 0.5}, **kw)
+    agent = Dreamer((5,), A, cfg)
+    for i in range(2):
+        agent.update(batch((5,), seed=i))
+    return agent, copy.deepcopy(agent.checkpoint_state())
+
+
+def _continues_alike(agent, other):
+    """One more update of each from the same batch and seed: the same tpx weights."""
+    k = []
+    for a in (agent, other):
+        torch.manual_seed(5)
+        k.append(a.update(batch((5,), seed=2))["k_action"])
+    torch.testing.assert_close(k[0], k[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["tpx", "tpx-coord"])
+def test_checkpoint_restores_the_running_statistics(estimator):
+    """Each node's running statistics ((name, step) -> one [3, C, C] tensor of the matrix
+    rule, or the (var_lr, var_rp) pair of the coordinate rule) come back from a checkpoint
+    under the same keys with the same values, and the restored agent weighs as the saved one."""
+    agent, state = _trained_with_running_stats(estimator, latent_nodes=True)
+    saved = agent.behavior.estimator.running_stats
+    assert sorted(saved) == sorted((n, t) for n in ("action", "latent") for t in range(4))
+    other = Dreamer((5,), A, agent.cfg)
+    other.load_checkpoint_state(state)
+    loaded = other.behavior.estimator.running_stats
+    assert loaded.keys() == saved.keys()
+    for key in saved:
+        if estimator == "tpx":
+            assert torch.equal(loaded[key], saved[key]) and saved[key].shape[0] == 3
+        else:
+            assert len(loaded[key]) == 2
+            assert all(torch.equal(a, b) for a, b in zip(loaded[key], saved[key]))
+    assert other.behavior.updates == agent.behavior.updates == 2
+    _continues_alike(agent, other)
+
+
+@pytest.mark.parametrize("precision", ["32", "16"])
+def test_a_checkpoint_from_before_the_matrix_rule_and_the_scalers_loads(precision):
+    """Checkpoints written before the matrix rule stored each node's running statistics as
+    (name, step, var_lr, var_rp), and those written before --precision have no "scalers":
+    they load into the coordinate rule's (var_lr, var_rp) pairs, the scalers keep their
+    initial state, and the agent weighs as the one that wrote them."""
+    agent, state = _trained_with_running_stats("tpx-coord", precision=precision)
+    behavior = state["behavior"]
+    del behavior["scalers"]
+    behavior["running_stats"] = [(n, s, lr, rp) for n, s, (lr, rp) in behavior["running_stats"]]
+    other = Dreamer((5,), A, agent.cfg)
+    initial = [s.state_dict() for s in (other.behavior.actor_scaler, other.behavior.critic_scaler)]
+    other.load_checkpoint_state(state)
+    saved, loaded = agent.behavior.estimator.running_stats, other.behavior.estimator.running_stats
+    assert loaded.keys() == saved.keys() == {("action", t) for t in range(4)}
+    for key, (lr, rp) in saved.items():
+        assert len(loaded[key]) == 2
+        assert torch.equal(loaded[key][0], lr) and torch.equal(loaded[key][1], rp)
+        assert not torch.equal(lr, rp)
+    assert [s.state_dict() for s in (other.behavior.actor_scaler,
+                                     other.behavior.critic_scaler)] == initial
+    _continues_alike(agent, other)
+
 def test_act_returns_bounded_actions_and_carries_state():
     agent = Dreamer((5,), A, small_cfg())
     obs = np.zeros(5, np.float32)
