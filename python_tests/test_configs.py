@@ -119,28 +119,78 @@ def test_cpu_default_matches_its_documented_run():
     assert "--estimator tpx-coord" in readme
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("kl_balance", "1.0", "kl_balance must be 0"),
-    ("kl_balance", "-0.2", "kl_balance must be 0"),
-    ("slow_critic_every", "-1", "slow_critic_every must be >= 0"),
-    ("expl_noise", "-0.1", "expl_noise must be"),
-    ("expl_noise", "nan", "expl_noise must be"),
-    ("pretrain", "-5", "pretrain must be >= 0"),
-    ("cnn_act", "tanh", "cnn_act must be"),
-    ("actor_min_std", "2.0", "need actor_init_std > actor_min_std"),
-    ("actor_layers", "-1", "actor_layers"),
-    ("mlp_layers", "0", "mlp_layers must be >= 1"),
+_AT_LEAST_ONE = "batch_size and seq_len must be >= 1"
+_SCHEDULE = "train_every and train_steps must be >= 1"
+_EVALUATION = "eval_every, checkpoint_every and eval_episodes must be >= 1"
+_KL_BALANCE = ("kl_balance must be 0 (no balancing: plain KL, DreamerV1) or in (0, 1) "
+               "(DreamerV2's balancing), got ")
+_LAYERS = ("rssm_hidden, reward_layers, actor_layers and critic_layers must be >= 0 (0: the "
+           "hidden / mlp_layers value)")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("obs", "rgb", "obs must be 'state' or 'pixels', got 'rgb'"),
+    ("precision", "8", "precision must be one of 32, bf16, 16, got '8'"),
+    ("estimator", "tp", "estimator must be one of rp, lr, mix, tpx, tpx-coord, tpx-paper, "
+     "tpx-loo, got 'tp' (tp forms per-sample parameter gradients, B x P: use it through "
+     "tpx_ext.Estimator on small models)"),
+    ("horizon", "0", "horizon must be >= 1, got 0"),
+    ("action_repeat", "0", "action_repeat must be >= 1, got 0"),
+    ("batch_size", "0", _AT_LEAST_ONE),
+    ("seq_len", "0", _AT_LEAST_ONE),
+    ("train_every", "0", _SCHEDULE),
+    ("train_steps", "0", _SCHEDULE),
+    ("steps", "0", "steps must be >= 1, got 0"),
+    ("envs", "0", "envs must be >= 1, got 0"),
+    ("imag_starts", "-1", "imag_starts must be >= 0, got -1"),
+    ("episode_length", "-1", "episode_length must be >= 0, got -1"),
+    ("eval_every", "0", _EVALUATION),
+    ("checkpoint_every", "0", _EVALUATION),
+    ("eval_episodes", "0", _EVALUATION),
+    ("pretrain", "-5", "pretrain must be >= 0 (0: train_steps), got -5"),
+    ("kl_balance", "1.0", _KL_BALANCE + "1.0"),
+    ("kl_balance", "-0.2", _KL_BALANCE + "-0.2"),
+    ("slow_critic_every", "-1", "slow_critic_every must be >= 0 (0: no slow critic), got -1"),
+    ("expl_noise", "-0.1", "expl_noise must be a finite std >= 0, got -0.1"),
+    ("expl_noise", "nan", "expl_noise must be a finite std >= 0, got nan"),
+    ("expl_noise", "inf", "expl_noise must be a finite std >= 0, got inf"),
+    ("actor_min_std", "2.0", "need actor_init_std > actor_min_std > 0, got 1.0, 2.0"),
+    ("actor_min_std", "1.0", "need actor_init_std > actor_min_std > 0, got 1.0, 1.0"),
+    ("actor_min_std", "0", "need actor_init_std > actor_min_std > 0, got 1.0, 0.0"),
+    ("cnn_act", "tanh", "cnn_act must be 'relu' or 'elu', got 'tanh'"),
+    ("rssm_hidden", "-1", _LAYERS),
+    ("reward_layers", "-1", _LAYERS),
+    ("actor_layers", "-1", _LAYERS),
+    ("critic_layers", "-1", _LAYERS),
+    ("mlp_layers", "0", "mlp_layers must be >= 1, got 0"),
 ])
-def test_invalid_values_are_refused(key, value, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_values_are_refused(key, value, message):
+    """Each check refuses the first value past its bound, alone (every other value is the
+    debug preset's), with its message in full."""
+    with pytest.raises(ValueError) as info:
         configs.build(["debug"], {key: value})
+    assert str(info.value) == message
 
 
-@pytest.mark.parametrize("key,value", [("kl_balance", "0"), ("kl_balance", "0.5"),
-                                       ("slow_critic_every", "0"), ("expl_noise", "0.3"),
-                                       ("pretrain", "100")])
+@pytest.mark.parametrize("key,value", [
+    ("obs", "pixels"), ("cnn_act", "elu"), ("precision", "bf16"), ("estimator", "tpx-loo"),
+    ("horizon", 1), ("action_repeat", 1), ("batch_size", 1), ("seq_len", 1),
+    ("train_every", 1), ("train_steps", 1), ("steps", 1), ("envs", 1),
+    ("episode_length", 0), ("eval_every", 1), ("checkpoint_every", 1), ("eval_episodes", 1),
+    ("kl_balance", 0.0), ("kl_balance", 0.5), ("kl_balance", 0.999),
+    ("slow_critic_every", 0), ("expl_noise", 0.0), ("expl_noise", 0.3),
+    ("actor_min_std", 0.999), ("actor_min_std", 1e-4), ("mlp_layers", 1),
+    ("pretrain", 100), ("imag_starts", 1),
+])
 def test_valid_edge_values_are_accepted(key, value):
-    configs.build(["debug"], {key: value})
+    """The bound of each check is accepted (given as text, as on the command line)."""
+    assert getattr(configs.build(["debug"], {key: str(value)}), key) == value
+
+
+def test_zeros_that_stand_for_another_key_are_accepted_and_resolved():
+    cfg = configs.build(["debug"], {k: "0" for k in (*configs.DERIVED, "imag_starts")})
+    assert (cfg.pretrain, cfg.rssm_hidden, cfg.imag_starts) == (cfg.train_steps, 16, 4 * 8)
+    assert cfg.reward_layers == cfg.actor_layers == cfg.critic_layers == cfg.mlp_layers == 2
 
 
 def _documented_values():
@@ -273,3 +323,85 @@ def test_run_name():
     assert configs.run_name("walker_walk", "rp", 5, 0, obs="pixels") == \
         "walker_walk_pixels_rp_h5_s0"
     assert configs.run_name("walker_walk", "rp", 5, 0, obs="") == "walker_walk_rp_h5_s0"
+
+
+def test_derived_keys_keep_given_values_and_resolve_zeros():
+    """A 0 of a derived key becomes its source key's value, imag_starts 0 the batch's
+    batch_size x seq_len posterior states (an int); values given, 1 included, are kept."""
+    cfg = configs.build(["debug"], {"mlp_layers": "3", "train_steps": "5", "hidden": "24"})
+    assert (cfg.pretrain, cfg.rssm_hidden) == (5, 24)
+    assert cfg.reward_layers == cfg.actor_layers == cfg.critic_layers == 3
+    assert cfg.imag_starts == 4 * 8 and type(cfg.imag_starts) is int
+    given = {"pretrain": 1, "rssm_hidden": 1, "reward_layers": 1, "actor_layers": 4,
+             "critic_layers": 1, "imag_starts": 7}
+    cfg = configs.build(["debug"], {"mlp_layers": "3", "train_steps": "5", "hidden": "24",
+                                    **{k: str(v) for k, v in given.items()}})
+    assert {k: getattr(cfg, k) for k in given} == given
+
+
+@pytest.mark.parametrize("key,text,value", [
+    *[("latent_nodes", t, True) for t in ("1", "true", "yes", "on", "True", "ON")],
+    *[("latent_nodes", t, False) for t in ("0", "false", "no", "off", "FALSE", "Off")],
+    ("horizon", "15", 15), ("horizon", "1e3", 1000), ("steps", "2.5E5", 250_000),
+    ("actor_lr", "1e-4", 1e-4), ("actor_lr", "0.5", 0.5), ("gamma", "1", 1.0),
+    ("task", "walker_walk", "walker_walk"),
+])
+def test_override_text_is_parsed_as_the_defaults_type(key, text, value):
+    """--KEY VALUE: booleans from 1/true/yes/on and 0/false/no/off in any case, ints also
+    in scientific notation, floats and strings as Python reads them."""
+    got = getattr(configs.build(["debug"], {key: text}), key)
+    assert got == value and type(got) is type(value)
+
+
+def test_override_values_that_are_not_text_are_converted():
+    cfg = configs.build(["debug"], {"horizon": 7.0, "gamma": 1, "latent_nodes": 1})
+    assert (cfg.horizon, cfg.gamma, cfg.latent_nodes) == (7, 1.0, True)
+    assert (type(cfg.horizon), type(cfg.gamma)) == (int, float)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"latent_nodes": "maybe"}, "--latent_nodes: expected true/false, got 'maybe'"),
+    ({"horizon": "ten"}, "--horizon: expected int, got 'ten'"),
+    ({"horizon": "1.5"}, "--horizon: expected int, got '1.5'"),
+    ({"gamma": "high"}, "--gamma: expected float, got 'high'"),
+    ({"tpx_ucb": "1"}, "config key 'tpx_ucb' is now estimator_args.ucb "
+                       "(--estimator_args.ucb VALUE)"),
+    ({"mix_rho": 0.5}, "config key 'mix_rho' is now estimator_args.rho "
+                       "(--estimator_args.rho VALUE)"),
+    ({"estimator_args.nope": "1"}, "unknown estimator knob 'nope' in --estimator_args.nope; "
+                                   "knobs: rho, weights, ucb, momentum"),
+    ({"estimator_args.ucb.x": "1"}, "unknown estimator knob 'ucb.x' in "
+                                    "--estimator_args.ucb.x; knobs: rho, weights, ucb, momentum"),
+    ({"estimator_args": "ucb=1"}, "estimator_args must be a mapping, got 'ucb=1'"),
+    ({"estimator": "mix"}, "estimator_args of estimator 'mix': rho is required by mode 'mix' "
+                           "(the weight on LR at every node; a number in [0, 1])"),
+    ({"estimator": "rp", "estimator_args.ucb": "1"},
+     "estimator_args of estimator 'rp': ucb applies to mode 'tpx' only (mode 'rp')"),
+])
+def test_bad_overrides_are_refused(overrides, message):
+    with pytest.raises(ValueError) as info:
+        configs.build(["debug"], overrides)
+    assert str(info.value) == message
+
+
+def test_unknown_keys_and_presets_are_refused_with_the_valid_names():
+    with pytest.raises(ValueError) as info:
+        configs.build([], {"bogus": "1"})
+    assert str(info.value) == ("unknown config key 'bogus'; valid keys: "
+                               + ", ".join(dataclasses.asdict(configs.Config())))
+    assert ", obs, action_repeat, " in str(info.value)
+    with pytest.raises(ValueError) as info:
+        configs.build(["debug", "nope"], {})
+    assert str(info.value) == ("unknown config preset 'nope'; valid: debug, dmc_vision, "
+                               "dmc_proprio, horizon_gpu, dreamerv2_choices")
+
+
+def test_estimator_args_given_as_a_mapping_replace_the_presets():
+    """--estimator_args as a whole (a saved config's mapping) replaces the knobs set so far;
+    single knobs after it add to it, and build copies it (the caller's mapping and Config's
+    default stay as they were)."""
+    args = {"ucb": 1.0}
+    cfg = configs.build(["debug"], {"estimator_args.momentum": "0.5", "estimator_args": args,
+                                    "estimator_args.weights": "coordinate"})
+    assert cfg.estimator_args == {"ucb": 1.0, "weights": "coordinate"}
+    assert args == {"ucb": 1.0} and configs.Config().estimator_args == {}

@@ -292,7 +292,7 @@ def validate(cfg: Config) -> None:
         (cfg.eval_every >= 1 and cfg.checkpoint_every >= 1 and cfg.eval_episodes >= 1,
          "eval_every, checkpoint_every and eval_episodes must be >= 1"),
         (cfg.pretrain >= 0, f"pretrain must be >= 0 (0: train_steps), got {cfg.pretrain}"),
-        (cfg.kl_balance == 0.0 or 0.0 < cfg.kl_balance < 1.0,
+        (0.0 <= cfg.kl_balance < 1.0,
          f"kl_balance must be 0 (no balancing: plain KL, DreamerV1) or in (0, 1) (DreamerV2's "
          f"balancing), got {cfg.kl_balance}"),
         (cfg.slow_critic_every >= 0,
