@@ -2,6 +2,8 @@
 
 import glob
 import os
+import pickle
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from tpx_ext.dreamer import checkpoint
 from tpx_ext.dreamer.replay import CorruptReplay, ReplayBuffer
 
-from test_replay import fill
+from test_replay import MARKER, RunsCode, fill
 
 
 def run_buffer(run_dir, capacity=10**6):
@@ -148,14 +150,6 @@ def test_a_damaged_episode_file_with_no_complete_checkpoint_is_named(tmp_path):
     assert isinstance(CorruptReplay("x"), ValueError)
 
 
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, (f"touch {MARKER}",))
-
-
-MARKER = "ran-code-marker"
-
-
 def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
@@ -170,6 +164,120 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=r"refused: .*ObjectDType"):
         checkpoint.safe_load(tmp_path / "objects.pt")
     assert not (tmp_path / MARKER).exists()
+
+
+def test_the_refusal_names_the_file_and_the_global_it_would_import(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    torch.save({**state(1), "agent": RunsCode()}, path)
+    module = os.system.__module__  # posix
+    with pytest.raises(ValueError) as info:
+        checkpoint.safe_load(path)
+    assert str(info.value) == (
+        f"{path}: refused: it holds a pickled object that loading would have to run (Trying to "
+        f"load unsupported GLOBAL {module}.system whose module {module} is blocked). Checkpoints "
+        "of tpx_ext hold only tensors and plain values; do not load files from sources you do "
+        "not trust")
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_the_environment_cannot_turn_the_refusal_off(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 makes torch.load unpickle anything when its caller
+    does not pass weights_only; safe_load passes it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({**state(1), "agent": RunsCode()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="refused: it holds a pickled object"):
+        checkpoint.safe_load(tmp_path / "checkpoint.pt")
+    assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_files_that_are_not_checkpoints_are_named_with_the_reason(tmp_path):
+    """An empty file, a pickle that is not a torch file, another tool's torch file: each is
+    reported by name with what is wrong, and load names both when neither loads."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    latest, previous = run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"
+    latest.write_bytes(b"")  # a copy that stopped before its first byte
+    torch.save({"config": {}, "agent": {}}, previous)  # no counters
+    with pytest.raises(ValueError) as info:
+        checkpoint.load(str(run_dir))
+    assert str(info.value) == (
+        f"{run_dir}: no complete checkpoint: {latest} is not a checkpoint this trainer can read "
+        f"(EOFError: ); {previous} is not a checkpoint of tpx_ext.train (another tool's file?)")
+    torch.save([1, 2], previous)
+    with pytest.raises(ValueError, match=re.escape(f"{previous} is not a checkpoint of tpx_ext.train")):
+        checkpoint.read_state(str(run_dir))
+    pickled = tmp_path / "list.pkl"  # torch's unpickler stops at protocol 4's first opcode
+    pickled.write_bytes(pickle.dumps([1, 2], protocol=4))
+    with pytest.raises(ValueError) as info:
+        checkpoint.safe_load(pickled)
+    assert str(info.value).startswith(
+        f"{pickled} is not a checkpoint this trainer can read (UnpicklingError: ")
+
+
+def test_config_agent_and_counters_are_all_a_state_needs(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"config": {"seed": 1}, "agent": {}, "counters": {"env_steps": 5}},
+               run_dir / "checkpoint.pt")
+    assert checkpoint.read_state(str(run_dir)) == {
+        "config": {"seed": 1}, "agent": {}, "counters": {"env_steps": 5}}
+
+
+def test_read_state_and_load_without_replay_read_no_episode(tmp_path, capsys):
+    """Tools that need only the model (evaluate, gradvar) work without the episode files."""
+    run_dir = tmp_path / "run"
+    buf = run_buffer(run_dir)
+    fill(buf, [10, 10])
+    checkpoint.save(str(run_dir), state(7), buf)
+    for name in os.listdir(run_dir / "replay"):
+        os.unlink(run_dir / "replay" / name)
+    assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 7
+    s, replay = checkpoint.load(str(run_dir), with_replay=False)
+    assert s["counters"]["env_steps"] == 7 and replay is None
+    assert capsys.readouterr().err == ""
+
+
+def test_map_location_places_the_tensors(tmp_path):
+    """The meta device stands for a GPU: every machine has it. Without map_location, the CPU."""
+    run_dir = tmp_path / "run"
+    buf = run_buffer(run_dir)
+    fill(buf, [10])
+    checkpoint.save(str(run_dir), state(1), buf)
+    path = run_dir / "checkpoint.pt"
+    assert checkpoint.safe_load(path)["agent"]["w"].device == torch.device("cpu")
+    assert checkpoint.read_state(str(run_dir))["agent"]["w"].device == torch.device("cpu")
+    assert checkpoint.safe_load(path, "meta")["agent"]["w"].is_meta
+    assert checkpoint.read_state(str(run_dir), "meta")["agent"]["w"].is_meta
+    assert checkpoint.load(str(run_dir), "meta", with_replay=False)[0]["agent"]["w"].is_meta
+
+
+def test_a_resumed_run_keeps_the_episodes_of_the_checkpoint_it_loaded(tmp_path):
+    """The first save after a load keeps the loaded checkpoint (now checkpoint.prev.pt)
+    complete: the episodes it names that the buffer has evicted since stay on disk."""
+    run_dir = tmp_path / "run"
+    buf = run_buffer(run_dir, capacity=30)
+    fill(buf, [10, 10, 10])
+    checkpoint.save(str(run_dir), state(1), buf)
+    _, resumed = checkpoint.load(str(run_dir))
+    fill(resumed, [10], start_id=3)  # evicts episode 0
+    checkpoint.save(str(run_dir), state(2), resumed)
+    assert (run_dir / "replay" / "ep-00000000.npz").exists()
+    os.unlink(run_dir / "checkpoint.pt")
+    s, r = checkpoint.load(str(run_dir))
+    assert s["counters"]["env_steps"] == 1 and r.id_range == (0, 3) and len(r) == 30
+
+
+def test_no_checkpoint_says_why(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        checkpoint.load(str(tmp_path / "nowhere"))
+    assert str(info.value) == f"{tmp_path / 'nowhere'}: no checkpoint.pt (no such directory)"
+    with pytest.raises(FileNotFoundError) as info:
+        checkpoint.read_state(str(tmp_path))
+    assert str(info.value) == (f"{tmp_path}: no checkpoint.pt (not a run directory, or the run "
+                               "stopped before its first checkpoint)")
 
 
 def test_checkpoints_hold_only_what_weights_only_loads(tmp_path):
@@ -205,3 +313,31 @@ def test_a_checkpoint_from_before_episode_files_loads_and_migrates(tmp_path):
     checkpoint.save(str(run_dir), state(40), buf)
     assert not (run_dir / "replay-0000000022.npz").exists()
     assert checkpoint.load(str(run_dir))[1].state_dict()["obs"].shape == (22, 2)
+
+
+def legacy_run(run_dir, **arrays):
+    """A run saved before episode files: checkpoint.pt naming replay-0000000022.npz, the
+    buffer's state_dict() with `arrays` replacing its own."""
+    run_dir.mkdir()
+    old = ReplayBuffer(1000, (2,), np.float32, 3)
+    fill(old, [10, 12])
+    np.savez(run_dir / "replay-0000000022.npz", **{**old.state_dict(), **arrays})
+    torch.save({**state(22), "replay_file": "replay-0000000022.npz"}, run_dir / "checkpoint.pt")
+    return run_dir / "replay-0000000022.npz"
+
+
+def test_a_missing_legacy_replay_file_is_named(tmp_path):
+    path = legacy_run(tmp_path / "run")
+    os.unlink(path)
+    with pytest.raises(ValueError) as info:
+        checkpoint.load(str(tmp_path / "run"))
+    assert str(info.value) == (f"{tmp_path / 'run'}: no complete checkpoint: "
+                               f"{path}: missing (named by the checkpoint)")
+
+
+def test_a_legacy_replay_file_holding_a_pickled_object_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    legacy_run(tmp_path / "run", config=np.array([RunsCode()]))
+    with pytest.raises(ValueError, match="Object arrays cannot be loaded when allow_pickle=False"):
+        checkpoint.load(str(tmp_path / "run"))
+    assert not (tmp_path / MARKER).exists()
