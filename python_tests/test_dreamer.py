@@ -347,6 +347,273 @@ def test_a_checkpoint_from_before_the_matrix_rule_and_the_scalers_loads(precisio
                                      other.behavior.critic_scaler)] == initial
     _continues_alike(agent, other)
 
+
+def test_objective_weights_values():
+    """w_t of J = sum_t w_t V_t in float64: gamma^t / H, 1 / H, or the start state's V_0."""
+    expected = {"discount": [1 / 4, 0.5 / 4, 0.25 / 4, 0.125 / 4], "uniform": [0.25] * 4,
+                "start": [1.0, 0.0, 0.0, 0.0]}
+    for kind, want in expected.items():
+        w = objective_weights(kind, 4, 0.5)
+        assert w.dtype == torch.float64
+        assert torch.equal(w, torch.tensor(want, dtype=torch.float64)), kind
+    assert torch.equal(objective_weights("start", 1, 0.5), torch.ones(1, dtype=torch.float64))
+    with pytest.raises(ValueError) as info:
+        objective_weights("Discount", 4, 0.5)
+    assert str(info.value) == "unknown actor_weights 'Discount'; valid: discount, uniform, start"
+
+
+def test_the_agents_objective_weights_are_float32_on_the_asked_device_and_cached():
+    beh = Dreamer((5,), A, small_cfg(actor_weights="discount", gamma=0.5)).behavior
+    w = beh.objective_weights(4, torch.device("cpu"))
+    assert w.dtype == torch.float32 and w.device.type == "cpu"
+    assert torch.equal(w, objective_weights("discount", 4, 0.5).float())
+    assert beh.objective_weights(4, "cpu") is w  # cached per (horizon, device)
+    assert beh.objective_weights(3, "cpu").shape == (3,)
+    meta = beh.objective_weights(4, "meta")  # a device of its own, not the cpu entry
+    assert meta.device.type == "meta" and beh.objective_weights(4, "cpu") is w
+
+
+def test_actor_critic_follow_the_config():
+    """The actor's std and mean bounds, the heads' depths, and the two Adam optimisers over
+    their own module's parameters with the configured learning rates and eps."""
+    cfg = small_cfg(actor_init_std=3.0, actor_min_std=0.2, actor_mean_scale=2.0,
+                    actor_layers=3, critic_layers=1, actor_lr=2e-4, critic_lr=5e-4,
+                    adam_eps=1e-6)
+    beh = Dreamer((5,), A, cfg).behavior
+    actor = beh.actor
+    assert (actor.min_std, actor.mean_scale) == (0.2, 2.0)
+    with torch.no_grad():
+        for layer in actor.net:  # a zero pre-activation: sigma = init_std, mu = 0
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.zero_(), layer.bias.zero_()
+        mu, sigma = actor(torch.zeros(1, beh.critic.net[0].in_features))
+    torch.testing.assert_close(sigma, torch.full((1, A), 3.0))
+    assert torch.equal(mu, torch.zeros(1, A))
+    linears = lambda m: sum(isinstance(x, torch.nn.Linear) for x in m.modules())  # noqa: E731
+    assert (linears(actor), linears(beh.critic)) == (4, 2)
+    for opt, module, lr in ((beh.actor_opt, actor, 2e-4), (beh.critic_opt, beh.critic, 5e-4)):
+        assert isinstance(opt, torch.optim.Adam) and len(opt.param_groups) == 1
+        group = opt.param_groups[0]
+        assert (group["lr"], group["eps"]) == (lr, 1e-6)
+        assert [id(p) for p in group["params"]] == [id(p) for p in module.parameters()]
+
+
+def test_the_slow_critic_is_a_copy_without_gradients():
+    """slow_critic_every 1 keeps a slow critic (copied after every update); its parameters
+    are the critic's values in tensors of their own, never trained by a gradient."""
+    agent = Dreamer((5,), A, small_cfg(slow_critic_every=1))
+    beh = agent.behavior
+    assert beh.slow_critic is not None and beh.target_critic is beh.slow_critic
+    for i in range(2):
+        agent.update(batch((5,), seed=i))
+        for p, q in zip(beh.slow_critic.parameters(), beh.critic.parameters()):
+            assert not p.requires_grad and p.grad is None
+            assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
+def test_imagination_trains_the_actor_only():
+    """actor_gradient leaves gradients in the actor alone: the world model and the critic
+    are frozen during it and trainable again after it."""
+    agent = Dreamer((5,), A, small_cfg(estimator="tpx"))
+    beh = agent.behavior
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    post = agent.world_model.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+    beh.actor_gradient(agent.world_model, post, beh.estimator, 4)
+    assert all(p.grad is not None for p in beh.actor.parameters())
+    for module in (agent.world_model, beh.critic):
+        assert all(p.grad is None and p.requires_grad for p in module.parameters())
+
+
+def test_imagined_steps_chain_through_the_rssm():
+    """Step t feeds the state's stoch and deter with the sampled action (in [-1, 1]) to the
+    GRU; the next state's deter is its output and its stoch the prior's sample
+    mean + std * eps of that deter, eps the float32 standard normal draw; the values are the
+    target critic's of s_0 .. s_H and the rewards the reward head's of s_1 .. s_H."""
+    torch.manual_seed(0)
+    cfg = small_cfg(estimator="rp", horizon=3)
+    agent = Dreamer((5,), A, cfg)
+    wm, beh, S = agent.world_model, agent.behavior, cfg.stoch
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    post = wm.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+    steps, priors, draws = [], [], []
+    deter_step, prior, randn = wm.rssm.deter_step, wm.rssm.prior, torch.randn
+    wm.rssm.deter_step = lambda z, a, h: steps.append((z, a, h)) or deter_step(z, a, h)
+    wm.rssm.prior = lambda h: priors.append(prior(h)) or priors[-1]
+
+    def spy_randn(*args, **kw):
+        draws.append(randn(*args, **kw))
+        return draws[-1]
+    torch.randn = spy_randn
+    try:
+        im = beh.actor_gradient(wm, post, beh.estimator, 3)
+    finally:
+        torch.randn = randn
+    latent_draws = [d for d in draws if d.shape == (len(post.deter), S)]
+    assert len(steps) == len(priors) == len(latent_draws) == 3
+    for t, ((z, a, h), (mean, std), eps) in enumerate(zip(steps, priors, latent_draws)):
+        assert torch.equal(z.detach(), im.feats[t, :, :S]) and torch.equal(h.detach(), im.feats[t, :, S:])
+        assert a.shape == (len(post.deter), A) and bool((a.abs() <= 1).all())
+        assert torch.equal(deter_step(z, a, h).detach(), im.feats[t + 1, :, S:])
+        assert eps.dtype == torch.float32
+        assert torch.equal((mean + std * eps).detach(), im.feats[t + 1, :, :S])
+    with torch.no_grad():
+        torch.testing.assert_close(im.values, beh.target_critic(im.feats), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(im.rewards, wm.reward(im.feats[1:]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("state_grad", [True, False])
+def test_the_actor_loss_is_minus_the_weighted_returns_and_the_entropy_bonus(state_grad):
+    """The loss given to graph.loss is -(mean over starts of sum_t w_t V_t + actor_entropy x
+    the mean over steps and starts of the summed log sigma), recomputed from the rollout's
+    rewards, values and sigmas [H, N, A]."""
+    torch.manual_seed(0)
+    cfg = small_cfg(estimator="tpx", horizon=4, actor_entropy=0.3, actor_weights="discount",
+                    actor_state_grad=state_grad, gamma=0.9, lam=0.7)
+    agent = Dreamer((5,), A, cfg)
+    beh = agent.behavior
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    post = agent.world_model.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))
+    seen, make_graph = [], beh.estimator.graph
+
+    def graph():
+        g = make_graph()
+        loss = g.loss
+        g.loss = lambda value: seen.append(value.detach()) or loss(value)
+        return g
+    beh.estimator.graph = graph
+    im = beh.actor_gradient(agent.world_model, post, beh.estimator, 4)
+    N = len(post.deter)
+    assert im.sigma.shape == (4, N, A) and im.values.shape == (5, N) and im.rewards.shape == (4, N)
+    with torch.no_grad():
+        _, sigma = beh.actor(im.feats[:-1])
+    torch.testing.assert_close(im.sigma, sigma, rtol=1e-6, atol=1e-7)
+    entropy = im.sigma.log().sum(-1).mean()
+    torch.testing.assert_close(im.entropy, entropy)
+    w = objective_weights("discount", 4, 0.9)[:, None]
+    J = (w * lambda_returns(im.rewards.double(), im.values.double(), 0.9, 0.7)).sum(0).mean()
+    (value,) = seen
+    torch.testing.assert_close(value.double(), -(J + 0.3 * entropy.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_node_metrics_average_the_mu_weights_of_each_step():
+    """k_<node> [H]: each step's mean LR weight over its mu coordinates (the first half of
+    k, NaN ignored); nonfinite_<node>: the count summed over steps; rp's stats (k None) and
+    nodes the graph did not have give no metric."""
+    from tpx_ext.estimators import NodeStats
+    beh = Dreamer((5,), A, small_cfg()).behavior
+    nan = float("nan")
+    k = [torch.tensor([0.2, 0.4, 0.6, 9.0, 9.0, 9.0], dtype=torch.float64),
+         torch.tensor([nan, 1.0, 0.0, 9.0, 9.0, 9.0], dtype=torch.float64)]
+    stats = [NodeStats("action", t, k=k[t], nonfinite=torch.tensor(t + 1)) for t in range(2)]
+    stats.append(NodeStats("latent", 0, k=None))
+    out = beh._node_metrics(stats)
+    assert set(out) == {"k_action", "nonfinite_action"}
+    assert out["k_action"].dtype == torch.float32
+    torch.testing.assert_close(out["k_action"], torch.tensor([0.4, 0.5]))
+    assert float(out["nonfinite_action"]) == 3.0
+    one = beh._node_metrics([NodeStats("latent", 0, k=k[0], nonfinite=torch.tensor(0))])
+    assert set(one) == {"k_latent", "nonfinite_latent"}
+    torch.testing.assert_close(one["k_latent"], torch.tensor([0.4]))
+
+
+def test_a_horizon_of_one_reports_one_weight():
+    m = Dreamer((5,), A, small_cfg(estimator="tpx", horizon=1)).update(batch((5,)))
+    assert m["k_action"].shape == (1,) and float(m["actor_skipped"]) == 0
+
+
+def test_the_actor_acts_with_its_mean_or_a_reparameterised_sample():
+    """explore=False: tanh(mu), whatever the RNG; explore=True: tanh(mu + sigma eps) with
+    eps torch's next standard normal draw."""
+    beh = Dreamer((5,), A, small_cfg(actor_init_std=2.0)).behavior
+    feat = torch.randn(3, beh.critic.net[0].in_features)
+    with torch.no_grad():
+        mu, sigma = beh.actor(feat)
+        torch.manual_seed(1)
+        mean_action = beh.act(feat, explore=False)
+        torch.manual_seed(2)
+        assert torch.equal(beh.act(feat, explore=False), mean_action)
+        assert torch.equal(mean_action, torch.tanh(mu))
+        torch.manual_seed(3)
+        sampled = beh.act(feat, explore=True)
+        torch.manual_seed(3)
+        eps = torch.randn_like(mu)
+    assert torch.equal(sampled, torch.tanh(mu + sigma * eps))
+
+
+def test_world_model_layers_follow_the_config():
+    """The state encoder has mlp_layers - 1 hidden layers, the decoder mlp_layers, the
+    reward head reward_layers, all `hidden` wide; the RSSM's layers are rssm_hidden wide
+    and its latents' std is at least latent_min_std."""
+    cfg = small_cfg(mlp_layers=3, reward_layers=1, hidden=12, rssm_hidden=10,
+                    latent_min_std=0.5)
+    wm = Dreamer((5,), A, cfg).world_model
+    widths = lambda m: [x.out_features for x in m.modules() if isinstance(x, torch.nn.Linear)]  # noqa: E731
+    assert widths(wm.encoder) == [12, 12, 12]
+    assert widths(wm.decoder) == [12, 12, 12, 5]
+    assert widths(wm.reward) == [12, 1]
+    assert wm.rssm.img_in.out_features == 10 and wm.rssm.min_std == 0.5
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    with torch.no_grad():
+        post, prior = wm.rssm.observe(wm.embed(data["obs"]), data["action"])
+    assert float(prior.std.min()) >= 0.5 and float(post.std.min()) >= 0.5
+
+
+@pytest.mark.parametrize("act", ["relu", "elu"])
+def test_pixel_encoder_and_decoder_use_cnn_act(act):
+    wm = Dreamer((3, 64, 64), A, small_cfg(cnn_act=act)).world_model
+    other = {"relu": torch.nn.ELU, "elu": torch.nn.ReLU}[act]
+    want = {"relu": torch.nn.ReLU, "elu": torch.nn.ELU}[act]
+    for net in (wm.encoder, wm.decoder):
+        kinds = {type(m) for m in net.modules()}
+        assert want in kinds and other not in kinds
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (4, 64, 64), (3, 65, 64), (3, 64, 65)])
+def test_pixels_other_than_3x64x64_are_refused(shape):
+    with pytest.raises(ValueError) as info:
+        Dreamer(shape, A, small_cfg())
+    assert str(info.value) == f"the conv encoder needs 3x64x64 pixels, got {shape}"
+
+
+def test_pixel_world_model_loss_recomputed_from_the_batch():
+    """Pixels: the decoder's target is the encoder's scaling obs / 255 - 0.5, its squared
+    error summed over channels and pixels; the metrics also hold the model loss and the
+    prior's entropy term (summed log std, averaged over the batch)."""
+    torch.manual_seed(0)
+    cfg = small_cfg(kl_balance=0.8, free_nats=0.0, kl_scale=0.7)
+    wm = Dreamer((3, 64, 64), A, cfg).world_model
+    data = {k: torch.as_tensor(v) for k, v in batch((3, 64, 64)).items()}
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss, _, m = wm.loss(data)
+        torch.manual_seed(3)
+        post, prior = wm.rssm.observe(wm.encoder(data["obs"]), data["action"])
+        target = data["obs"].float() / 255 - 0.5
+        obs_loss = 0.5 * (wm.decoder(post.feat) - target).pow(2).sum((2, 3, 4)).mean()
+        reward_loss = 0.5 * (wm.reward(post.feat) - data["reward"]).pow(2).mean()
+        prior_ent = prior.std.log().sum(-1).mean()
+    torch.testing.assert_close(m["obs_loss"], obs_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m["model_loss"], loss)
+    torch.testing.assert_close(loss, obs_loss + reward_loss + 0.7 * m["kl"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m["prior_ent"], prior_ent)
+    assert set(m) == {"model_loss", "obs_loss", "reward_loss", "kl", "prior_ent"}
+
+
+def test_posterior_is_the_losss_posterior_and_state_obs_may_be_float64():
+    torch.manual_seed(0)
+    wm = Dreamer((5,), A, small_cfg()).world_model
+    data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+    with torch.no_grad():
+        torch.manual_seed(3)
+        _, post, _ = wm.loss(data)
+        torch.manual_seed(3)
+        again = wm.posterior(data)
+        torch.manual_seed(3)
+        wide = wm.posterior({**data, "obs": data["obs"].double()})
+    for a, b, c in zip(post, again, wide):
+        assert a.shape[:2] == (B, T)
+        assert torch.equal(a, b) and torch.equal(a, c)
+
 def test_act_returns_bounded_actions_and_carries_state():
     agent = Dreamer((5,), A, small_cfg())
     obs = np.zeros(5, np.float32)
