@@ -751,3 +751,142 @@ def test_world_model_loss_recomputed_from_the_batch(balance):
     for got, expected in ((m["obs_loss"], obs_loss), (m["reward_loss"], reward_loss),
                           (m["kl"], kl), (loss, want)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the trainer around the agent
+# (test_train.py runs the trainer end to end; these are its fast checks of resuming and setup)
+def _train(logdir, *args):
+    from tpx_ext.dreamer.train import main
+    return main(["--configs", "debug", "--logdir", str(logdir), "--quiet", "--threads", "1", *args])
+
+
+def _run_files(logdir):
+    """(metrics without the timing fields, checkpoint counters, agent state (modules,
+    optimizers, running statistics), replay arrays)."""
+    from tpx_ext.dreamer import checkpoint
+    from tpx_ext.dreamer.logger import read_metrics
+    from tpx_ext.dreamer.train import load_run
+    timing = {"env_steps_per_second", "update_seconds"}
+    records = [{k: v for k, v in r.items() if k not in timing}
+               for r in read_metrics(str(logdir / "metrics.jsonl"))]
+    state = checkpoint.read_state(str(logdir))
+    return records, state["counters"], state["agent"], load_run(str(logdir)).replay.state_dict()
+
+
+def _assert_equal_state(a, b, where="agent"):
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _assert_same_run(a, b):
+    (rec_a, count_a, agent_a, rep_a), (rec_b, count_b, agent_b, rep_b) = a, b
+    assert rec_a == rec_b
+    assert count_a == count_b
+    _assert_equal_state(agent_a, agent_b)
+    assert rep_a.keys() == rep_b.keys()
+    for key in rep_a:
+        np.testing.assert_array_equal(rep_a[key], rep_b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("legacy_env_rng", [False, True])
+def test_a_resumed_run_continues_as_the_uninterrupted_run(tmp_path, legacy_env_rng):
+    """400 env steps, then --resume to 800: the same metrics, counters, weights and replay
+    as 800 steps in one go (every RNG, the counters and the last evaluation are restored).
+    Evaluations every 400 steps, so that the first run's final one is also the whole run's.
+    A record written after the checkpoint (by a run killed before its next one) is
+    dropped. legacy_env_rng: a checkpoint written before --envs, holding one env_rng."""
+    _train(tmp_path / "whole", "--steps", "800", "--eval_every", "400")
+    _train(tmp_path / "part", "--steps", "400", "--eval_every", "400")
+    if legacy_env_rng:
+        path = tmp_path / "part" / "checkpoint.pt"
+        state = torch.load(path, weights_only=True)
+        (state["env_rng"],) = state.pop("env_rngs")
+        torch.save(state, path)
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 600, "train_return": -1.0}\n')
+    from tpx_ext.dreamer.train import main
+    result = main(["--logdir", str(tmp_path / "part"), "--resume", "--steps", "800", "--quiet"])
+    assert result["eval_episodes"] == 1 and np.isfinite(result["eval_return"])
+    _assert_same_run(_run_files(tmp_path / "part"), _run_files(tmp_path / "whole"))
+
+
+def test_resume_past_a_damaged_newest_checkpoint_sets_it_aside(tmp_path, capsys):
+    """A truncated checkpoint.pt: --resume continues from checkpoint.prev.pt (with a warning
+    naming the file) and renames the damaged one to checkpoint.pt.bad, so the next save
+    keeps a readable previous checkpoint instead of rotating the damaged one into it."""
+    from tpx_ext.dreamer import checkpoint
+    run_dir = tmp_path / "r"
+    _train(run_dir, "--steps", "800")  # checkpoints at 400 (prev) and 800
+    latest = run_dir / "checkpoint.pt"
+    damaged = latest.read_bytes()[:1000]
+    latest.write_bytes(damaged)
+    capsys.readouterr()
+    from tpx_ext.dreamer.train import main
+    main(["--logdir", str(run_dir), "--resume", "--steps", "800", "--quiet"])
+    err = capsys.readouterr().err
+    assert f"{latest}" in err and "using the previous checkpoint" in err and "(env step 400)" in err
+    assert (run_dir / "checkpoint.pt.bad").read_bytes() == damaged
+    assert checkpoint.safe_load(str(run_dir / "checkpoint.prev.pt"))["counters"]["env_steps"] == 400
+    assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 800
+
+
+def test_resolve_device(monkeypatch):
+    from tpx_ext.dreamer.train import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^device 'cuda:1' requested but torch sees no CUDA device$"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch.device needs no GPU
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
+    """Trainer(cfg, run_dir) starts a run (not a resume, progress shown): config.json, an
+    eval/ directory, zero counters, a new metrics file (over one left by a run that
+    stopped before its first checkpoint); the environment gets the config's action repeat and
+    seed, the torch thread count is set when `threads` > 0, and pixel observations are
+    stored as uint8."""
+    import dataclasses
+    import json
+    from tpx_ext.dreamer.train import Trainer
+    threads = torch.get_num_threads()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "eval_return": 1.0}\n')
+    try:
+        trainer = Trainer(small_cfg(action_repeat=4, seed=3, threads=1), str(tmp_path / "a"))
+        assert not trainer.quiet and set(trainer.counters.values()) == {0}
+        trainer.logger.write(0, {"eval_return": 2.0})
+        assert (tmp_path / "a" / "metrics.jsonl").read_text() == '{"step": 0, "eval_return": 2.0}\n'
+        assert json.loads((tmp_path / "a" / "config.json").read_text()) == dataclasses.asdict(trainer.cfg)
+        assert (tmp_path / "a" / "eval").is_dir() and torch.get_num_threads() == 1
+        steps, first = 0, trainer.env.reset()[0]
+        while not trainer.env.step(np.zeros((1, trainer.env.action_dim)))[0][2]:
+            steps += 1
+        assert steps + 1 == 200 // 4  # episode_length 200 physics steps, 4 per action
+        trainer.close()
+        torch.set_num_threads(2)
+        other = Trainer(small_cfg(seed=4, threads=0), str(tmp_path / "b"))
+        assert torch.get_num_threads() == 2  # threads 0 keeps torch's setting
+        assert not np.array_equal(other.env.reset()[0], first)
+        other.close()
+        again = Trainer(small_cfg(seed=3), str(tmp_path / "c"))
+        np.testing.assert_array_equal(again.env.reset()[0], first)
+        again.close()
+        pixels = Trainer(small_cfg(obs="pixels"), str(tmp_path / "p"))
+        assert pixels.replay.state_dict()["pending_obs"].dtype == np.uint8
+        pixels.close()
+    finally:
+        torch.set_num_threads(threads)

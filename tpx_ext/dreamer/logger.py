@@ -16,18 +16,22 @@ METRICS_FILE = "metrics.jsonl"
 class Logger:
     def __init__(self, run_dir: str, tensorboard: bool, resume_step: Optional[int] = None):
         """resume_step: drop the records written after this step by a run that was killed
-        after its last checkpoint, so the resumed run does not log them twice."""
+        after its last checkpoint, so the resumed run does not log them twice. None (a new
+        run): start the metrics afresh, also over those of a run in this directory that
+        stopped before its first checkpoint (whose steps the new run repeats)."""
         self.path = os.path.join(run_dir, METRICS_FILE)
         if resume_step is not None and os.path.exists(self.path):
             truncate_after(self.path, resume_step)
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "w" if resume_step is None else "a")
         self._tb = None
         if tensorboard:
             with needs("dreamer"):
                 from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides the killed run's events after the checkpoint in TensorBoard.
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=resume_step)
+            # purge_step hides the killed run's events after the checkpoint in TensorBoard
+            # (a new run's: all of them).
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
+                                     purge_step=0 if resume_step is None else resume_step)
 
     def write(self, step: int, record: Dict[str, object]) -> None:
         record = {"step": int(step), **{k: _plain(v) for k, v in record.items()}}
