@@ -890,3 +890,64 @@ def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
         pixels.close()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_run_logs_every_episode_and_evaluates_and_saves_at_its_cadence(tmp_path, capsys):
+    """debug: 200-step episodes, prefill 400, an update every 20 env steps, evaluations every
+    600 steps (and of the untrained agent, and at the end), checkpoints every 400 (and at
+    the end). The records, counters, printed summary and checkpoints follow exactly."""
+    from tpx_ext.dreamer import checkpoint
+    from tpx_ext.dreamer.logger import read_metrics
+    result = _train(tmp_path / "r", "--steps", "1000")
+    records = read_metrics(str(tmp_path / "r" / "metrics.jsonl"))
+    evals = [r for r in records if "eval_return" in r]
+    train = [r for r in records if "train_return" in r]
+    assert [r["step"] for r in evals] == [0, 600, 1000]
+    assert all(r["eval_episodes"] == 1 and r["eval_return_std"] == 0.0 for r in evals)
+    assert [r["step"] for r in train] == [200, 400, 600, 800, 1000]
+    assert [r["episodes"] for r in train] == [1, 2, 3, 4, 5]
+    assert [r["evals"] for r in train] == [1, 1, 1, 2, 2]  # each written before its step's eval
+    # one update per 20 env steps from the end of the prefill (400) on
+    assert [r["updates"] for r in train] == [0, 1, 11, 21, 31]
+    assert all(r["episode_length"] == 200 and r["env_steps_per_second"] > 0 for r in train)
+    assert "model_loss" not in train[0] and np.isfinite(train[1]["model_loss"])
+    assert all(r["model_skipped"] == r["actor_skipped"] == r["critic_skipped"] == 0 for r in train)
+    assert result == {k: evals[-1][k] for k in ("eval_return", "eval_return_std", "eval_episodes")}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"tpx_ext.train | cartpole_balance (state) | estimator tpx | horizon 5 | "
+                      f"1000 env steps | device cpu | run dir {tmp_path / 'r'}")
+    assert out[1] == (f"final eval return: {result['eval_return']:.1f} +- 0.0 (1 episodes) after "
+                      f"1000 env steps, 31 updates (0 model / 0 actor updates skipped as "
+                      f"non-finite); curves: python -m tpx_ext.plot {tmp_path / 'r'}")
+    assert checkpoint.read_state(str(tmp_path / "r"))["counters"]["env_steps"] == 1000
+    previous = checkpoint.safe_load(str(tmp_path / "r" / "checkpoint.prev.pt"))
+    assert previous["counters"]["env_steps"] == 800
+    assert previous["last_eval"] == {k: v for k, v in evals[1].items() if k != "step"}
+
+
+def test_an_interrupted_run_says_where_to_continue_and_keeps_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training: the run stops with KeyboardInterrupt after printing the env
+    step it reached, the step of its last checkpoint and the command that continues it, and
+    --resume continues from that checkpoint."""
+    from tpx_ext.dreamer import checkpoint
+    from tpx_ext.dreamer.agent import Dreamer
+    from tpx_ext.dreamer.train import main
+    update, calls = Dreamer.update, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 15:  # updates at 400, 420, ...: the 15th at 680 env steps
+            raise KeyboardInterrupt
+        return update(self, batch)
+
+    monkeypatch.setattr(Dreamer, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "r", "--steps", "1000")
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "r"
+    assert (f"interrupted at 680 env steps; the last checkpoint is at 400 steps. Continue "
+            f"with:\n  python -m tpx_ext.train --logdir {run_dir} --resume") in err
+    assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 400
+    monkeypatch.setattr(Dreamer, "update", update)
+    main(["--logdir", str(run_dir), "--resume", "--quiet"])
+    assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 1000
