@@ -951,3 +951,42 @@ def test_an_interrupted_run_says_where_to_continue_and_keeps_its_checkpoint(tmp_
     monkeypatch.setattr(Dreamer, "update", update)
     main(["--logdir", str(run_dir), "--resume", "--quiet"])
     assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 1000
+
+
+def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng():
+    """evaluate(): one return per episode, frames of the first episode only (64 x 64
+    renders of a state task, channels first as pixel observations), the same returns for
+    the same seed, the policy's samples with `explore`, and the caller's torch RNG
+    untouched."""
+    from tpx_ext.dreamer.train import evaluate
+    cfg = small_cfg(episode_length=40)
+    agent = Dreamer((5,), 1, cfg)
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    returns, frames = evaluate(agent, cfg, seed=7, episodes=2, frames=True)
+    assert torch.equal(torch.rand(3), expected_next)
+    assert len(returns) == 2 and len(frames) == 40 // 2
+    assert frames[0].shape == (3, 64, 64) and frames[0].dtype == np.uint8  # as pixel obs
+    again, none = evaluate(agent, cfg, seed=7, episodes=2)
+    assert again == returns and none == []
+    assert evaluate(agent, cfg, seed=8, episodes=2)[0] != returns
+    assert evaluate(agent, cfg, seed=7, episodes=2, explore=True)[0] != returns
+
+
+@pytest.mark.parametrize("renders", [True, False])
+def test_evaluation_gifs_of_a_state_run_or_one_warning(tmp_path, capsys, monkeypatch, renders):
+    """--eval_gif on a state task: one GIF per evaluation, named by the env step; where no
+    OpenGL backend loads, one warning for the whole run and training goes on without GIFs."""
+    from tpx_ext.dreamer import train
+    if not renders:
+        monkeypatch.setattr(train, "rendering_error", lambda: "no OpenGL (test)")
+    _train(tmp_path / "r", "--steps", "600", "--eval_gif", "true", "--episode_length", "40")
+    gifs = sorted(p.name for p in (tmp_path / "r" / "eval").iterdir())
+    err = capsys.readouterr().err
+    warning = ("warning: evaluation GIFs are skipped: no OpenGL (test) (--eval_gif false "
+               "silences this)")
+    if renders:
+        assert gifs == ["step_000000000.gif", "step_000000600.gif"] and "warning" not in err
+    else:
+        assert gifs == [] and err.count(warning) == 1
