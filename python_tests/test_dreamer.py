@@ -614,6 +614,41 @@ def test_posterior_is_the_losss_posterior_and_state_obs_may_be_float64():
         assert a.shape[:2] == (B, T)
         assert torch.equal(a, b) and torch.equal(a, c)
 
+
+def test_update_metrics_describe_the_update():
+    """update takes start states [B, T, ...] (flattened to B x T) and reports the actor's
+    and critic's gradient norms, skips and clipping (norm above grad_clip), the imagined
+    return V_0 and reward, the actor's std and entropy, all from the rollout it trained on."""
+    def run(**kw):
+        torch.manual_seed(0)
+        agent = Dreamer((5,), A, small_cfg(estimator="tpx", horizon=4, **kw))
+        beh = agent.behavior
+        data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
+        post = agent.world_model.loss(data)[1]
+        seen, real = [], beh.actor_gradient
+        beh.actor_gradient = lambda *a: seen.append(real(*a)) or seen[-1]
+        torch.manual_seed(1)
+        return beh.update(agent.world_model, post), seen[0], agent.cfg
+
+    m, im, cfg = run()
+    assert im.feats.shape == (5, B * T, cfg.stoch + cfg.deter)
+    assert set(m) == {"actor_grad_norm", "actor_skipped", "actor_clipped", "critic_loss",
+                      "critic_grad_norm", "critic_skipped", "imag_return", "imag_reward",
+                      "action_std", "entropy", "k_action", "nonfinite_action"}
+    V = lambda_returns(im.rewards, im.values, cfg.gamma, cfg.lam)
+    torch.testing.assert_close(m["imag_return"], V[0].mean())
+    torch.testing.assert_close(m["imag_reward"], im.rewards.mean())
+    torch.testing.assert_close(m["action_std"], im.sigma.mean())
+    torch.testing.assert_close(m["entropy"], im.entropy)
+    assert float(m["actor_skipped"]) == float(m["critic_skipped"]) == 0.0
+    norm = float(m["actor_grad_norm"])
+    assert 0 < norm < cfg.grad_clip and float(m["actor_clipped"]) == 0.0
+    assert float(m["critic_grad_norm"]) > 0
+    at, _, _ = run(grad_clip=norm)  # the same first gradient: not above the clip
+    assert float(at["actor_grad_norm"]) == norm and float(at["actor_clipped"]) == 0.0
+    below, _, _ = run(grad_clip=norm / 2)
+    assert float(below["actor_grad_norm"]) == norm and float(below["actor_clipped"]) == 1.0
+
 def test_act_returns_bounded_actions_and_carries_state():
     agent = Dreamer((5,), A, small_cfg())
     obs = np.zeros(5, np.float32)
@@ -990,3 +1025,19 @@ def test_evaluation_gifs_of_a_state_run_or_one_warning(tmp_path, capsys, monkeyp
         assert gifs == ["step_000000000.gif", "step_000000600.gif"] and "warning" not in err
     else:
         assert gifs == [] and err.count(warning) == 1
+
+
+def test_the_trainer_counts_updates_and_skipped_or_clipped_ones():
+    """Counters accumulate each update's flags: the model's always, the actor's and the
+    critic's when the update trained them (a model-only update has no actor metrics)."""
+    from types import SimpleNamespace
+    from tpx_ext.dreamer.train import COUNTERS, Trainer
+    trainer = SimpleNamespace(counters=dict.fromkeys(COUNTERS, 0))
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    Trainer._count(trainer, {"model_skipped": one})
+    Trainer._count(trainer, {"model_skipped": one, "actor_skipped": one, "critic_skipped": zero,
+                             "actor_clipped": one})
+    Trainer._count(trainer, {"model_skipped": zero, "actor_skipped": one, "critic_skipped": one,
+                             "actor_clipped": zero})
+    assert trainer.counters == {**dict.fromkeys(COUNTERS, 0), "updates": 3, "model_skipped": 2,
+                                "actor_skipped": 2, "critic_skipped": 1, "actor_clipped": 1}

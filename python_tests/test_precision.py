@@ -74,6 +74,21 @@ def test_updates_are_finite_and_float16_scalers_survive_a_checkpoint(precision):
         assert a.state_dict() == b.state_dict()
 
 
+
+def test_float16_reports_the_unscaled_gradient_norms():
+    """The grad scalers multiply the losses by 2^16; the reported norms (and the clipping)
+    are of the unscaled gradients, within float16's rounding of float32's."""
+    norms = {}
+    for precision in ("32", "16"):
+        torch.manual_seed(0)
+        agent = Dreamer((5,), A, cfg(precision=precision, estimator="rp", actor_entropy=0.0))
+        torch.manual_seed(1)
+        m = agent.update({k: v.numpy() for k, v in data(0).items()})
+        norms[precision] = [float(m[k]) for k in ("model_grad_norm", "actor_grad_norm",
+                                                   "critic_grad_norm")]
+    assert agent.behavior.actor_scaler.get_scale() > 1000
+    np.testing.assert_allclose(norms["16"], norms["32"], rtol=0.05)
+
 def test_bf16_learns_like_float32(tmp_path):
     """bf16 fits a batch as float32 does (40 updates: the world-model loss falls by more than
     15%, ending within 5% of float32's), and a short run of the trainer follows float32's
