@@ -13,6 +13,9 @@ FMA contraction differ; a badly conditioned variance, e.g. two nearly equal
 samples, loses more digits in both).
 """
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -81,3 +84,18 @@ def random_gaussian_node(B, D, dtype=torch.float32, device="cpu", seed=0):
     sigma = torch.rand(B, D, generator=gen, dtype=f64) * 2 + 0.05
     adv = torch.randn(B, generator=gen, dtype=f64) * 3
     return tuple(t.to(dtype).to(device) for t in (d, eps, sigma)) + (adv.to(torch.float32).to(device),)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutation testing (`make mutation`; mutmut names the mutant in
+    MUTANT_UNDER_TEST), run the mutant's tests fastest first. mutmut stops at the first
+    failure, and lists a function's tests in no particular order, so a mutant that a quick
+    test kills would otherwise often wait for the slow grids and training runs first."""
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    try:
+        with open(os.path.join(str(config.rootpath), "mutmut-stats.json")) as f:
+            durations = json.load(f)["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return
+    items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
