@@ -481,6 +481,9 @@ def test_tp_weight_uses_the_advantages_rounded_to_the_nodes_dtype():
      "no running statistics (momentum must be 0)"),
     ("nope", {}, "unknown estimator mode 'nope'; valid modes: rp, lr, mix, tp, tpx "
                  "(named variants: tpx-coord, tpx-paper, tpx-loo)"),
+    ("tpx-paper", {}, "'tpx-paper' is a named variant, not a mode: "
+                      "Estimator.from_name('tpx-paper') builds Estimator('tpx', "
+                      "weights='coordinate', ucb=0.0)"),
 ])
 def test_the_mode_table_names_every_misplaced_knob_in_full(mode, knobs, message):
     from tpx_ext.estimators import modes

@@ -88,6 +88,11 @@ NAMES = MODES + tuple(VARIANTS)
 def resolve(mode: str, knobs: Dict[str, object]) -> Dict[str, object]:
     """Every knob of `mode` with its value (given or default), checked: ValueError naming
     the knob and what is valid for an unknown mode or knob, a missing or an invalid value."""
+    if mode in VARIANTS:
+        base, preset = VARIANTS[mode]
+        args = "".join(f", {k}={v!r}" for k, v in preset.items())
+        raise ValueError(f"{mode!r} is a named variant, not a mode: Estimator.from_name({mode!r}) "
+                         f"builds Estimator({base!r}{args})")
     if mode not in MODE_TABLE:
         raise ValueError(f"unknown estimator mode {mode!r}; valid modes: {', '.join(MODES)} "
                          f"(named variants: {', '.join(VARIANTS)})")
