@@ -341,3 +341,41 @@ def test_a_legacy_replay_file_holding_a_pickled_object_is_refused(tmp_path, monk
     with pytest.raises(ValueError, match="Object arrays cannot be loaded when allow_pickle=False"):
         checkpoint.load(str(tmp_path / "run"))
     assert not (tmp_path / MARKER).exists()
+
+
+def test_exists_means_a_checkpoint_file_either_way(tmp_path):
+    run_dir = tmp_path / "run"
+    assert not checkpoint.exists(str(run_dir))
+    run_dir.mkdir()
+    (run_dir / "replay").mkdir()
+    (run_dir / "checkpoint.pt.bad").write_bytes(b"")
+    assert not checkpoint.exists(str(run_dir))
+    (run_dir / "checkpoint.prev.pt").write_bytes(b"")
+    assert checkpoint.exists(str(run_dir))
+    os.unlink(run_dir / "checkpoint.prev.pt")
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    assert checkpoint.exists(str(run_dir))
+
+
+def test_a_new_replay_samples_by_its_seed(tmp_path):
+    samples = []
+    for run, seed in (("a", 3), ("b", 3), ("c", 4)):
+        buf = checkpoint.new_replay(str(tmp_path / run), 1000, (2,), np.float32, 3, seed=seed)
+        fill(buf, [10, 10])
+        samples.append(buf.sample(32, 3)["obs"])
+    np.testing.assert_array_equal(samples[0], samples[1])
+    assert not np.array_equal(samples[0], samples[2])
+
+
+def test_the_unfinished_episode_comes_back_with_its_values_and_dtypes(tmp_path):
+    run_dir = tmp_path / "run"
+    buf = run_buffer(run_dir)
+    fill(buf, [4])
+    for i in range(2):
+        buf.add(np.array([0.25, i]), np.full(3, 0.5), 1.5, 0.75, first=i == 0)
+    checkpoint.save(str(run_dir), state(1), buf)
+    _, restored = checkpoint.load(str(run_dir))
+    for k, v in buf.state_dict().items():
+        got = restored.state_dict()[k]
+        assert got.dtype == v.dtype, k
+        np.testing.assert_array_equal(got, v, err_msg=k)

@@ -52,7 +52,7 @@ def test_sequences_stay_inside_episodes_and_cover_starts_uniformly():
     ep, step = b["obs"][..., 0], b["obs"][..., 1]
     assert np.all(ep == ep[:, :1])
     assert np.all(np.diff(step, axis=1) == 1)
-    assert np.all(b["reward"] == step)
+    assert np.all(b["reward"] == step) and np.all(b["discount"] == 0.5)
     np.testing.assert_allclose(b["action"][..., 0], ep + step / 100, rtol=1e-6)
     np.testing.assert_array_equal(b["is_first"], (step == 0) & (np.arange(4) == 0))
     starts, counts = np.unique(b["obs"][:, 0], axis=0, return_counts=True)
@@ -138,9 +138,61 @@ def test_episodes_are_written_once_as_they_finish(tmp_path):
         np.testing.assert_array_equal(ep["obs"], [[1, 0], [1, 1]])
 
 
-def test_manifest_needs_the_episodes_on_disk():
-    with pytest.raises(ValueError, match="needs every stored episode on disk"):
+def test_manifest_needs_the_episodes_on_disk(tmp_path, monkeypatch):
+    message = ("manifest() needs every stored episode on disk: give the buffer a directory "
+               "and flush() it first")
+    with pytest.raises(ValueError) as info:
         state_buffer().manifest()
+    assert str(info.value) == message
+    buf = state_buffer(directory=tmp_path)
+    monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        fill(buf, [3])
+    with pytest.raises(ValueError) as info:  # the episode is stored, its file is not written
+        buf.manifest()
+    assert str(info.value) == message
+
+
+def test_sample_arguments_and_too_short_episodes_are_refused_with_the_reason():
+    buf = state_buffer()
+    with pytest.raises(ValueError) as info:
+        buf.sample(2, 4)
+    assert str(info.value) == "no stored episode has 4 steps (episodes: 0, longest: 0)"
+    fill(buf, [3, 5])
+    with pytest.raises(ValueError) as info:
+        buf.sample(2, 6)
+    assert str(info.value) == "no stored episode has 6 steps (episodes: 2, longest: 5)"
+    for batch_size, seq_len in ((0, 4), (4, 0)):
+        with pytest.raises(ValueError) as info:
+            buf.sample(batch_size, seq_len)
+        assert str(info.value) == f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}"
+    assert buf.sample(1, 1)["obs"].shape == (1, 1, 2)
+
+
+def test_capacity_must_hold_a_step():
+    with pytest.raises(ValueError) as info:
+        state_buffer(capacity=0)
+    assert str(info.value) == "capacity must be >= 1, got 0"
+    buf = state_buffer(capacity=1)
+    fill(buf, [1, 1])
+    assert (len(buf), buf.num_episodes) == (1, 1)
+
+
+def test_the_buffer_keeps_a_copy_of_each_observation():
+    """Environments may reuse one array for every observation."""
+    buf = state_buffer()
+    obs = np.zeros(2, np.float32)
+    for i in range(3):
+        obs[:] = i
+        buf.add(obs, np.zeros(3), 0.0, 1.0, first=i == 0, last=i == 2)
+    np.testing.assert_array_equal(buf.sample(1, 3)["obs"][0], [[0, 0], [1, 1], [2, 2]])
+
+
+def test_the_default_seed_is_0():
+    a, b = ReplayBuffer(100, (2,), np.float32, 3), state_buffer(seed=0)
+    for buf in (a, b):
+        fill(buf, [10, 10])
+    np.testing.assert_array_equal(a.sample(32, 3)["obs"], b.sample(32, 3)["obs"])
 
 
 def test_legacy_single_file_replay_loads(tmp_path):
@@ -169,8 +221,11 @@ def test_legacy_single_file_replay_loads(tmp_path):
         for k in sa:
             np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
     other = ReplayBuffer(1000, obs_shape=(2,), obs_dtype=np.float32, action_dim=4)
-    with pytest.raises(ValueError, match="checkpoint was made by a buffer"):
+    with pytest.raises(ValueError) as info:
         other.load(tmp_path / "r.npz")
+    assert str(info.value) == ("checkpoint was made by a buffer with (capacity, obs_shape, "
+                               "obs_dtype, action_dim) = [1000, [2], '<f4', 3], this one has "
+                               "[1000, [2], '<f4', 4]")
 
 
 def test_an_empty_buffers_state_dict_has_the_dtypes_of_a_full_ones(tmp_path):
@@ -295,3 +350,36 @@ def test_eviction_follows_insertion_order():
     for start_id, kept in ((3, {1.0, 2.0, 3.0}), (4, {2.0, 3.0, 4.0})):
         fill(buf, [5], start_id=start_id)
         assert {float(x) for x in buf.sample(256, 1)["obs"][:, 0, 0]} == kept
+
+
+def test_prune_deletes_only_episode_files_no_checkpoint_names(tmp_path, monkeypatch):
+    """Ids below keep_from, ids from the buffer's end on (written by a run that crashed after
+    its last checkpoint) and temporary files go; every other file stays, and a file named
+    like an episode without a number stops nothing."""
+    d = tmp_path / "replay"
+    buf = state_buffer(capacity=20, directory=d)
+    fill(buf, [5] * 5)  # episode 0 evicted: the buffer holds ids 1..4
+    others = ["ep-notes.npz", "ab-00000000.npz", "ep-00000000.npy", "notes.txt"]
+    stale = ["ep-00000005.npz", "ep-10000003.npz", "ep-00000006.npz.tmp", "x.tmp"]
+    for name in others + stale:
+        (d / name).write_bytes(b"")
+    real = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path: ["ep-notes.npz"] + sorted(
+        n for n in real(path) if n != "ep-notes.npz"))
+    buf.prune(2)
+    assert sorted(real(d)) == sorted(others + [f"ep-0000000{i}.npz" for i in (2, 3, 4)])
+
+
+def test_a_temporary_episode_file_left_by_a_killed_run_is_pruned(tmp_path, monkeypatch):
+    d = tmp_path / "replay"
+    buf = state_buffer(directory=d)
+    fill(buf, [3])
+    # the process dies after writing episode 1's temporary file, before renaming or deleting it
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(os, "unlink", lambda path: None)
+    with pytest.raises(KeyboardInterrupt):
+        fill(buf, [4], start_id=1)
+    monkeypatch.undo()
+    assert len(os.listdir(d)) == 2
+    buf.prune(0)
+    assert os.listdir(d) == ["ep-00000000.npz"]
