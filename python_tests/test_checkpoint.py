@@ -338,9 +338,39 @@ def test_a_missing_legacy_replay_file_is_named(tmp_path):
 def test_a_legacy_replay_file_holding_a_pickled_object_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     legacy_run(tmp_path / "run", config=np.array([RunsCode()]))
-    with pytest.raises(ValueError, match="Object arrays cannot be loaded when allow_pickle=False"):
+    path = tmp_path / "run" / "replay-0000000022.npz"
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'run'}: no complete checkpoint: {path}: "
+                                         r"unreadable, truncated or corrupt \(ValueError: Object "
+                                         "arrays cannot be loaded when allow_pickle=False"):
         checkpoint.load(str(tmp_path / "run"))
     assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no config"])
+def test_a_damaged_legacy_replay_file_is_named_and_the_previous_checkpoint_used(tmp_path, capsys, damage):
+    """A legacy replay that is cut short (a zip without its directory) or lacks an array
+    is a damaged checkpoint like any other: named, and the previous one used if complete."""
+    path = legacy_run(tmp_path / "run")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+        why = "BadZipFile: File is not a zip file"
+    else:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files if k != "config"}
+        np.savez(path, **arrays)
+        why = "KeyError: 'config is not a file in the archive'"
+    with pytest.raises(ValueError) as info:
+        checkpoint.load(str(tmp_path / "run"))
+    assert str(info.value) == (f"{tmp_path / 'run'}: no complete checkpoint: {path}: unreadable, "
+                               f"truncated or corrupt ({why})")
+    previous = run_buffer(tmp_path / "run")
+    fill(previous, [5])
+    checkpoint.save(str(tmp_path / "run"), state(5), previous)
+    os.replace(tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "checkpoint.prev.pt")
+    torch.save({**state(22), "replay_file": path.name}, tmp_path / "run" / "checkpoint.pt")
+    loaded, replay = checkpoint.load(str(tmp_path / "run"))
+    assert loaded["counters"]["env_steps"] == 5 and replay.num_episodes == 1
+    assert f"warning: {path}: unreadable, truncated or corrupt ({why})" in capsys.readouterr().err
 
 
 def test_exists_means_a_checkpoint_file_either_way(tmp_path):
