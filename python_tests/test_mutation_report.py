@@ -77,3 +77,27 @@ def test_recheck_resets_only_the_named_survivors(tmp_path, monkeypatch):
                                         "tpx_ext.n.g__mutmut_1": 0}
     assert data["durations_by_key"] == {}
     assert mod.reset_survivors([]) == 1
+
+
+def test_under_mutation_tests_run_fastest_first_without_the_slow_ones(tmp_path, monkeypatch):
+    """conftest.py's hook: with MUTANT_UNDER_TEST naming a mutant, the collected tests are
+    ordered by mutmut's recorded durations and those over the limit are deselected (kept
+    for the trainer's mutants); without a mutant, nothing changes."""
+    import conftest
+    from types import SimpleNamespace
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps(
+        {"duration_by_test": {"t::slow": 60.0, "t::mid": 2.0, "t::fast": 0.1}}))
+    deselected = []
+    config = SimpleNamespace(rootpath=tmp_path, hook=SimpleNamespace(
+        pytest_deselected=lambda items: deselected.extend(i.nodeid for i in items)))
+
+    def run(mutant):
+        items = [SimpleNamespace(nodeid=n) for n in ("t::slow", "t::new", "t::mid", "t::fast")]
+        deselected.clear()
+        monkeypatch.setenv("MUTANT_UNDER_TEST", mutant)
+        conftest.pytest_collection_modifyitems(config, items)
+        return [i.nodeid for i in items], list(deselected)
+
+    assert run("tpx_ext.ops.x_f__mutmut_3") == (["t::new", "t::fast", "t::mid"], ["t::slow"])
+    assert run("tpx_ext.dreamer.train.x_f__mutmut_3") == (["t::new", "t::fast", "t::mid", "t::slow"], [])
+    assert run("") == (["t::slow", "t::new", "t::mid", "t::fast"], [])

@@ -6,7 +6,9 @@
     python scripts/mutation.py --recheck-survivors   # after adding tests: survivors again
 
 mutmut (configured in pyproject.toml's [tool.mutmut]) writes every mutant of the scoped
-files into mutants/ and runs, for each, only the tests that execute the mutated function.
+files into mutants/ and runs, for each, only the tests that execute the mutated function;
+python_tests/conftest.py orders them fastest first and leaves out those slower than
+MUTATION_TEST_LIMIT_S (except for the trainer's mutants, which only whole runs reach).
 Its results are kept in mutants/**/*.meta, so an interrupted run resumes where it stopped.
 A changed test selection or pytest arguments in [tool.mutmut] makes mutmut discard every
 verdict (a full rerun); a changed test file does not, so after adding tests use
@@ -165,7 +167,9 @@ def write_report(run_seconds, command: str) -> None:
         "",
         f"Command: `{command}` ({tool}"
         + (f", {run_seconds / 60:.0f} min on this run" if run_seconds else "") + ").",
-        "Scope and test selection: `[tool.mutmut]` in pyproject.toml. score = killed / "
+        "Scope and test selection: `[tool.mutmut]` in pyproject.toml; each mutant runs the "
+        "selected tests that execute its function, fastest first, without those slower than "
+        "5 s except for train.py's mutants (python_tests/conftest.py). score = killed / "
         "(checked - equivalent - no tests); a timeout counts as not killed. `wording` counts "
         "survivors that only wrap an error message's text in XX or change its case (listed "
         "below); they count as not killed in `score` and are left out of `behaviour score`.",
