@@ -988,11 +988,17 @@ def test_an_interrupted_run_says_where_to_continue_and_keeps_its_checkpoint(tmp_
     assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 1000
 
 
-def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng():
-    """evaluate(): one return per episode, frames of the first episode only (64 x 64
-    renders of a state task, channels first as pixel observations), the same returns for
-    the same seed, the policy's samples with `explore`, and the caller's torch RNG
-    untouched."""
+def _in_a_new_process(fn, *args):
+    """fn(*args) in a spawned interpreter, for tests that render: dm_control's render thread
+    does not survive a fork, and mutation testing runs every mutant in a forked process.
+    The child inherits the mutant (MUTANT_UNDER_TEST) and sys.path; exceptions come back."""
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _check_evaluate():
     from tpx_ext.dreamer.train import evaluate
     cfg = small_cfg(episode_length=40)
     agent = Dreamer((5,), 1, cfg)
@@ -1009,16 +1015,36 @@ def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng():
     assert evaluate(agent, cfg, seed=7, episodes=2, explore=True)[0] != returns
 
 
+def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng():
+    """evaluate(): one return per episode, frames of the first episode only (64 x 64
+    renders of a state task, channels first as pixel observations), the same returns for
+    the same seed, the policy's samples with `explore`, and the caller's torch RNG
+    untouched."""
+    _in_a_new_process(_check_evaluate)
+
+
+def _train_with_stderr(logdir, *args):
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        _train(logdir, *args)
+    return err.getvalue()
+
+
 @pytest.mark.parametrize("renders", [True, False])
 def test_evaluation_gifs_of_a_state_run_or_one_warning(tmp_path, capsys, monkeypatch, renders):
     """--eval_gif on a state task: one GIF per evaluation, named by the env step; where no
     OpenGL backend loads, one warning for the whole run and training goes on without GIFs."""
     from tpx_ext.dreamer import train
-    if not renders:
+    args = (tmp_path / "r", "--steps", "600", "--eval_gif", "true", "--episode_length", "40")
+    if renders:
+        err = _in_a_new_process(_train_with_stderr, *args)
+    else:  # nothing renders: this process will do
         monkeypatch.setattr(train, "rendering_error", lambda: "no OpenGL (test)")
-    _train(tmp_path / "r", "--steps", "600", "--eval_gif", "true", "--episode_length", "40")
+        _train(*args)
+        err = capsys.readouterr().err
     gifs = sorted(p.name for p in (tmp_path / "r" / "eval").iterdir())
-    err = capsys.readouterr().err
     warning = ("warning: evaluation GIFs are skipped: no OpenGL (test) (--eval_gif false "
                "silences this)")
     if renders:
