@@ -650,11 +650,19 @@ def _node(graph, step=0, **kw):
         (lambda g: _node(g, step=-1), "step"),
         (lambda g: _node(g, eps=torch.zeros(4)), "eps"),
         (lambda g: [_node(g, name="a"), _node(g, name="a")], "already exists"),
-        (lambda g: [_node(g), g.add_objective(torch.zeros(3), 0)], "batch size 3"),
-        (lambda g: g.add_objective(torch.zeros(4, 1), 0), r"\[B\] tensor"),
-        (lambda g: g.backward(), "no nodes"),
-        (lambda g: [_node(g), g.backward()], "no objective"),
-        (lambda g: [_node(g), g.backward(extra=torch.zeros(2))], "scalar"),
+        (lambda g: [_node(g), g.add_objective(torch.zeros(3), 0)],
+         r"^objective value has batch size 3, but the graph's batch size is 4$"),
+        (lambda g: [g.add_objective(torch.zeros(3), 0), _node(g)],
+         r"^mu has batch size 4, but the graph's batch size is 3$"),
+        (lambda g: g.add_objective(torch.zeros(4, 1), 0),
+         r"^add_objective: value must be a \[B\] tensor, got \(4, 1\)$"),
+        (lambda g: g.add_objective([0.0] * 4, 0),
+         r"^add_objective: value must be a \[B\] tensor, got <class 'list'>$"),
+        (lambda g: g.backward(), r"^backward: the graph has no nodes \(call sample\(\) first\)$"),
+        (lambda g: [_node(g), g.backward()],
+         r"^backward: no objective \(call add_objective\(\) or pass extra\)$"),
+        (lambda g: [_node(g), g.backward(extra=torch.zeros(2))],
+         r"^backward: extra must be a scalar tensor$"),
         (lambda g: _node(_graph("tp")), "source"),
     ],
 )
@@ -672,6 +680,8 @@ def test_backward_runs_once_and_closes_the_graph():
         graph.backward()
     with pytest.raises(RuntimeError, match="already ran"):
         graph.sample(MU, MU.exp(), 1)
+    with pytest.raises(RuntimeError, match=r"^add_objective: backward already ran on this graph"):
+        graph.add_objective(x.sum(1), 1)
 
 
 def test_every_way_in_after_backward_names_itself():
@@ -733,6 +743,27 @@ def test_loss_backward_without_the_graph_is_refused():
     x = graph.sample(MU, MU.exp(), 0)
     with pytest.raises(RuntimeError, match=r"graph.loss\(loss\).backward\(\), or call graph.backward"):
         x.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["rp", "lr"])
+def test_j_is_the_terms_plus_extra_and_lr_mode_differentiates_extra_only(mode):
+    """J = mean_i sum_k rho_k + extra: with both, the pathwise gradient is the terms' plus
+    extra's; lr mode takes only extra's pathwise (the terms enter through the advantages),
+    so a term that depends on a parameter directly gives it no gradient there. An objective
+    may also be extra alone."""
+    w = torch.tensor(2.0, requires_grad=True)
+    v = torch.tensor(3.0, requires_grad=True)
+    graph = tpx_ext.Estimator(mode).graph(torch.Generator().manual_seed(0))
+    mu = torch.zeros(4, 1)
+    x = graph.sample(mu, torch.ones_like(mu), 0)
+    graph.add_objective(x[:, 0].detach() * 0 + w, 0)  # d term / dw = 1 per sample
+    graph.backward(extra=5 * v)
+    assert v.grad.item() == 5.0
+    assert (w.grad is None) if mode == "lr" else (w.grad.item() == 1.0)
+    graph = tpx_ext.Estimator(mode).graph()
+    graph.sample(mu, torch.ones_like(mu), 0)
+    graph.backward(extra=7 * v)
+    assert v.grad.item() == 12.0
 
 
 def test_extra_terms_take_plain_autograd():
