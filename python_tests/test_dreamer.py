@@ -988,17 +988,27 @@ def test_an_interrupted_run_says_where_to_continue_and_keeps_its_checkpoint(tmp_
     assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 1000
 
 
-def _in_a_new_process(fn, *args):
-    """fn(*args) in a spawned interpreter, for tests that render: dm_control's render thread
-    does not survive a fork, and mutation testing runs every mutant in a forked process.
-    The child inherits the mutant (MUTANT_UNDER_TEST) and sys.path; exceptions come back."""
-    import concurrent.futures
-    import multiprocessing
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+@pytest.fixture
+def drawn_frames(monkeypatch):
+    """Environments draw a numbered blank frame instead of rendering: mutation testing runs
+    every mutant in a process forked from one that ran these tests, and dm_control's render
+    thread does not survive a fork. Real frames are checked by test_train.py's pixel run."""
+    from tpx_ext.dreamer import envs, train
+    drawn = []
+
+    def render(self, size=64):
+        drawn.append(1)
+        return np.full((3, size, size), len(drawn) % 256, np.uint8)
+
+    monkeypatch.setattr(envs.DMCEnv, "render", render)
+    monkeypatch.setattr(train, "rendering_error", lambda: None)
+    return drawn
 
 
-def _check_evaluate():
+def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng(drawn_frames):
+    """evaluate(): one return per episode, the frames of the first episode only (one per
+    step, 64 x 64, as the environment draws them), the same returns for the same seed, the
+    policy's samples with `explore`, and the caller's torch RNG untouched."""
     from tpx_ext.dreamer.train import evaluate
     cfg = small_cfg(episode_length=40)
     agent = Dreamer((5,), 1, cfg)
@@ -1007,50 +1017,36 @@ def _check_evaluate():
     torch.manual_seed(0)
     returns, frames = evaluate(agent, cfg, seed=7, episodes=2, frames=True)
     assert torch.equal(torch.rand(3), expected_next)
-    assert len(returns) == 2 and len(frames) == 40 // 2
-    assert frames[0].shape == (3, 64, 64) and frames[0].dtype == np.uint8  # as pixel obs
+    assert len(returns) == 2 and len(drawn_frames) == len(frames) == 40 // 2
+    assert [int(f[0, 0, 0]) for f in frames] == list(range(1, 21))
+    assert frames[0].shape == (3, 64, 64)
     again, none = evaluate(agent, cfg, seed=7, episodes=2)
-    assert again == returns and none == []
+    assert again == returns and none == [] and len(drawn_frames) == 20
     assert evaluate(agent, cfg, seed=8, episodes=2)[0] != returns
     assert evaluate(agent, cfg, seed=7, episodes=2, explore=True)[0] != returns
 
 
-def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng():
-    """evaluate(): one return per episode, frames of the first episode only (64 x 64
-    renders of a state task, channels first as pixel observations), the same returns for
-    the same seed, the policy's samples with `explore`, and the caller's torch RNG
-    untouched."""
-    _in_a_new_process(_check_evaluate)
-
-
-def _train_with_stderr(logdir, *args):
-    import contextlib
-    import io
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        _train(logdir, *args)
-    return err.getvalue()
-
-
 @pytest.mark.parametrize("renders", [True, False])
-def test_evaluation_gifs_of_a_state_run_or_one_warning(tmp_path, capsys, monkeypatch, renders):
-    """--eval_gif on a state task: one GIF per evaluation, named by the env step; where no
-    OpenGL backend loads, one warning for the whole run and training goes on without GIFs."""
+def test_evaluation_gifs_of_a_state_run_or_one_warning(tmp_path, capsys, monkeypatch, drawn_frames,
+                                                       renders):
+    """--eval_gif on a state task: one GIF per evaluation, named by the env step, of the
+    first evaluation episode's frames; where no OpenGL backend loads, one warning for the
+    whole run and training goes on without GIFs."""
+    from PIL import Image
     from tpx_ext.dreamer import train
-    args = (tmp_path / "r", "--steps", "600", "--eval_gif", "true", "--episode_length", "40")
-    if renders:
-        err = _in_a_new_process(_train_with_stderr, *args)
-    else:  # nothing renders: this process will do
+    if not renders:
         monkeypatch.setattr(train, "rendering_error", lambda: "no OpenGL (test)")
-        _train(*args)
-        err = capsys.readouterr().err
+    _train(tmp_path / "r", "--steps", "600", "--eval_gif", "true", "--episode_length", "40")
     gifs = sorted(p.name for p in (tmp_path / "r" / "eval").iterdir())
+    err = capsys.readouterr().err
     warning = ("warning: evaluation GIFs are skipped: no OpenGL (test) (--eval_gif false "
                "silences this)")
     if renders:
         assert gifs == ["step_000000000.gif", "step_000000600.gif"] and "warning" not in err
+        with Image.open(tmp_path / "r" / "eval" / gifs[0]) as im:
+            assert im.size == (64, 64) and im.n_frames == 20  # 40 physics steps, repeat 2
     else:
-        assert gifs == [] and err.count(warning) == 1
+        assert gifs == [] and drawn_frames == [] and err.count(warning) == 1
 
 
 def test_the_trainer_counts_updates_and_skipped_or_clipped_ones():
