@@ -1005,7 +1005,7 @@ def drawn_frames(monkeypatch):
     return drawn
 
 
-def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng(drawn_frames):
+def test_evaluate_returns_each_episode_and_draws_the_first(drawn_frames):
     """evaluate(): one return per episode, the frames of the first episode only (one per
     step, 64 x 64, as the environment draws them), the same returns for the same seed, the
     policy's samples with `explore`, and the caller's torch RNG untouched."""
@@ -1027,7 +1027,7 @@ def test_evaluate_runs_its_episodes_with_its_own_seed_and_rng(drawn_frames):
 
 
 @pytest.mark.parametrize("renders", [True, False])
-def test_evaluation_gifs_of_a_state_run_or_one_warning(tmp_path, capsys, monkeypatch, drawn_frames,
+def test_a_state_run_saves_evaluation_gifs_or_warns_once(tmp_path, capsys, monkeypatch, drawn_frames,
                                                        renders):
     """--eval_gif on a state task: one GIF per evaluation, named by the env step, of the
     first evaluation episode's frames; where no OpenGL backend loads, one warning for the
