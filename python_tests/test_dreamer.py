@@ -1,6 +1,7 @@
 """The Dreamer agent's pieces: shapes, lambda-returns, estimator wiring, non-finite updates."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -988,6 +989,27 @@ def test_an_interrupted_run_says_where_to_continue_and_keeps_its_checkpoint(tmp_
     assert checkpoint.read_state(str(run_dir))["counters"]["env_steps"] == 1000
 
 
+def test_a_run_interrupted_before_its_first_checkpoint_is_started_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the first checkpoint: nothing to resume, so the message says so
+    (rather than offering --resume, which would refuse), and the same command starts over."""
+    from tpx_ext.dreamer import checkpoint
+    from tpx_ext.dreamer.train import Trainer
+
+    def interrupted(self, bar):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_episode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "r", "--steps", "600")
+    assert capsys.readouterr().err.endswith(
+        "\ninterrupted at 0 env steps, before the run's first checkpoint (every 400 env steps): "
+        "there is nothing to resume; the same command starts the run again\n")
+    assert not checkpoint.exists(str(tmp_path / "r"))
+    monkeypatch.undo()
+    _train(tmp_path / "r", "--steps", "400")
+    assert checkpoint.read_state(str(tmp_path / "r"))["counters"]["env_steps"] == 400
+
+
 @pytest.fixture
 def drawn_frames(monkeypatch):
     """Environments draw a numbered blank frame instead of rendering: mutation testing runs
@@ -1063,3 +1085,69 @@ def test_the_trainer_counts_updates_and_skipped_or_clipped_ones():
                              "actor_clipped": zero})
     assert trainer.counters == {**dict.fromkeys(COUNTERS, 0), "updates": 3, "model_skipped": 2,
                                 "actor_skipped": 2, "critic_skipped": 1, "actor_clipped": 1}
+
+
+def test_the_progress_bar_counts_env_steps_and_the_records_their_rate(tmp_path, monkeypatch):
+    """Not quiet: a bar of env steps on stderr (from the checkpoint's step on a resume),
+    redrawn at most every 0.5 s on a terminal and every 30 s into a log file, showing the
+    last return, evaluation, updates and skips. Each record's env_steps_per_second is the
+    episode's steps over its wall time (a clock that ticks once per reading here), and the
+    step count is the record's step, not a field of its own."""
+    import sys
+    from types import SimpleNamespace
+    from tpx_ext.dreamer import train
+    from tpx_ext.dreamer.logger import read_metrics
+    bars = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.kwargs, self.steps, self.postfix, self.closed = kwargs, 0, None, False
+            bars.append(self)
+
+        def update(self, n):
+            self.steps += n
+
+        def set_postfix(self, **postfix):
+            self.postfix = postfix
+
+        def close(self):
+            self.closed = True
+
+    class Terminal:
+        def write(self, text):
+            pass
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return True
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(train, "tqdm", Bar)
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    logdir, log_file = str(tmp_path / "r"), sys.stderr  # pytest's capture: not a terminal
+    train.main(["--configs", "debug", "--logdir", logdir, "--threads", "1", "--steps", "400"])
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train.main(["--logdir", logdir, "--resume", "--steps", "600"])
+    first, resumed = bars
+    assert first.kwargs == dict(total=400, initial=0, unit="step", dynamic_ncols=True,
+                                disable=False, file=log_file, mininterval=30)
+    assert resumed.kwargs == dict(total=600, initial=400, unit="step", dynamic_ncols=True,
+                                  disable=False, file=terminal, mininterval=0.5)
+    assert (first.steps, resumed.steps) == (400, 200) and first.closed and resumed.closed
+    records = [r for r in read_metrics(f"{logdir}/metrics.jsonl") if "train_return" in r]
+    assert resumed.postfix == {"ret": f"{records[-1]['train_return']:.1f}",
+                               "eval": f"{read_metrics(f'{logdir}/metrics.jsonl')[-1]['eval_return']:.1f}",
+                               "upd": 11, "skipped": 0}
+    assert [r["env_steps_per_second"] for r in records] == [200.0, 200.0, 200.0]
+    assert all("env_steps" not in r for r in records)
+
+
+def test_a_run_without_logdir_goes_under_runs_named_by_its_config(tmp_path, monkeypatch):
+    from tpx_ext.dreamer.train import prepare
+    monkeypatch.chdir(tmp_path)
+    cfg, run_dir = prepare(["debug"], {"estimator": "rp", "horizon": 7, "seed": 3})
+    assert run_dir == os.path.join("runs", "cartpole_balance_state_rp_h7_s3")
+    assert cfg.horizon == 7 and not os.path.exists("runs")  # nothing is written yet

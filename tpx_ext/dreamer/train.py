@@ -102,9 +102,14 @@ class Trainer:
                                 upd=c["updates"], skipped=c["model_skipped"] + c["actor_skipped"])
         except KeyboardInterrupt:
             step = self._checkpoint_step()
-            print(f"\ninterrupted at {c['env_steps']} env steps; the last checkpoint is at "
-                  f"{step} steps. Continue with:\n  python -m tpx_ext.train --logdir "
-                  f"{self.run_dir} --resume", file=sys.stderr)
+            if step is None:
+                print(f"\ninterrupted at {c['env_steps']} env steps, before the run's first "
+                      f"checkpoint (every {cfg.checkpoint_every} env steps): there is nothing to "
+                      f"resume; the same command starts the run again", file=sys.stderr)
+            else:
+                print(f"\ninterrupted at {c['env_steps']} env steps; the last checkpoint is at "
+                      f"{step} steps. Continue with:\n  python -m tpx_ext.train --logdir "
+                      f"{self.run_dir} --resume", file=sys.stderr)
             raise
         finally:
             bar.close()
@@ -221,9 +226,9 @@ class Trainer:
         # checkpoints made before --envs hold one environment's state as env_rng
         self.env.set_rng_state(state["env_rngs"] if "env_rngs" in state else [state["env_rng"]])
 
-    def _checkpoint_step(self) -> int:
+    def _checkpoint_step(self) -> Optional[int]:
         if not checkpoint.exists(self.run_dir):
-            return 0
+            return None
         return checkpoint.read_state(self.run_dir)["counters"]["env_steps"]
 
     def close(self) -> None:
