@@ -34,6 +34,11 @@ def test_report_counts_statuses_and_scores_without_equivalents(tmp_path, monkeyp
     assert "- `m.f__mutmut_3`: same value" in text
     assert "+b (m.f__mutmut_4)" in text and "m.f__mutmut_3`\n\n```diff" not in text
     assert "2 min on this run" in text
+    assert "**Partial report**: 1 mutants are not checked yet" in text
+    codes["m.f__mutmut_6"] = 1
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    mod.write_report(120.0, "make mutation")
+    assert "Partial report" not in (tmp_path / "MUTATION.md").read_text()
 
 
 def test_message_wording_is_told_apart_from_behaviour(tmp_path, monkeypatch):

@@ -184,6 +184,12 @@ def write_report(run_seconds, command: str) -> None:
         f"{totals['survived'] - totals['equivalent'] - totals['wording']} survived, "
         f"{totals['wording']} message wording, {totals['equivalent']} equivalent, "
         f"{totals['timeout']} timed out, {totals['not checked']} not checked.",
+        *([] if not totals["not checked"] else [
+            "",
+            f"**Partial report**: {totals['not checked']} mutants are not checked yet, so each "
+            "score is over the mutants checked so far; a survivor checked before the tests "
+            "that were added since is listed until `make mutation ARGS=--recheck-survivors` "
+            "runs it again."]),
         "",
         "## Explained survivors",
         "",
