@@ -1,6 +1,7 @@
 """The Dreamer agent's pieces: shapes, lambda-returns, estimator wiring, non-finite updates."""
 
 import copy
+import dataclasses
 import os
 
 import numpy as np
@@ -806,7 +807,12 @@ def _run_files(logdir):
     records = [{k: v for k, v in r.items() if k not in timing}
                for r in read_metrics(str(logdir / "metrics.jsonl"))]
     state = checkpoint.read_state(str(logdir))
-    return records, state["counters"], state["agent"], load_run(str(logdir)).replay.state_dict()
+    loaded = load_run(str(logdir))  # what gradvar --checkpoint and tpx_ext.evaluate read
+    assert loaded.env_steps == state["counters"]["env_steps"]
+    assert dataclasses.asdict(loaded.cfg) == state["config"]
+    for key, value in loaded.agent.state_dict().items():
+        assert torch.equal(value, state["agent"]["modules"][key]), key
+    return records, state["counters"], state["agent"], loaded.replay.state_dict()
 
 
 def _assert_equal_state(a, b, where="agent"):
@@ -895,7 +901,6 @@ def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
     stopped before its first checkpoint); the environment gets the config's action repeat and
     seed, the torch thread count is set when `threads` > 0, and pixel observations are
     stored as uint8."""
-    import dataclasses
     import json
     from tpx_ext.dreamer.train import Trainer
     threads = torch.get_num_threads()
