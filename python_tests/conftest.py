@@ -15,6 +15,7 @@ samples, loses more digits in both).
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -114,3 +115,40 @@ def pytest_collection_modifyitems(config, items):
     if slow and len(slow) < len(items):
         config.hook.pytest_deselected(items=slow)
         del items[len(items) - len(slow):]
+
+
+# Under mutation testing a test may run this many times its recorded duration, and at least
+# MUTATION_TIMEOUT_FLOOR_S, before it fails (below).
+MUTATION_TIMEOUT_FACTOR, MUTATION_TIMEOUT_FLOOR_S = 10, 60.0
+
+
+class MutantTimeout(Exception):
+    """A test ran far past its recorded time under a mutant (an endless loop, say)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Under mutation testing, a test that runs ten times its recorded duration (at least a
+    minute) fails: a mutant that makes the trainer loop forever is caught in a minute, as
+    PIT and Stryker count timeouts, instead of at mutmut's CPU limit ten minutes later."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if "__mutmut_" not in mutant or not hasattr(signal, "setitimer"):
+        yield
+        return
+    try:
+        with open(os.path.join(str(item.config.rootpath), "mutmut-stats.json")) as f:
+            recorded = json.load(f)["duration_by_test"].get(item.nodeid, 0.0)
+    except (OSError, ValueError, KeyError):
+        recorded = 0.0
+    limit = max(MUTATION_TIMEOUT_FLOOR_S, MUTATION_TIMEOUT_FACTOR * recorded)
+
+    def timeout(signum, frame):
+        raise MutantTimeout(f"{item.nodeid} ran over {limit:.3g} s under {mutant}")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -106,3 +106,30 @@ def test_under_mutation_tests_run_fastest_first_without_the_slow_ones(tmp_path, 
     assert run("tpx_ext.ops.x_f__mutmut_3") == (["t::new", "t::fast", "t::mid"], ["t::slow"])
     assert run("tpx_ext.dreamer.train.x_f__mutmut_3") == (["t::new", "t::fast", "t::mid", "t::slow"], [])
     assert run("") == (["t::slow", "t::new", "t::mid", "t::fast"], [])
+
+
+def test_under_mutation_a_test_past_its_time_limit_fails(tmp_path, monkeypatch):
+    """conftest.py's timer: with MUTANT_UNDER_TEST naming a mutant, a test that runs past
+    its limit fails with MutantTimeout (an endless loop is caught), and the timer is gone
+    afterwards; without a mutant no timer is set."""
+    import signal
+    import time
+    from types import SimpleNamespace
+    import conftest
+    import pytest
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {"t::loop": 0.01}}))
+    item = SimpleNamespace(nodeid="t::loop", config=SimpleNamespace(rootpath=tmp_path))
+    monkeypatch.setattr(conftest, "MUTATION_TIMEOUT_FLOOR_S", 0.2)
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "m.f__mutmut_1")
+    hook = conftest.pytest_runtest_call(item)
+    next(hook)
+    with pytest.raises(conftest.MutantTimeout, match=r"^t::loop ran over 0.2 s under m.f__mutmut_1$"):
+        while True:
+            time.sleep(0.01)
+    with pytest.raises(StopIteration):
+        hook.send(None)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "")
+    hook = conftest.pytest_runtest_call(item)
+    next(hook)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

@@ -8,7 +8,9 @@
 mutmut (configured in pyproject.toml's [tool.mutmut]) writes every mutant of the scoped
 files into mutants/ and runs, for each, only the tests that execute the mutated function;
 python_tests/conftest.py orders them fastest first and leaves out those slower than
-MUTATION_TEST_LIMIT_S (except for the trainer's mutants, which only whole runs reach).
+MUTATION_TEST_LIMIT_S (except for the trainer's mutants, which only whole runs reach), and
+fails a test that runs ten times its recorded duration (at least a minute): a mutant that
+loops forever is killed, as PIT and Stryker count timeouts as detected.
 Its results are kept in mutants/**/*.meta, so an interrupted run resumes where it stopped.
 A changed test selection or pytest arguments in [tool.mutmut] makes mutmut discard every
 verdict (a full rerun); a changed test file does not, so after adding tests use
@@ -169,7 +171,9 @@ def write_report(run_seconds, command: str) -> None:
         + (f", {run_seconds / 60:.0f} min on this run" if run_seconds else "") + ").",
         "Scope and test selection: `[tool.mutmut]` in pyproject.toml; each mutant runs the "
         "selected tests that execute its function, fastest first, without those slower than "
-        "5 s except for train.py's mutants (python_tests/conftest.py). score = killed / "
+        "5 s except for train.py's mutants, and a test that runs 10 times its recorded "
+        "duration (at least 60 s) fails, so an endless loop is killed (python_tests/"
+        "conftest.py). score = killed / "
         "(checked - equivalent - no tests); a timeout counts as not killed. `wording` counts "
         "survivors that only wrap an error message's text in XX or change its case (listed "
         "below); they count as not killed in `score` and are left out of `behaviour score`.",
