@@ -1156,3 +1156,58 @@ def test_a_run_without_logdir_goes_under_runs_named_by_its_config(tmp_path, monk
     cfg, run_dir = prepare(["debug"], {"estimator": "rp", "horizon": 7, "seed": 3})
     assert run_dir == os.path.join("runs", "cartpole_balance_state_rp_h7_s3")
     assert cfg.horizon == 7 and not os.path.exists("runs")  # nothing is written yet
+
+
+def test_an_episode_acts_stores_and_averages_its_updates(tmp_path, monkeypatch):
+    """One episode of the trainer, with the agent's act and update replaced by recorders
+    (debug: prefill 400 env steps, 100 actions of 2 physics steps per episode, an update per
+    20 env steps): random actions in [-1, 1] until the prefill's last step, then the policy
+    from exactly the prefill on, fed back its own state (None at each episode's start); the
+    environment executes exactly the actions the replay stores, every episode starts with a
+    zero action, reward 0 and discount 1; each record holds the mean of its episode's
+    updates' metrics, profiles over the horizon included. (Evaluations act too, with
+    explore off; they are not recorded.)"""
+    from tpx_ext.dreamer import train
+    from tpx_ext.dreamer.agent import Dreamer
+    from tpx_ext.dreamer.env_pool import EnvPool
+    from tpx_ext.dreamer.logger import read_metrics
+    acts, updates, executed = [], [], []
+    step = EnvPool.step
+
+    def act(self, obs, state, explore):
+        if not explore:  # an evaluation's single environment
+            return np.zeros(self.action_dim, np.float32), None
+        acts.append(state)
+        return np.full((len(obs), self.action_dim), 0.25, np.float32), len(acts)
+
+    def update(self, batch):
+        updates.append(len(updates) + 1)
+        u = float(updates[-1])
+        return {"model_skipped": torch.tensor(0.0), "loss": torch.tensor(u),
+                "k_action": torch.tensor([u, 2 * u])}
+
+    def recorded_step(self, action):
+        executed.append(np.array(action, copy=True))
+        return step(self, action)
+
+    monkeypatch.setattr(Dreamer, "act", act)
+    monkeypatch.setattr(Dreamer, "update", update)
+    monkeypatch.setattr(EnvPool, "step", recorded_step)
+    _train(tmp_path / "r", "--steps", "600")
+    assert len(executed) == 300 and len(acts) == 100  # the third episode's 100 actions
+    assert acts == [None] + list(range(1, 100))
+    random = np.concatenate(executed[:200])
+    assert random.min() < -0.9 and random.max() > 0.9 and random.dtype == np.float32
+    assert all((a == 0.25).all() for a in executed[200:])
+    stored = train.load_run(str(tmp_path / "r")).replay.state_dict()
+    lengths = stored["lengths"]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    assert list(lengths) == [101, 101, 101]
+    np.testing.assert_array_equal(np.delete(stored["action"], starts, 0), np.concatenate(executed))
+    assert not stored["action"][starts].any() and not stored["reward"][starts].any()
+    assert (stored["discount"][starts] == 1).all()
+    records = [r for r in read_metrics(str(tmp_path / "r" / "metrics.jsonl")) if "train_return" in r]
+    # updates 1 (at 400, the second episode's end) and 2..11 (420 .. 600)
+    assert records[1]["loss"] == 1.0 and records[1]["k_action"] == [1.0, 2.0]
+    assert records[2]["loss"] == np.mean(range(2, 12)) and records[2]["k_action"] == [6.5, 13.0]
+    assert "loss" not in records[0]
