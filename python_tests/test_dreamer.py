@@ -899,8 +899,8 @@ def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
     """Trainer(cfg, run_dir) starts a run (not a resume, progress shown): config.json, an
     eval/ directory, zero counters, a new metrics file (over one left by a run that
     stopped before its first checkpoint); the environment gets the config's action repeat and
-    seed, the torch thread count is set when `threads` > 0, and pixel observations are
-    stored as uint8."""
+    seed, the torch thread count is set when `threads` > 0, pixel observations are stored as
+    uint8, and --tensorboard writes TensorBoard events."""
     import json
     from tpx_ext.dreamer.train import Trainer
     threads = torch.get_num_threads()
@@ -911,7 +911,8 @@ def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
         assert not trainer.quiet and set(trainer.counters.values()) == {0}
         trainer.logger.write(0, {"eval_return": 2.0})
         assert (tmp_path / "a" / "metrics.jsonl").read_text() == '{"step": 0, "eval_return": 2.0}\n'
-        assert json.loads((tmp_path / "a" / "config.json").read_text()) == dataclasses.asdict(trainer.cfg)
+        assert ((tmp_path / "a" / "config.json").read_text()
+                == json.dumps(dataclasses.asdict(trainer.cfg), indent=2))  # for people to read
         assert (tmp_path / "a" / "eval").is_dir() and torch.get_num_threads() == 1
         steps, first = 0, trainer.env.reset()[0]
         while not trainer.env.step(np.zeros((1, trainer.env.action_dim)))[0][2]:
@@ -926,9 +927,10 @@ def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
         again = Trainer(small_cfg(seed=3), str(tmp_path / "c"))
         np.testing.assert_array_equal(again.env.reset()[0], first)
         again.close()
-        pixels = Trainer(small_cfg(obs="pixels"), str(tmp_path / "p"))
+        pixels = Trainer(small_cfg(obs="pixels", tensorboard=True), str(tmp_path / "p"))
         assert pixels.replay.state_dict()["pending_obs"].dtype == np.uint8
         pixels.close()
+        assert any(f.startswith("events") for f in os.listdir(tmp_path / "p" / "tb"))
     finally:
         torch.set_num_threads(threads)
 
