@@ -70,15 +70,17 @@ def test_message_wording_is_told_apart_from_behaviour(tmp_path, monkeypatch):
     assert "+        raise ValueError(None)" in text
 
 
-def test_recheck_resets_only_the_named_survivors(tmp_path, monkeypatch):
+def test_recheck_resets_only_the_named_survivors_and_untested(tmp_path, monkeypatch):
     mod = load(tmp_path, monkeypatch)
     meta = tmp_path / "mutants" / "tpx_ext" / "m.py.meta"
     meta.parent.mkdir(parents=True)
-    codes = {"tpx_ext.m.f__mutmut_1": 0, "tpx_ext.m.f__mutmut_2": 1, "tpx_ext.n.g__mutmut_1": 0}
+    codes = {"tpx_ext.m.f__mutmut_1": 0, "tpx_ext.m.f__mutmut_2": 1, "tpx_ext.m.f__mutmut_3": 33,
+             "tpx_ext.m.f__mutmut_4": 36, "tpx_ext.n.g__mutmut_1": 0}
     meta.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": {}}))
-    assert mod.reset_survivors(["tpx_ext.m"]) == 1
+    assert mod.reset_survivors(["tpx_ext.m"]) == 2
     data = json.loads(meta.read_text())
     assert data["exit_code_by_key"] == {"tpx_ext.m.f__mutmut_1": None, "tpx_ext.m.f__mutmut_2": 1,
+                                        "tpx_ext.m.f__mutmut_3": None, "tpx_ext.m.f__mutmut_4": 36,
                                         "tpx_ext.n.g__mutmut_1": 0}
     assert data["durations_by_key"] == {}
     assert mod.reset_survivors([]) == 1

@@ -34,9 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "MUTATION.md"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.json"
-KILLED, SURVIVED = {1, 3}, {0}
+KILLED, SURVIVED, NO_TESTS = {1, 3}, {0}, {5, 33}
 TIMEOUT = {36, -24, 24, 152, 255}
-STATUS = {None: "not checked", 5: "no tests", 33: "no tests", 34: "skipped", 37: "type check",
+STATUS = {None: "not checked", **dict.fromkeys(NO_TESTS, "no tests"), 34: "skipped", 37: "type check",
           -11: "crashed", -9: "crashed"}
 
 
@@ -63,15 +63,16 @@ def results() -> dict:
 
 
 def reset_survivors(prefixes) -> int:
-    """Mark survivors (of mutants whose names start with one of `prefixes`, or all) as not
-    checked, so the next run tries them again: mutmut reruns a mutant only when its
-    function changed, not when a test was added that may kill it."""
+    """Mark survivors and mutants that had no tests (of mutants whose names start with one
+    of `prefixes`, or all) as not checked, so the next run tries them again: mutmut reruns a
+    mutant only when its function changed, not when a test was added that may reach or
+    kill it."""
     count = 0
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         data = json.loads(meta.read_text())
         codes = data["exit_code_by_key"]
         reset = [name for name, code in codes.items()
-                 if code in SURVIVED and (not prefixes or name.startswith(tuple(prefixes)))]
+                 if code in SURVIVED | NO_TESTS and (not prefixes or name.startswith(tuple(prefixes)))]
         if reset:  # mutmut's own files are left untouched where nothing changes
             codes.update(dict.fromkeys(reset))
             meta.write_text(json.dumps(data, indent=4))
@@ -218,7 +219,8 @@ def main(argv=None):
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
     p.add_argument("--recheck-survivors", action="store_true",
-                   help="run the survivors again (after adding tests), not only unchecked mutants")
+                   help="run the survivors and the mutants that had no tests again (after adding "
+                        "tests), not only unchecked mutants")
     p.add_argument("--files", nargs="*", default=[],
                    help="only the mutants of these source files (default: the whole scope)")
     a = p.parse_args(argv)
