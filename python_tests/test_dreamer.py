@@ -1130,9 +1130,9 @@ def test_the_progress_bar_counts_env_steps_and_the_records_their_rate(tmp_path, 
         def isatty(self):
             return True
 
-    clock = iter(range(10**6))
+    clock = iter(range(10**6))  # half a second per reading
     monkeypatch.setattr(train, "tqdm", Bar)
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: next(clock) / 2))
     logdir, log_file = str(tmp_path / "r"), sys.stderr  # pytest's capture: not a terminal
     train.main(["--configs", "debug", "--logdir", logdir, "--threads", "1", "--steps", "400"])
     terminal = Terminal()
@@ -1148,7 +1148,7 @@ def test_the_progress_bar_counts_env_steps_and_the_records_their_rate(tmp_path, 
     assert resumed.postfix == {"ret": f"{records[-1]['train_return']:.1f}",
                                "eval": f"{read_metrics(f'{logdir}/metrics.jsonl')[-1]['eval_return']:.1f}",
                                "upd": 11, "skipped": 0}
-    assert [r["env_steps_per_second"] for r in records] == [200.0, 200.0, 200.0]
+    assert [r["env_steps_per_second"] for r in records] == [400.0, 400.0, 400.0]
     assert all("env_steps" not in r for r in records)
 
 
@@ -1194,8 +1194,16 @@ def test_an_episode_acts_stores_and_averages_its_updates(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Dreamer, "act", act)
     monkeypatch.setattr(Dreamer, "update", update)
+    evaluate, eval_seeds = train.evaluate, []
+
+    def recorded_evaluate(agent, cfg, seed, *args, **kwargs):
+        eval_seeds.append(seed)
+        return evaluate(agent, cfg, seed, *args, **kwargs)
+
     monkeypatch.setattr(EnvPool, "step", recorded_step)
-    _train(tmp_path / "r", "--steps", "600")
+    monkeypatch.setattr(train, "evaluate", recorded_evaluate)
+    _train(tmp_path / "r", "--steps", "600", "--seed", "5")
+    assert eval_seeds == [10_005, 10_006]  # its own seed per evaluation: at 0 and 600
     assert len(executed) == 300 and len(acts) == 100  # the third episode's 100 actions
     assert acts == [None] + list(range(1, 100))
     random = np.concatenate(executed[:200])
@@ -1213,3 +1221,26 @@ def test_an_episode_acts_stores_and_averages_its_updates(tmp_path, monkeypatch):
     assert records[1]["loss"] == 1.0 and records[1]["k_action"] == [1.0, 2.0]
     assert records[2]["loss"] == np.mean(range(2, 12)) and records[2]["k_action"] == [6.5, 13.0]
     assert "loss" not in records[0]
+    for record, start, n in zip(records, starts, lengths):  # the return sums the rewards
+        assert record["train_return"] == pytest.approx(stored["reward"][start:start + n].sum(), rel=1e-6)
+
+
+def test_training_starts_once_the_replay_holds_an_episode(tmp_path):
+    """Without a prefill the first update comes at the end of the first episode, right
+    after it is stored (an update per 20 env steps, 200 per episode: 1, then 10 more)."""
+    from tpx_ext.dreamer.logger import read_metrics
+    _train(tmp_path / "r", "--steps", "400", "--prefill", "0")
+    records = [r for r in read_metrics(str(tmp_path / "r" / "metrics.jsonl")) if "train_return" in r]
+    assert [r["updates"] for r in records] == [1, 11]
+
+
+def test_pixel_runs_draw_evaluation_frames_without_probing_opengl(monkeypatch):
+    """A pixel run renders its observations anyway, so its GIFs need no check; a state run
+    asks rendering_error once, and warns once."""
+    from types import SimpleNamespace
+    from tpx_ext.dreamer import train
+    monkeypatch.setattr(train, "rendering_error", lambda: "no OpenGL (test)")
+    pixels = SimpleNamespace(cfg=SimpleNamespace(obs="pixels"), _gif_warned=False)
+    state = SimpleNamespace(cfg=SimpleNamespace(obs="state"), _gif_warned=False)
+    assert train.Trainer._can_draw_frames(pixels) is True and not pixels._gif_warned
+    assert train.Trainer._can_draw_frames(state) is False and state._gif_warned
