@@ -24,13 +24,12 @@ import json
 import os
 import pickle
 import sys
-import zipfile
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write
-from .replay import CorruptReplay, ReplayBuffer
+from .replay import CorruptReplay, ReplayBuffer, reading
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_FILE = "checkpoint.prev.pt"
@@ -143,15 +142,12 @@ def _open_replay(run_dir: str, state: dict) -> ReplayBuffer:
     path = os.path.join(run_dir, state["replay_file"])
     if not os.path.exists(path):
         raise CorruptReplay(f"{path}: missing (named by the checkpoint)")
-    try:
+    with reading(path):
         with np.load(path, allow_pickle=False) as data:
             capacity, obs_shape, obs_dtype, action_dim = json.loads(str(data["config"]))
         replay = ReplayBuffer(capacity, obs_shape, np.dtype(obs_dtype), action_dim,
                               directory=replay_dir(run_dir))
         replay.load(path)  # checkpointed_from stays None: the next save keeps the .npz
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise CorruptReplay(f"{path}: unreadable, truncated or corrupt "
-                            f"({type(exc).__name__}: {exc})") from exc
     return replay
 
 

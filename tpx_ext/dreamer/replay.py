@@ -26,6 +26,7 @@ import json
 import os
 import zipfile
 from collections import deque
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -36,6 +37,17 @@ _FIELDS = ("obs", "action", "reward", "discount")
 
 class CorruptReplay(ValueError):
     """An episode file named by a checkpoint is missing, truncated or not what it should be."""
+
+
+@contextmanager
+def reading(path: str):
+    """Reading an .npz file: whatever a truncated, corrupt or foreign one raises becomes a
+    CorruptReplay naming it, so a checkpoint that names it counts as damaged."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise CorruptReplay(f"{path}: unreadable, truncated or corrupt "
+                            f"({type(exc).__name__}: {exc})") from exc
 
 
 class ReplayBuffer:
@@ -260,13 +272,9 @@ class ReplayBuffer:
         if not os.path.exists(path):
             raise CorruptReplay(f"{path}: missing (the checkpoint holds episodes "
                                 f"{self._first_id}.. of this directory)")
-        try:
-            # Reading every member checks the zip's CRCs, so flipped bytes are caught too.
-            with np.load(path, allow_pickle=False) as data:
-                episode = {k: data[k] for k in _FIELDS}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise CorruptReplay(f"{path}: unreadable, truncated or corrupt "
-                                f"({type(exc).__name__}: {exc})") from exc
+        # Reading every member checks the zip's CRCs, so flipped bytes are caught too.
+        with reading(path), np.load(path, allow_pickle=False) as data:
+            episode = {k: data[k] for k in _FIELDS}
         empty, n = self._empty_fields(), len(episode["obs"])
         for k, e in empty.items():
             if episode[k].dtype != e.dtype or episode[k].shape != (n, *e.shape[1:]):
