@@ -13,6 +13,7 @@ FMA contraction differ; a badly conditioned variance, e.g. two nearly equal
 samples, loses more digits in both).
 """
 
+import functools
 import json
 import os
 import signal
@@ -94,6 +95,17 @@ def random_gaussian_node(B, D, dtype=torch.float32, device="cpu", seed=0):
 MUTATION_TEST_LIMIT_S = 5.0
 
 
+@functools.lru_cache(maxsize=None)
+def _recorded_durations(rootdir: str):
+    """{test id: seconds} from mutmut's stats in `rootdir` (mutants/), read once per
+    process; None where there are none."""
+    try:
+        with open(os.path.join(rootdir, "mutmut-stats.json")) as f:
+            return json.load(f)["duration_by_test"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def pytest_collection_modifyitems(config, items):
     """Under mutation testing (`make mutation`; mutmut names the mutant in
     MUTANT_UNDER_TEST), run the mutant's tests fastest first, leaving out the slow ones
@@ -101,12 +113,8 @@ def pytest_collection_modifyitems(config, items):
     tests in no particular order, so a mutant that a quick test kills would otherwise often
     wait for the slow grids and training runs first."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
-    if "__mutmut_" not in mutant:
-        return
-    try:
-        with open(os.path.join(str(config.rootpath), "mutmut-stats.json")) as f:
-            durations = json.load(f)["duration_by_test"]
-    except (OSError, ValueError, KeyError):
+    durations = _recorded_durations(str(config.rootpath)) if "__mutmut_" in mutant else None
+    if durations is None:
         return
     items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
     if mutant.startswith("tpx_ext.dreamer.train."):
@@ -135,11 +143,7 @@ def pytest_runtest_call(item):
     if "__mutmut_" not in mutant or not hasattr(signal, "setitimer"):
         yield
         return
-    try:
-        with open(os.path.join(str(item.config.rootpath), "mutmut-stats.json")) as f:
-            recorded = json.load(f)["duration_by_test"].get(item.nodeid, 0.0)
-    except (OSError, ValueError, KeyError):
-        recorded = 0.0
+    recorded = (_recorded_durations(str(item.config.rootpath)) or {}).get(item.nodeid, 0.0)
     limit = max(MUTATION_TIMEOUT_FLOOR_S, MUTATION_TIMEOUT_FACTOR * recorded)
 
     def timeout(signum, frame):

@@ -801,18 +801,15 @@ def _run_files(logdir):
     """(metrics without the timing fields, checkpoint counters, agent state (modules,
     optimizers, running statistics), replay arrays)."""
     from tpx_ext.dreamer import checkpoint
-    from tpx_ext.dreamer.logger import read_metrics
     from tpx_ext.dreamer.train import load_run
-    timing = {"env_steps_per_second", "update_seconds"}
-    records = [{k: v for k, v in r.items() if k not in timing}
-               for r in read_metrics(str(logdir / "metrics.jsonl"))]
+    from test_train import records
     state = checkpoint.read_state(str(logdir))
     loaded = load_run(str(logdir))  # what gradvar --checkpoint and tpx_ext.evaluate read
     assert loaded.env_steps == state["counters"]["env_steps"]
     assert dataclasses.asdict(loaded.cfg) == state["config"]
     for key, value in loaded.agent.state_dict().items():
         assert torch.equal(value, state["agent"]["modules"][key]), key
-    return records, state["counters"], state["agent"], loaded.replay.state_dict()
+    return records(str(logdir)), state["counters"], state["agent"], loaded.replay.state_dict()
 
 
 def _assert_equal_state(a, b, where="agent"):
