@@ -4,6 +4,7 @@
     python bench/train_step.py --write              # also rewrite docs/BENCHMARKS.md's section
     python bench/train_step.py --configs dmc_proprio --device cuda
     python bench/train_step.py --versus 1cf6c71 --write   # this tree's update vs an older commit's
+    python bench/train_step.py --tricks --write   # dmc_vision updates with and without a trick
 
 For every horizon, one agent per estimator (identical initial weights) takes the same
 replay batch; "update" is one whole training update (world model, actor, critic) and
@@ -18,7 +19,8 @@ commit REV (extracted with `git archive` into a temporary directory, sharing thi
 compiled op), each in its own one-thread process holding its agent, called in alternation;
 at the `dmc_vision` sizes (50 x 50 pixel batch) and the CPU default, each with its own
 default config. It also counts FLOPs per update (FlopCounterMode) and times this tree
-without its channels_last convolutions and with fused Adam, to show what each is worth,
+without its channels_last convolutions and with the decoder's first layer computed by
+torch's ConvTranspose2d instead of as a matrix product, to show what each is worth,
 and once more in another process as a control: the spread between the two copies of the
 same code is the resolution of the table.
 """
@@ -45,11 +47,13 @@ VARIANTS = {"rp": {"estimator": "rp"}, "tpx": {"estimator": "tpx"},
 ESTIMATORS = tuple(VARIANTS)
 
 
-def make_batch(cfg, obs_dim, action_dim, seed=0):
+def make_batch(cfg, obs_shape, action_dim, seed=0):
+    """A random replay batch [B, T, ...]: uint8 pixels for a 3-d obs_shape, else states."""
     rng = np.random.default_rng(seed)
     B, T = cfg.batch_size, cfg.seq_len
-    return {"obs": rng.standard_normal((B, T, obs_dim)).astype(np.float32),
-            "action": rng.uniform(-1, 1, (B, T, action_dim)).astype(np.float32),
+    obs = (rng.integers(0, 256, (B, T, *obs_shape), dtype=np.uint8) if len(obs_shape) == 3
+           else rng.standard_normal((B, T, *obs_shape)).astype(np.float32))
+    return {"obs": obs, "action": rng.uniform(-1, 1, (B, T, action_dim)).astype(np.float32),
             "reward": rng.random((B, T)).astype(np.float32)}
 
 
@@ -75,7 +79,7 @@ def time_horizon(presets, horizon, device, rounds, obs_dim, action_dim):
         cfg = build(presets, {**VARIANTS[est], "horizon": horizon})
         torch.manual_seed(0)
         agents[est] = Dreamer((obs_dim,), action_dim, cfg, device)
-        batch = batch or make_batch(cfg, obs_dim, action_dim)
+        batch = batch or make_batch(cfg, (obs_dim,), action_dim)
         data = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
         with torch.no_grad():
             starts[est] = agents[est].world_model.loss(data)[1]
@@ -112,11 +116,8 @@ torch.manual_seed(0)
 agent = Dreamer(obs_shape, A, cfg, "cpu")
 if "channels_first" in tricks:
     agent.world_model.to(memory_format=torch.contiguous_format)
-if "fused_adam" in tricks:
-    for owner, name in ((agent, "model_opt"), (agent.behavior, "actor_opt"), (agent.behavior, "critic_opt")):
-        old = getattr(owner, name)
-        setattr(owner, name, torch.optim.Adam(old.param_groups[0]["params"], lr=old.defaults["lr"],
-                                              eps=old.defaults["eps"], fused=True))
+if "transposed_first_layer" in tricks:  # the same layer and parameters, run by torch's own class
+    agent.world_model.decoder.net[0].__class__ = torch.nn.ConvTranspose2d
 rng = np.random.default_rng(0)
 B, T = cfg.batch_size, cfg.seq_len
 batch = {"obs": (rng.integers(0, 256, (B, T, *obs_shape), dtype=np.uint8) if pixels
@@ -180,11 +181,13 @@ def versus(rev: str, rounds: int, setups) -> str:
         for label, presets in setups:
             arms = {f"{rev}": (old_root, ()), "this tree": (ROOT, ()),
                     "this tree, NCHW convolutions": (ROOT, ("channels_first",)),
-                    "this tree + fused Adam": (ROOT, ("fused_adam",)),
+                    "this tree, decoder's first layer a ConvTranspose2d": (
+                        ROOT, ("transposed_first_layer",)),
                     # the same code in a fourth process: what placement alone moves a median
                     "this tree (control)": (ROOT, ())}
             if presets == []:  # no convolutions in the state-based CPU default
                 del arms["this tree, NCHW convolutions"]
+                del arms["this tree, decoder's first layer a ConvTranspose2d"]
             children = {name: Child(root, presets, tricks) for name, (root, tricks) in arms.items()}
             try:
                 flops = {name: c.ask("flops") for name, c in children.items()}
@@ -209,6 +212,49 @@ def versus(rev: str, rounds: int, setups) -> str:
         shutil.rmtree(old_root, ignore_errors=True)
 
 
+# ------------------------------------------------------------------ --tricks
+def tricks(rounds: int) -> str:
+    """Whole `dmc_vision` updates of agents that differ in one trick each, in one process,
+    one thread, in alternation (rotating which goes first). One process shares its
+    allocator's state and placement, so this resolves smaller changes than --versus."""
+
+    torch.set_num_threads(1)
+    cfg = build(["dmc_vision"], {})
+    obs_shape, A = (3, 64, 64), 6
+
+    def agent(trick):
+        torch.manual_seed(0)
+        a = Dreamer(obs_shape, A, cfg, "cpu")
+        if trick == "transposed_first_layer":  # the same layer and parameters, torch's own class
+            a.world_model.decoder.net[0].__class__ = torch.nn.ConvTranspose2d
+        if trick == "compiled_rssm_step":  # the step every imagined and filtered state takes
+            rssm = a.world_model.rssm
+            rssm.deter_step, rssm.prior = torch.compile(rssm.deter_step), torch.compile(rssm.prior)
+        return a
+
+    arms = {"this tree": agent(None),
+            "decoder's first layer a ConvTranspose2d": agent("transposed_first_layer"),
+            "RSSM step (deter_step, prior) torch.compile'd": agent("compiled_rssm_step"),
+            "this tree (control: another agent)": agent(None)}
+    batch = make_batch(cfg, obs_shape, A)
+    for a in arms.values():  # twice: torch.compile compiles its backward at the first
+        a.update(batch)
+        a.update(batch)
+    times = {name: [] for name in arms}
+    names = list(arms)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            arms[name].update(batch)
+            times[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()), flush=True)
+    base = statistics.median(times["this tree"])
+    rows = [f"| {name} | {statistics.median(t):.2f} s | {min(t):.2f} s | "
+            f"{statistics.median(t) / base:.2f}x |" for name, t in times.items()]
+    return ("| agent | time / update (median) | fastest | time vs this tree |\n"
+            "|---|---:|---:|---:|\n" + "\n".join(rows))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="*", default=[], help="config presets (default: the CPU default)")
@@ -222,7 +268,19 @@ def main(argv=None):
     p.add_argument("--versus", metavar="REV",
                    help="time this tree's whole update against commit REV's (dmc_vision sizes "
                         "and the CPU default, one thread each)")
+    p.add_argument("--tricks", action="store_true",
+                   help="time whole dmc_vision updates with and without single tricks, in one "
+                        "process (one thread)")
     a = p.parse_args(argv)
+    if a.tricks:
+        table = tricks(a.rounds)
+        body = (f"Machine: {machine_description('cpu')}; {a.rounds} rounds in alternation in "
+                f"one process.\n\n{table}")
+        print(table)
+        if a.write:
+            print("wrote", write_section("bench/train_step.py", argv, body,
+                                         key="bench/train_step.py --tricks"))
+        return
     if a.versus:
         table = versus(a.versus, a.rounds, [("dmc_vision", ["dmc_vision"]), ("CPU default", [])])
         body = (f"Machine: {machine_description('cpu')}; one thread per process, {a.rounds} "

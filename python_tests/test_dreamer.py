@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tpx_ext.dreamer.configs import build
+from tpx_ext.dreamer.networks import ConvTranspose2dOn1x1
 from tpx_ext.dreamer import Dreamer
 from tpx_ext.dreamer.behavior import finite_step, objective_weights
 from tpx_ext.dreamer.rssm import LatentState, balanced_kl, gaussian_kl
@@ -695,6 +696,33 @@ def test_pixel_world_model_uses_channels_last_with_the_same_loss():
     torch.manual_seed(1)
     b = nchw.loss(data)[0]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_decoders_first_layer_is_the_transposed_convolution_it_replaces(channels_last):
+    """ConvTranspose2dOn1x1 against torch's ConvTranspose2d with the same state_dict, in
+    float64 (agreement to 1e-12: only the summation order differs), values and gradients."""
+    torch.manual_seed(0)
+    fast = ConvTranspose2dOn1x1(64, 16, 5, 2).double()
+    slow = torch.nn.ConvTranspose2d(64, 16, 5, 2).double()
+    slow.load_state_dict(fast.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fast.to(memory_format=fmt)
+    x = torch.randn(9, 64, 1, 1, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    y, want = fast(x), slow(x)
+    assert y.shape == want.shape == (9, 16, 5, 5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(y, (x, fast.weight, fast.bias), g)
+    ref = torch.autograd.grad(want, (x, slow.weight, slow.bias), g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"expects a 1x1 input, got spatial size \(2, 1\)"):
+        fast(torch.zeros(1, 64, 2, 1, dtype=torch.float64))
+    decoder = Dreamer((3, 64, 64), A, small_cfg()).world_model.decoder
+    assert type(decoder.net[0]) is ConvTranspose2dOn1x1
+    assert [type(m) for m in decoder.net[1:] if not isinstance(m, torch.nn.ReLU)] == [torch.nn.ConvTranspose2d] * 3
 
 
 def test_imag_starts_subsamples_the_start_states():

@@ -38,6 +38,26 @@ class ConvEncoder(nn.Module):
         return self.net(x).reshape(*lead, self.out_dim)
 
 
+class ConvTranspose2dOn1x1(nn.ConvTranspose2d):
+    """A transposed convolution of a 1x1 input, computed as the matrix product it is:
+    out[n, co, i, j] = b[co] + sum_ci x[n, ci] W[ci, co, i, j]. mkldnn's transposed
+    convolution is slow at it on a CPU: with it as the decoder's first layer a dmc_vision
+    update takes 1.27x as long (docs/BENCHMARKS.md). Same parameters, so the same state_dict."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        # without padding, dilation or groups: on a 1x1 input the stride then does not matter
+        super().__init__(in_channels, out_channels, kernel_size, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (1, 1):
+            raise ValueError(f"expects a 1x1 input, got spatial size {tuple(x.shape[-2:])}")
+        (kh, kw), (cin, cout) = self.kernel_size, self.weight.shape[:2]
+        y = nn.functional.linear(x.reshape(-1, cin),
+                                 self.weight.permute(2, 3, 1, 0).reshape(kh * kw * cout, cin),
+                                 self.bias.repeat(kh * kw))
+        return y.reshape(-1, kh, kw, cout).permute(0, 3, 1, 2)  # channels_last, as the rest
+
+
 class ConvDecoder(nn.Module):
     """features [..., F] -> mean image [..., 3, 64, 64] in the encoder's [-0.5, 0.5] scale.
     act: "relu" (DreamerV1) or "elu"."""
@@ -47,7 +67,7 @@ class ConvDecoder(nn.Module):
         d, Act = depth, ACTIVATIONS[act]
         self.fc = nn.Linear(feat_dim, 32 * d)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(32 * d, 4 * d, 5, 2), Act(),
+            ConvTranspose2dOn1x1(32 * d, 4 * d, 5, 2), Act(),
             nn.ConvTranspose2d(4 * d, 2 * d, 5, 2), Act(),
             nn.ConvTranspose2d(2 * d, d, 6, 2), Act(),
             nn.ConvTranspose2d(d, 3, 6, 2),
