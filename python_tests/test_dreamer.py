@@ -1177,6 +1177,27 @@ def test_the_progress_bar_counts_env_steps_and_the_records_their_rate(tmp_path, 
     assert all("env_steps" not in r for r in records)
 
 
+def test_the_progress_bar_shows_the_world_model_and_actor_skips_together(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from tpx_ext.dreamer import configs, train
+    postfixes = []
+    monkeypatch.setattr(train, "tqdm", lambda **kwargs: SimpleNamespace(
+        set_postfix=lambda **p: postfixes.append(p), close=lambda: None))
+    trainer = train.Trainer(configs.build(["debug"], {"threads": "1", "steps": "200"}),
+                            str(tmp_path / "r"), quiet=True)
+    trainer.counters.update(model_skipped=2, actor_skipped=3, critic_skipped=7, evals=1)
+
+    def episode(bar):
+        trainer.counters["env_steps"] += 200
+        return 1.0, 200, {}
+
+    monkeypatch.setattr(trainer, "_episode", episode)
+    monkeypatch.setattr(trainer, "_evaluate", lambda: setattr(trainer, "last_eval", {"eval_return": 4.0}))
+    monkeypatch.setattr(trainer, "_save", lambda: None)
+    trainer.train()
+    assert postfixes == [{"ret": "1.0", "eval": "4.0", "upd": 0, "skipped": 5}]
+
+
 def test_a_run_without_logdir_goes_under_runs_named_by_its_config(tmp_path, monkeypatch):
     from tpx_ext.dreamer.train import prepare
     monkeypatch.chdir(tmp_path)
@@ -1248,6 +1269,31 @@ def test_an_episode_acts_stores_and_averages_its_updates(tmp_path, monkeypatch):
     assert "loss" not in records[0]
     for record, start, n in zip(records, starts, lengths):  # the return sums the rewards
         assert record["train_return"] == pytest.approx(stored["reward"][start:start + n].sum(), rel=1e-6)
+
+
+def test_environments_whose_episodes_end_at_different_steps_are_refused(tmp_path):
+    """--envs steps its environments in lockstep, an episode each: two whose episodes end
+    after 3 and 5 steps stop the run at the third step, with nothing of them stored."""
+    from types import SimpleNamespace
+    from tpx_ext.dreamer import configs
+    from tpx_ext.dreamer.train import Trainer
+    trainer = Trainer(configs.build(["debug"], {"threads": "1"}), str(tmp_path / "r"), quiet=True)
+    trainer.env.close()
+    obs_shape, steps = trainer.env.observation_shape, []
+
+    def step(action):
+        steps.append(action)
+        return [(np.zeros(obs_shape, np.float32), 1.0, len(steps) >= end, {"discount": 1.0})
+                for end in (3, 5)]
+
+    trainer.env = SimpleNamespace(n=2, action_dim=trainer.env.action_dim, step=step, close=lambda: None,
+                                  reset=lambda: [np.zeros(obs_shape, np.float32)] * 2)
+    with pytest.raises(RuntimeError) as info:
+        trainer._episode(SimpleNamespace(update=lambda n: None))
+    assert str(info.value) == ("cartpole_balance: the 2 environments' episodes ended at different "
+                               "steps; --envs needs episodes of one length (time limits)")
+    assert len(steps) == 3 and trainer.replay.num_episodes == 0
+    trainer.close()
 
 
 def test_training_starts_once_the_replay_holds_an_episode(tmp_path):

@@ -425,7 +425,8 @@ R_, V_ = torch.zeros(3, N, 1), torch.zeros(4, N, 1)
     (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"),
                 g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1")], "takes one call"),
     (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"), g.backward()],
-     r"call graph.loss\(your_loss\).backward\(\)"),
+     r"^backward: the returns of graph\.lambda_return are weighted by the loss that uses them; "
+     r"call graph\.loss\(your_loss\)\.backward\(\)$"),
     (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"),
                 g.loss(g._batch * torch.ones((), requires_grad=True)).backward()],
      "does not use the returns of graph.lambda_return"),

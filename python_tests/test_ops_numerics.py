@@ -279,6 +279,25 @@ def test_gaussian_running_statistics(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_reference_takes_the_ops_defaults(device):
+    """Running buffers given, every other argument left to its default, over three calls
+    (the first call fills the buffers whatever the momentum; later ones show it)."""
+    run, ref_run = tpx_ext.new_running_stats(2 * 5, device), tpx_ext.new_running_stats(2 * 5)
+    ivw_run, ivw_ref_run = tpx_ext.new_running_stats(7, device), tpx_ext.new_running_stats(7)
+    for call in range(3):
+        node = random_gaussian_node(128, 5, torch.float32, device, seed=300 + call)
+        got = tpx_ext.gaussian_tpx_backward(*node, *run)
+        ref = reference.gaussian_tpx_backward(*(t.cpu() for t in node), *ref_run)
+        assert_stats_close(got.k, ref.k, "k")
+        assert_stats_close(run[1], ref_run[1], "running_var_rp")
+        g_lr, g_rp = random_pair(64, 7, torch.float32, device, seed=310 + call)
+        got = tpx_ext.ivw_combine(g_lr, g_rp, *ivw_run)
+        ref = reference.ivw_combine(g_lr.cpu(), g_rp.cpu(), *ivw_ref_run)
+        assert_stats_close(got.k, ref.k, "k")
+        assert_stats_close(ivw_run[0], ivw_ref_run[0], "running_var_lr")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fixed_weight_reproduces_each_estimator_exactly(device):
     g_lr, g_rp = random_pair(300, 9, torch.float32, device, seed=10)
     g_lr[4, 2] = float("inf")  # must not leak into the pure-RP result
