@@ -137,7 +137,7 @@ class MutantTimeout(Exception):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     """Under mutation testing, a test that runs ten times its recorded duration (at least a
-    minute) fails: a mutant that makes the trainer loop forever is caught in a minute, as
+    minute of CPU time) fails: a mutant that makes the trainer loop forever is caught in a minute, as
     PIT and Stryker count timeouts, instead of at mutmut's CPU limit ten minutes later."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if "__mutmut_" not in mutant or not hasattr(signal, "setitimer"):
@@ -149,10 +149,12 @@ def pytest_runtest_call(item):
     def timeout(signum, frame):
         raise MutantTimeout(f"{item.nodeid} ran over {limit:.3g} s under {mutant}")
 
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.setitimer(signal.ITIMER_REAL, limit)
+    # The process's CPU time, not the wall clock: a worker paused (SIGSTOP) or starved by
+    # other processes is not looping, and a wall-clock timer would count it as killed.
+    previous = signal.signal(signal.SIGPROF, timeout)
+    signal.setitimer(signal.ITIMER_PROF, limit)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)

@@ -84,6 +84,14 @@ def test_recheck_resets_only_the_named_survivors_and_untested(tmp_path, monkeypa
                                         "tpx_ext.n.g__mutmut_1": 0}
     assert data["durations_by_key"] == {}
     assert mod.reset_survivors([]) == 1
+    # --recheck: the named mutants whatever their verdict, and no survivor besides
+    codes = {"tpx_ext.m.f__mutmut_1": 1, "tpx_ext.m.f__mutmut_2": 0, "tpx_ext.m.f__mutmut_3": 1}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    assert mod.reset_survivors(None, ["tpx_ext.m.f__mutmut_3", "tpx_ext.m.f__mutmut_9"]) == 1
+    assert json.loads(meta.read_text())["exit_code_by_key"] == {
+        "tpx_ext.m.f__mutmut_1": 1, "tpx_ext.m.f__mutmut_2": 0, "tpx_ext.m.f__mutmut_3": None}
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    assert mod.reset_survivors([], ["tpx_ext.m.f__mutmut_1"]) == 2  # with --recheck-survivors
 
 
 def test_under_mutation_tests_run_fastest_first_without_the_slow_ones(tmp_path, monkeypatch):
@@ -112,8 +120,9 @@ def test_under_mutation_tests_run_fastest_first_without_the_slow_ones(tmp_path, 
 
 def test_under_mutation_a_test_past_its_time_limit_fails(tmp_path, monkeypatch):
     """conftest.py's timer: with MUTANT_UNDER_TEST naming a mutant, a test that runs past
-    its limit fails with MutantTimeout (an endless loop is caught), and the timer is gone
-    afterwards; without a mutant no timer is set."""
+    its limit of CPU time fails with MutantTimeout (an endless loop is caught) while one
+    that waits as long does not (a paused or starved worker is not looping), and the timer
+    is gone afterwards; without a mutant no timer is set."""
     import signal
     import time
     from types import SimpleNamespace
@@ -125,13 +134,14 @@ def test_under_mutation_a_test_past_its_time_limit_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("MUTANT_UNDER_TEST", "m.f__mutmut_1")
     hook = conftest.pytest_runtest_call(item)
     next(hook)
+    time.sleep(0.5)  # 0.5 s of wall time, almost no CPU time
     with pytest.raises(conftest.MutantTimeout, match=r"^t::loop ran over 0.2 s under m.f__mutmut_1$"):
         while True:
-            time.sleep(0.01)
+            sum(range(1000))
     with pytest.raises(StopIteration):
         hook.send(None)
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
     monkeypatch.setenv("MUTANT_UNDER_TEST", "")
     hook = conftest.pytest_runtest_call(item)
     next(hook)
-    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)

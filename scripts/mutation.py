@@ -4,13 +4,14 @@
     python scripts/mutation.py --report-only   # only rewrite docs/MUTATION.md from mutants/
     python scripts/mutation.py --files tpx_ext/estimators/modes.py   # a part of the scope
     python scripts/mutation.py --recheck-survivors   # after adding tests: survivors again
+    python scripts/mutation.py --recheck NAME...     # these mutants again, whatever their verdict
 
 mutmut (configured in pyproject.toml's [tool.mutmut]) writes every mutant of the scoped
 files into mutants/ and runs, for each, only the tests that execute the mutated function;
 python_tests/conftest.py orders them fastest first and leaves out those slower than
 MUTATION_TEST_LIMIT_S (except for the trainer's mutants, which only whole runs reach), and
-fails a test that runs ten times its recorded duration (at least a minute): a mutant that
-loops forever is killed, as PIT and Stryker count timeouts as detected.
+fails a test that runs ten times its recorded duration in CPU time (at least a minute): a
+mutant that loops forever is killed, as PIT and Stryker count timeouts as detected.
 Its results are kept in mutants/**/*.meta, so an interrupted run resumes where it stopped.
 A changed test selection or pytest arguments in [tool.mutmut] makes mutmut discard every
 verdict (a full rerun); a changed test file does not, so after adding tests use
@@ -62,17 +63,18 @@ def results() -> dict:
     return out
 
 
-def reset_survivors(prefixes) -> int:
+def reset_survivors(prefixes, names=()) -> int:
     """Mark survivors and mutants that had no tests (of mutants whose names start with one
-    of `prefixes`, or all) as not checked, so the next run tries them again: mutmut reruns a
-    mutant only when its function changed, not when a test was added that may reach or
-    kill it."""
-    count = 0
+    of `prefixes`, or all; none for None), and the mutants named in `names` whatever their verdict, as not
+    checked, so the next run tries them again: mutmut reruns a mutant only when its function
+    changed, not when a test was added that may reach or kill it."""
+    count, names = 0, set(names)
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         data = json.loads(meta.read_text())
         codes = data["exit_code_by_key"]
-        reset = [name for name, code in codes.items()
-                 if code in SURVIVED | NO_TESTS and (not prefixes or name.startswith(tuple(prefixes)))]
+        reset = [name for name, code in codes.items() if name in names or (
+            prefixes is not None and code in SURVIVED | NO_TESTS
+            and (not prefixes or name.startswith(tuple(prefixes))))]
         if reset:  # mutmut's own files are left untouched where nothing changes
             codes.update(dict.fromkeys(reset))
             meta.write_text(json.dumps(data, indent=4))
@@ -173,7 +175,7 @@ def write_report(run_seconds, command: str) -> None:
         "Scope and test selection: `[tool.mutmut]` in pyproject.toml; each mutant runs the "
         "selected tests that execute its function, fastest first, without those slower than "
         "5 s except for train.py's mutants, and a test that runs 10 times its recorded "
-        "duration (at least 60 s) fails, so an endless loop is killed (python_tests/"
+        "duration in CPU time (at least 60 s) fails, so an endless loop is killed (python_tests/"
         "conftest.py). score = killed / "
         "(checked - equivalent - no tests); a timeout counts as not killed. `wording` counts "
         "survivors that only wrap an error message's text in XX or change its case (listed "
@@ -221,14 +223,17 @@ def main(argv=None):
     p.add_argument("--recheck-survivors", action="store_true",
                    help="run the survivors and the mutants that had no tests again (after adding "
                         "tests), not only unchecked mutants")
+    p.add_argument("--recheck", nargs="+", default=[], metavar="MUTANT",
+                   help="run these mutants again whatever their verdict (as mutmut names them)")
     p.add_argument("--files", nargs="*", default=[],
                    help="only the mutants of these source files (default: the whole scope)")
     a = p.parse_args(argv)
     seconds = None
     if not a.report_only:
         names = [f"{f.removesuffix('.py').replace('/', '.')}*" for f in a.files]
-        if a.recheck_survivors:
-            print(f"{reset_survivors([n[:-1] for n in names])} survivors to check again")
+        if a.recheck_survivors or a.recheck:
+            prefixes = [n[:-1] for n in names] if a.recheck_survivors else None
+            print(f"{reset_survivors(prefixes, a.recheck)} mutants to check again")
         t0 = time.perf_counter()
         # mutmut reads its configuration from the working directory's pyproject.toml
         proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children",
