@@ -272,23 +272,17 @@ def main(argv=None):
                    help="time whole dmc_vision updates with and without single tricks, in one "
                         "process (one thread)")
     a = p.parse_args(argv)
-    if a.tricks:
-        table = tricks(a.rounds)
-        body = (f"Machine: {machine_description('cpu')}; {a.rounds} rounds in alternation in "
-                f"one process.\n\n{table}")
+    if a.tricks or a.versus:  # CPU tables of their own
+        if a.tricks:
+            table, how = tricks(a.rounds), f"{a.rounds} rounds in alternation in one process"
+        else:
+            table = versus(a.versus, a.rounds, [("dmc_vision", ["dmc_vision"]), ("CPU default", [])])
+            how = f"one thread per process, {a.rounds} rounds in alternation, median"
         print(table)
         if a.write:
+            body = f"Machine: {machine_description('cpu')}; {how}.\n\n{table}"
             print("wrote", write_section("bench/train_step.py", argv, body,
-                                         key="bench/train_step.py --tricks"))
-        return
-    if a.versus:
-        table = versus(a.versus, a.rounds, [("dmc_vision", ["dmc_vision"]), ("CPU default", [])])
-        body = (f"Machine: {machine_description('cpu')}; one thread per process, {a.rounds} "
-                f"rounds in alternation, median.\n\n{table}")
-        print(table)
-        if a.write:
-            print("wrote", write_section("bench/train_step.py", argv, body,
-                                         key="bench/train_step.py --versus"))
+                                         key="bench/train_step.py " + ("--tricks" if a.tricks else "--versus")))
         return
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
