@@ -23,6 +23,10 @@ without its channels_last convolutions and with the decoder's first layer comput
 torch's ConvTranspose2d instead of as a matrix product, to show what each is worth,
 and once more in another process as a control: the spread between the two copies of the
 same code is the resolution of the table.
+
+`--tricks` times whole `dmc_vision` updates of agents that differ in one trick each (the
+decoder's first layer run by torch's ConvTranspose2d, the RSSM step under torch.compile)
+against this tree and a second agent of it, all in one one-thread process in alternation.
 """
 
 import argparse
@@ -217,7 +221,6 @@ def tricks(rounds: int) -> str:
     """Whole `dmc_vision` updates of agents that differ in one trick each, in one process,
     one thread, in alternation (rotating which goes first). One process shares its
     allocator's state and placement, so this resolves smaller changes than --versus."""
-
     torch.set_num_threads(1)
     cfg = build(["dmc_vision"], {})
     obs_shape, A = (3, 64, 64), 6
