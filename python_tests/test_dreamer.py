@@ -1111,12 +1111,12 @@ def test_the_trainer_counts_updates_and_skipped_or_clipped_ones():
     trainer = SimpleNamespace(counters=dict.fromkeys(COUNTERS, 0))
     one, zero = torch.tensor(1.0), torch.tensor(0.0)
     Trainer._count(trainer, {"model_skipped": one})
-    Trainer._count(trainer, {"model_skipped": one, "actor_skipped": one, "critic_skipped": zero,
+    Trainer._count(trainer, {"model_skipped": one, "actor_skipped": one, "critic_skipped": one,
                              "actor_clipped": one})
     Trainer._count(trainer, {"model_skipped": zero, "actor_skipped": one, "critic_skipped": one,
                              "actor_clipped": zero})
     assert trainer.counters == {**dict.fromkeys(COUNTERS, 0), "updates": 3, "model_skipped": 2,
-                                "actor_skipped": 2, "critic_skipped": 1, "actor_clipped": 1}
+                                "actor_skipped": 2, "critic_skipped": 2, "actor_clipped": 1}
 
 
 def test_the_progress_bar_counts_env_steps_and_the_records_their_rate(tmp_path, monkeypatch):
@@ -1196,6 +1196,86 @@ def test_the_progress_bar_shows_the_world_model_and_actor_skips_together(tmp_pat
     monkeypatch.setattr(trainer, "_save", lambda: None)
     trainer.train()
     assert postfixes == [{"ret": "1.0", "eval": "4.0", "upd": 0, "skipped": 5}]
+
+
+def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys):
+    """The module docstring's first paragraph and the epilog verbatim (raw formatting: not
+    rewrapped to the terminal), the epilog naming every preset, config key and knob."""
+    from tpx_ext.dreamer import configs, train
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    keys = [f"--{f.name}" for f in dataclasses.fields(configs.Config) if f.name != "estimator_args"]
+    epilog = (f"Presets: {', '.join(configs.PRESETS)}. Every config key (see "
+              f"tpx_ext/dreamer/configs.py) is an option: {' '.join(keys)}; the estimator's "
+              f"knobs: {' '.join('--estimator_args.' + k for k in configs.KNOBS)}")
+    assert out.startswith("usage: python -m tpx_ext.train ")
+    assert "\n\n" + train.__doc__.split("\n\n")[0] + "\n\noptions:\n" in out  # its first paragraph only
+    assert "Train Dreamer on a dm_control task" in out and "--task" in keys
+    assert out.endswith("\n\n" + epilog + "\n")
+
+
+def test_prepare_names_what_to_change(tmp_path):
+    from tpx_ext.cli import UsageError
+    from tpx_ext.dreamer import checkpoint, train
+    from tpx_ext.dreamer.envs import task_names
+    with pytest.raises(UsageError) as info:
+        train.prepare(["debug"], {"task": "cartpole_fly"}, str(tmp_path / "a"))
+    assert str(info.value) == f"unknown task 'cartpole_fly'; valid: {', '.join(sorted(task_names()))}"
+    assert ", " in str(info.value)
+    run_dir = str(tmp_path / "r")
+    train.Trainer(build(["debug"], {"threads": "1"}), run_dir, quiet=True)._save()
+    assert checkpoint.exists(run_dir)
+    with pytest.raises(UsageError) as info:
+        train.prepare(["debug"], {}, run_dir)
+    assert str(info.value) == (f"{run_dir} already holds a run: continue it with --resume, or "
+                               "pick another --logdir")
+
+
+def test_run_prints_and_flushes_its_header_and_summary_around_a_fresh_loud_trainer(tmp_path, monkeypatch):
+    """run() with its defaults starts a new run with a progress bar (resume and quiet
+    False); the header is flushed before the trainer starts and the summary after it ends,
+    so a log file shows both as they happen."""
+    import sys
+    from tpx_ext.dreamer import train
+    events = []
+
+    class Out:
+        def write(self, text):
+            events.append(("write", text))
+
+        def flush(self):
+            events.append(("flush",))
+
+    class FakeTrainer:
+        def __init__(self, cfg, run_dir, resume, quiet):
+            events.append(("trainer", run_dir, resume, quiet))
+            self.counters = dict.fromkeys(train.COUNTERS, 0)
+
+        def train(self):
+            events.append(("train",))
+            return {"eval_return": 1.0, "eval_return_std": 0.5, "eval_episodes": 2}
+
+    monkeypatch.setattr(train, "Trainer", FakeTrainer)
+    monkeypatch.setattr(sys, "stdout", Out())
+    result = train.run(build(["debug"], {}), "some/dir")
+    monkeypatch.undo()
+    assert result["eval_return"] == 1.0
+    kinds = [e[0] for e in events]
+    header_flush = kinds.index("flush")
+    assert kinds[:header_flush] == ["write"] * header_flush
+    assert events[header_flush + 1] == ("trainer", "some/dir", False, False)
+    assert kinds[header_flush + 2:] == ["train"] + ["write"] * (len(kinds) - header_flush - 4) + ["flush"]
+    assert "".join(e[1] for e in events[header_flush + 3:-1]).startswith("final eval return: 1.0 +- 0.5")
+
+
+def test_a_cpu_checkpoint_holds_no_cuda_generators(tmp_path):
+    from tpx_ext.dreamer import checkpoint, train
+    trainer = train.Trainer(build(["debug"], {"threads": "1", "device": "cpu"}),
+                            str(tmp_path / "r"), quiet=True)
+    trainer._save()
+    trainer.close()
+    assert checkpoint.read_state(str(tmp_path / "r"))["cuda_rng"] is None
 
 
 def test_a_run_without_logdir_goes_under_runs_named_by_its_config(tmp_path, monkeypatch):
