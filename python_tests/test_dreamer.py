@@ -1198,10 +1198,12 @@ def test_the_progress_bar_shows_the_world_model_and_actor_skips_together(tmp_pat
     assert postfixes == [{"ret": "1.0", "eval": "4.0", "upd": 0, "skipped": 5}]
 
 
-def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys):
+def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys, monkeypatch):
     """The module docstring's first paragraph and the epilog verbatim (raw formatting: not
-    rewrapped to the terminal), the epilog naming every preset, config key and knob."""
+    rewrapped to the terminal), the epilog naming every preset, config key and knob; the
+    trainer's own options with their help, the config keys only in the epilog."""
     from tpx_ext.dreamer import configs, train
+    monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     out = capsys.readouterr().out
@@ -1213,6 +1215,13 @@ def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys):
     assert "\n\n" + train.__doc__.split("\n\n")[0] + "\n\noptions:\n" in out  # its first paragraph only
     assert "Train Dreamer on a dm_control task" in out and "--task" in keys
     assert out.endswith("\n\n" + epilog + "\n")
+    assert ("\n\noptions:\n"
+            "  -h, --help            show this help message and exit\n"
+            "  --configs PRESET [PRESET ...]\n"
+            "                        presets applied left to right over the CPU default\n"
+            "  --logdir LOGDIR       run directory (default runs/<task>_<obs>_<estimator>_h<H>_s<seed>)\n"
+            "  --resume              continue the run in --logdir from its checkpoint\n"
+            "  --quiet               no progress bar\n\n" + epilog) in out
 
 
 def test_prepare_names_what_to_change(tmp_path):
