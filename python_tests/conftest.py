@@ -137,8 +137,9 @@ class MutantTimeout(Exception):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
     """Under mutation testing, a test that runs ten times its recorded duration (at least a
-    minute of CPU time) fails: a mutant that makes the trainer loop forever is caught in a minute, as
-    PIT and Stryker count timeouts, instead of at mutmut's CPU limit ten minutes later."""
+    minute of CPU time) fails: a mutant that makes the trainer loop forever is caught in a
+    minute, as PIT and Stryker count timeouts, instead of at mutmut's CPU limit ten minutes
+    later."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if "__mutmut_" not in mutant or not hasattr(signal, "setitimer"):
         yield

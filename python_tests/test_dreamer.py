@@ -825,6 +825,23 @@ def _train(logdir, *args):
     return main(["--configs", "debug", "--logdir", str(logdir), "--quiet", "--threads", "1", *args])
 
 
+@pytest.fixture
+def debug_trainer(tmp_path):
+    """A new quiet one-thread Trainer of the debug config in tmp_path/r (with overrides),
+    closed after the test."""
+    from tpx_ext.dreamer.train import Trainer
+    made = []
+
+    def make(**overrides):
+        made.append(Trainer(build(["debug"], {"threads": "1", **overrides}), str(tmp_path / "r"),
+                            quiet=True))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.close()
+
+
 def _run_files(logdir):
     """(metrics without the timing fields, checkpoint counters, agent state (modules,
     optimizers, running statistics), replay arrays)."""
@@ -1177,14 +1194,13 @@ def test_the_progress_bar_counts_env_steps_and_the_records_their_rate(tmp_path, 
     assert all("env_steps" not in r for r in records)
 
 
-def test_the_progress_bar_shows_the_world_model_and_actor_skips_together(tmp_path, monkeypatch):
+def test_the_progress_bar_shows_the_world_model_and_actor_skips_together(debug_trainer, monkeypatch):
     from types import SimpleNamespace
-    from tpx_ext.dreamer import configs, train
+    from tpx_ext.dreamer import train
     postfixes = []
     monkeypatch.setattr(train, "tqdm", lambda **kwargs: SimpleNamespace(
         set_postfix=lambda **p: postfixes.append(p), close=lambda: None))
-    trainer = train.Trainer(configs.build(["debug"], {"threads": "1", "steps": "200"}),
-                            str(tmp_path / "r"), quiet=True)
+    trainer = debug_trainer(steps="200")
     trainer.counters.update(model_skipped=2, actor_skipped=3, critic_skipped=7, evals=1)
 
     def episode(bar):
@@ -1224,7 +1240,7 @@ def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys, 
             "  --quiet               no progress bar\n\n" + epilog) in out
 
 
-def test_prepare_names_what_to_change(tmp_path):
+def test_prepare_names_what_to_change(tmp_path, debug_trainer):
     from tpx_ext.cli import UsageError
     from tpx_ext.dreamer import checkpoint, train
     from tpx_ext.dreamer.envs import task_names
@@ -1232,8 +1248,9 @@ def test_prepare_names_what_to_change(tmp_path):
         train.prepare(["debug"], {"task": "cartpole_fly"}, str(tmp_path / "a"))
     assert str(info.value) == f"unknown task 'cartpole_fly'; valid: {', '.join(sorted(task_names()))}"
     assert ", " in str(info.value)
-    run_dir = str(tmp_path / "r")
-    train.Trainer(build(["debug"], {"threads": "1"}), run_dir, quiet=True)._save()
+    trainer = debug_trainer()
+    trainer._save()
+    run_dir = trainer.run_dir
     assert checkpoint.exists(run_dir)
     with pytest.raises(UsageError) as info:
         train.prepare(["debug"], {}, run_dir)
@@ -1278,13 +1295,11 @@ def test_run_prints_and_flushes_its_header_and_summary_around_a_fresh_loud_train
     assert "".join(e[1] for e in events[header_flush + 3:-1]).startswith("final eval return: 1.0 +- 0.5")
 
 
-def test_a_cpu_checkpoint_holds_no_cuda_generators(tmp_path):
-    from tpx_ext.dreamer import checkpoint, train
-    trainer = train.Trainer(build(["debug"], {"threads": "1", "device": "cpu"}),
-                            str(tmp_path / "r"), quiet=True)
+def test_a_cpu_checkpoint_holds_no_cuda_generators(debug_trainer):
+    from tpx_ext.dreamer import checkpoint
+    trainer = debug_trainer(device="cpu")
     trainer._save()
-    trainer.close()
-    assert checkpoint.read_state(str(tmp_path / "r"))["cuda_rng"] is None
+    assert checkpoint.read_state(trainer.run_dir)["cuda_rng"] is None
 
 
 def test_a_run_without_logdir_goes_under_runs_named_by_its_config(tmp_path, monkeypatch):
@@ -1360,13 +1375,11 @@ def test_an_episode_acts_stores_and_averages_its_updates(tmp_path, monkeypatch):
         assert record["train_return"] == pytest.approx(stored["reward"][start:start + n].sum(), rel=1e-6)
 
 
-def test_environments_whose_episodes_end_at_different_steps_are_refused(tmp_path):
+def test_environments_whose_episodes_end_at_different_steps_are_refused(debug_trainer):
     """--envs steps its environments in lockstep, an episode each: two whose episodes end
     after 3 and 5 steps stop the run at the third step, with nothing of them stored."""
     from types import SimpleNamespace
-    from tpx_ext.dreamer import configs
-    from tpx_ext.dreamer.train import Trainer
-    trainer = Trainer(configs.build(["debug"], {"threads": "1"}), str(tmp_path / "r"), quiet=True)
+    trainer = debug_trainer()
     trainer.env.close()
     obs_shape, steps = trainer.env.observation_shape, []
 
@@ -1382,7 +1395,6 @@ def test_environments_whose_episodes_end_at_different_steps_are_refused(tmp_path
     assert str(info.value) == ("cartpole_balance: the 2 environments' episodes ended at different "
                                "steps; --envs needs episodes of one length (time limits)")
     assert len(steps) == 3 and trainer.replay.num_episodes == 0
-    trainer.close()
 
 
 def test_training_starts_once_the_replay_holds_an_episode(tmp_path):

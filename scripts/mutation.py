@@ -64,10 +64,10 @@ def results() -> dict:
 
 
 def reset_survivors(prefixes, names=()) -> int:
-    """Mark survivors and mutants that had no tests (of mutants whose names start with one
-    of `prefixes`, or all; none for None), and the mutants named in `names` whatever their verdict, as not
-    checked, so the next run tries them again: mutmut reruns a mutant only when its function
-    changed, not when a test was added that may reach or kill it."""
+    """Mark as not checked the survivors and the mutants that had no tests (those whose
+    names start with one of `prefixes`; all for [], none for None) and the mutants named in
+    `names` whatever their verdict, so the next run tries them again: mutmut reruns a mutant
+    only when its function changed, not when a test was added that may reach or kill it."""
     count, names = 0, set(names)
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         data = json.loads(meta.read_text())
