@@ -4,9 +4,14 @@
     python bench/ops.py --write          # also rewrite the results section of docs/BENCHMARKS.md
     python bench/ops.py --device cuda    # on the GPU (--write: the CUDA section)
 
+Ops: ivw_combine and gaussian_tpx_backward (the coordinate-wise rule's backward), and
+gaussian_tpx_comoments (the matrix rule's statistics, the default tpx's fused part; its
+C x C solve is float64 PyTorch, timed with the whole node by bench/matrix_node.py).
+
 Variants of every row: "fused" (the tpx_ext op with plain batch variances, ucb = 0, the
-math the eager composition does; bench/cpu_paths.py times the ucb pass), "eager" (the same math composed of
-eager PyTorch ops in the input dtype), "compiled" (that eager composition under
+math the eager composition does; bench/cpu_paths.py times the ucb pass), "eager" (the same
+math composed of eager PyTorch ops in the input dtype, where the co-moments op accumulates
+in float64), "compiled" (that eager composition under
 torch.compile, default inductor backend, compiled for each shape before timing) and
 "reference f64" (tpx_ext.reference).
 
@@ -50,6 +55,16 @@ def eager_gaussian(d, eps, sigma, adv):
     return g_mu, g_sigma, torch.cat([k_mu, k_sigma])
 
 
+def eager_comoments(d, eps, sigma, adv):
+    """The co-moments op's math with ucb = 0: the per-sample LR and RP gradients of mu and
+    sigma formed as [B, 4D], then their covariance (bound = its diagonal)."""
+    a = adv[:, None]
+    z = torch.cat([a * eps / sigma, a * (eps * eps - 1) / sigma, d, d * eps], dim=1)
+    zc = z - z.mean(0)
+    cov = zc.T @ zc / (z.shape[0] - 1)
+    return cov, cov.diagonal(), torch.isfinite(cov.diagonal())
+
+
 def compiled(fn):
     """fn under torch.compile with static shapes: each new shape (and dtype) compiles its
     own graph on first call, which the warm-up of time_alternating triggers before timing."""
@@ -62,6 +77,7 @@ def compiled(fn):
 
 compiled_ivw = compiled(eager_ivw)
 compiled_gaussian = compiled(eager_gaussian)
+compiled_comoments = compiled(eager_comoments)
 
 
 # --- timing -------------------------------------------------------------------
@@ -120,7 +136,7 @@ def copy_bandwidth(device, nbytes=256 << 20, budget_s=2.0):
 # --- the table ----------------------------------------------------------------
 
 SIZES = [(800, 1), (800, 12), (2500, 1), (2500, 12), (2500, 60), (100_000, 100), (1_000_000, 12)]
-OPS = ("ivw_combine", "gaussian_tpx_backward")
+OPS = ("ivw_combine", "gaussian_tpx_backward", "gaussian_tpx_comoments")
 VARIANTS = ("fused", "eager", "compiled", "reference f64")
 
 
@@ -149,7 +165,14 @@ def rows(device, dtypes, sizes, ops):
                               "eager": lambda a=node: eager_gaussian(*a),
                               "compiled": lambda a=node: compiled_gaussian(*a),
                               "reference f64": lambda a=node: reference.gaussian_tpx_backward(*a, ucb=0.0)})
-            yield from (row for row in (ivw, gauss) if row["op"] in ops)
+            K = 4 * D  # the co-moments' columns: [g_LR, g_RP] over mu and sigma
+            comoments = dict(op="gaussian_tpx_comoments", B=B, C=2 * D, dtype=dtype,
+                             bytes=3 * B * D * item + 4 * B + 8 * K * K + 9 * K,
+                             fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_comoments(*a, ucb=0.0),
+                                  "eager": lambda a=node: eager_comoments(*a),
+                                  "compiled": lambda a=node: compiled_comoments(*a),
+                                  "reference f64": lambda a=node: reference.gaussian_comoments(*a, ucb=0.0)})
+            yield from (row for row in (ivw, gauss, comoments) if row["op"] in ops)
 
 
 def fmt_ms(t):
