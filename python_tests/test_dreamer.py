@@ -1097,6 +1097,59 @@ def test_evaluate_returns_each_episode_and_draws_the_first(drawn_frames):
     assert evaluate(agent, cfg, seed=7, episodes=2, explore=True)[0] != returns
 
 
+class _RecordingPolicy:
+    """An agent for evaluate(): a fixed action, and every observation it was shown."""
+    device = torch.device("cpu")
+
+    def __init__(self, action):
+        self.action, self.seen = np.asarray(action, np.float32), []
+
+    def act(self, obs, state, explore=False):
+        self.seen.append(obs)
+        return self.action, state
+
+
+def test_evaluate_steps_its_own_seeded_environment_and_sums_each_episodes_rewards():
+    """evaluate()'s episodes are those of make_env(task, obs, action_repeat, seed,
+    episode_length): replaying the recorded actions in a fresh environment built so gives
+    the same observations (the seed's initial states), as many decisions as the action
+    repeat allows, and returns equal to the sums of its rewards."""
+    from tpx_ext.dreamer.envs import make_env
+    from tpx_ext.dreamer.train import evaluate
+    cfg = small_cfg(episode_length=30, action_repeat=3)  # not make_env's default repeat of 2
+    policy = _RecordingPolicy([0.4])
+    returns, frames = evaluate(policy, cfg, seed=7, episodes=2)
+    assert frames == [] and len(policy.seen) == 2 * 30 // 3
+    expected = []
+    with make_env(cfg.task, "state", 3, seed=7, episode_length=30) as env:
+        for episode in range(2):
+            obs, done, ret = env.reset(), False, 0.0
+            for step in range(10):
+                assert np.array_equal(obs, policy.seen[10 * episode + step])
+                assert not done
+                obs, reward, done, _ = env.step(policy.action)
+                ret += reward
+            assert done
+            expected.append(ret)
+    assert returns == expected and expected[0] != 0.0
+    with make_env(cfg.task, "state", 3, seed=0, episode_length=30) as env:
+        assert not np.array_equal(env.reset(), policy.seen[0])  # the seed matters
+
+
+def test_evaluate_shows_a_pixel_run_its_observations_without_rendering_again(drawn_frames, monkeypatch):
+    """With pixel observations the first episode's frames are the observations the agent
+    was shown (rendered once each: the first and every step's), not a second rendering."""
+    from tpx_ext.dreamer import envs
+    from tpx_ext.dreamer.train import evaluate
+    monkeypatch.setattr(envs, "rendering_error", lambda: None)
+    cfg = small_cfg(obs="pixels", episode_length=8)
+    policy = _RecordingPolicy([0.0])
+    returns, frames = evaluate(policy, cfg, seed=7, episodes=1, frames=True)
+    assert len(returns) == 1 and len(policy.seen) == 8 // 2
+    assert all(f is o for f, o in zip(frames, policy.seen)) and len(frames) == 4
+    assert len(drawn_frames) == len(policy.seen) + 1  # the last observation ends the episode
+
+
 @pytest.mark.parametrize("renders", [True, False])
 def test_a_state_run_saves_evaluation_gifs_or_warns_once(tmp_path, capsys, monkeypatch, drawn_frames,
                                                        renders):
