@@ -1293,6 +1293,22 @@ def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys, 
             "  --quiet               no progress bar\n\n" + epilog) in out
 
 
+def test_a_knob_takes_its_value_after_an_equals_sign_or_as_the_next_word(capsys):
+    """--estimator_args.<knob>=VALUE and --estimator_args.<knob> VALUE each set one knob,
+    as the last word too; a knob without its value, and --estimator_args without a knob
+    (it is not an option itself), are refused with what is wrong."""
+    from tpx_ext.dreamer import train
+    assert train.parse_args(["--estimator_args.ucb=1.5"])[2] == {"estimator_args.ucb": "1.5"}
+    assert train.parse_args(["--estimator_args.ucb", "1.5", "--seed", "3"])[2] == \
+        {"seed": "3", "estimator_args.ucb": "1.5"}
+    for argv, message in [(["--estimator_args.ucb"], "--estimator_args.ucb: expected a value"),
+                          (["--estimator_args", "ucb=2"],
+                           "unrecognized arguments: --estimator_args ucb=2")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert capsys.readouterr().err.endswith(f" error: {message}\n")
+
+
 def test_prepare_names_what_to_change(tmp_path, debug_trainer):
     from tpx_ext.cli import UsageError
     from tpx_ext.dreamer import checkpoint, train
