@@ -240,3 +240,19 @@ def test_row_reports_the_direction_of_the_mean_gradient():
     assert r["cos"] == pytest.approx(-math.sqrt(0.5)) and r["error"] < 1.5
     r = gradvar.row("x", 10, "rp", 8, grads[2:], torch.ones(1), torch.tensor([1.0, 0.0]), "rp", 0.0)
     assert math.isnan(r["cos"])
+
+
+def test_the_suite_report_bolds_tpx_against_tp_only_where_rp_fails():
+    """The tp table's target (1.5x tp) applies where RP fails (rp / lr > 10): a 1.6x there is
+    bold, a 3x where rp is the better estimator is not; each row shows its rp / lr."""
+    from tpx_ext.experiments.gradvar_report import suite_markdown
+    variances = {("a", 10): {"rp": 100.0, "lr": 2.0, "tp": 1.0, "tpx": 1.6},
+                 ("b", 30): {"rp": 1.0, "lr": 50.0, "tp": 1.0, "tpx": 3.0}}
+    rest = dict(error=1.0, snr=1.0, ms_per_grad=1.0, nonfinite=0.0, reference="lr", ref_stderr=0.1)
+    rows = [{"system": s, "horizon": H, "mode": m, "variance": v, **rest}
+            for (s, H), var in variances.items() for m, v in var.items()]
+    text = suite_markdown(rows, "cmd", {"batch": 8}, 60.0)
+    tp_table = text[text.index("relative to tp"):text.index("## All estimators")]
+    assert "| a | 10 | 50 | **1.60** |" in tp_table
+    assert "| b | 30 | 0.02 | 3.00 |" in tp_table
+    assert "| a | 10 | 0.80 |" in text[:text.index("relative to tp")]

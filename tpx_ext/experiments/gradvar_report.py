@@ -46,18 +46,23 @@ def suite_markdown(rows: Sequence[Dict], command: str, config: Dict, seconds: fl
         "Bold: above the target 1.2.", "",
     ]
 
-    def table(index, limit, keys):
-        head = "| system | H | " + " | ".join(f"`{m}`" for m in tpx_names) + " |"
-        out = [head, "|---|---:|" + "---:|" * len(tpx_names)]
+    def table(index, limit, keys, rp_over_lr=False):
+        """limit(key): the ratio above which a cell is bold."""
+        extra = " `rp` / `lr` |" if rp_over_lr else ""
+        head = "| system | H |" + extra + " " + " | ".join(f"`{m}`" for m in tpx_names) + " |"
+        out = [head, "|---|---:|" + "---:|" * (len(tpx_names) + bool(rp_over_lr))]
         for key in keys:
-            cells = [_fmt_ratio(ratios[key][m][index], limit) for m in tpx_names]
-            out.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+            cells = [_fmt_ratio(ratios[key][m][index], limit(key)) for m in tpx_names]
+            first = f" {rp_lr[key]:.3g} |" if rp_over_lr else ""
+            out.append(f"| {key[0]} | {key[1]} |{first} " + " | ".join(cells) + " |")
         return out
 
     keys = list(ratios)
-    lines += table(0, 1.2, keys)
-    lines += ["", "## Variance of each tpx rule relative to tp", "", "Bold: above the target 2.", ""]
-    lines += table(1, 2.0, keys)
+    rp_lr = {key: ratios[key]["rp"][0] / ratios[key]["lr"][0] for key in keys}
+    lines += table(0, lambda key: 1.2, keys)
+    lines += ["", "## Variance of each tpx rule relative to tp", "",
+              "Bold: above the target 1.5, which applies where RP fails (`rp` / `lr` > 10).", ""]
+    lines += table(1, lambda key: 1.5 if rp_lr[key] > 10 else math.inf, keys, rp_over_lr=True)
     lines += ["", "## All estimators", "", "variance: trace of the covariance of the batch gradient "
               "over the reps; error: RMS distance to the reference (the mean of high-sample rp or lr "
               "gradients, its standard error in the last column); cos: cosine of the reps' mean "
