@@ -138,6 +138,13 @@ def copy_bandwidth(device, nbytes=256 << 20, budget_s=2.0):
 SIZES = [(800, 1), (800, 12), (2500, 1), (2500, 12), (2500, 60), (100_000, 100), (1_000_000, 12)]
 OPS = ("ivw_combine", "gaussian_tpx_backward", "gaussian_tpx_comoments")
 VARIANTS = ("fused", "eager", "compiled", "reference f64")
+# not timed unless asked for: the eager composition on float64 copies of the inputs, the
+# precision the co-moments op accumulates in (--variants fused,eager,eager-f64)
+EXTRA_VARIANTS = ("eager-f64",)
+
+
+def _f64(tensors):
+    return tuple(t.double() for t in tensors)
 
 
 def rows(device, dtypes, sizes, ops):
@@ -152,6 +159,7 @@ def rows(device, dtypes, sizes, ops):
             ivw = dict(op="ivw_combine", B=B, C=C, dtype=dtype, bytes=3 * B * C * item + 24 * C,
                        fns={"fused": lambda a=pair: tpx_ext.ivw_combine(*a, ucb=0.0),
                             "eager": lambda a=pair: eager_ivw(*a),
+                            "eager-f64": lambda a=_f64(pair): eager_ivw(*a),
                             "compiled": lambda a=pair: compiled_ivw(*a),
                             "reference f64": lambda a=pair: reference.ivw_combine(*a, ucb=0.0)})
             D = max(1, C // 2)  # a Gaussian node over D dims has C = 2D coordinates
@@ -163,6 +171,7 @@ def rows(device, dtypes, sizes, ops):
                          bytes=5 * B * D * item + 4 * B + 48 * D,
                          fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_backward(*a, ucb=0.0),
                               "eager": lambda a=node: eager_gaussian(*a),
+                              "eager-f64": lambda a=_f64(node): eager_gaussian(*a),
                               "compiled": lambda a=node: compiled_gaussian(*a),
                               "reference f64": lambda a=node: reference.gaussian_tpx_backward(*a, ucb=0.0)})
             K = 4 * D  # the co-moments' columns: [g_LR, g_RP] over mu and sigma
@@ -170,6 +179,7 @@ def rows(device, dtypes, sizes, ops):
                              bytes=3 * B * D * item + 4 * B + 8 * K * K + 9 * K,
                              fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_comoments(*a, ucb=0.0),
                                   "eager": lambda a=node: eager_comoments(*a),
+                                  "eager-f64": lambda a=_f64(node): eager_comoments(*a),
                                   "compiled": lambda a=node: compiled_comoments(*a),
                                   "reference f64": lambda a=node: reference.gaussian_comoments(*a, ucb=0.0)})
             yield from (row for row in (ivw, gauss, comoments) if row["op"] in ops)
@@ -192,7 +202,8 @@ def main(argv=None):
                    help="comma-separated BxC to run instead of the default sizes, e.g. 2500x60,100000x100")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated ops to run")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated variants to time (fused is always timed)")
+                   help="comma-separated variants to time (fused is always timed); also "
+                        "eager-f64, the eager composition on float64 inputs (not by default)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="seconds of timing per row, shared by its variants (default 1.0); "
                         "scripts/gpu_check.sh passes less to fit its time limit")
@@ -208,27 +219,31 @@ def main(argv=None):
         sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     else:
         sizes = SIZES[:-1] if args.quick else SIZES  # quick: without 1e6 x 12
-    variants = ["fused"] + [v for v in args.variants.split(",") if v in VARIANTS and v != "fused"]
+    known = VARIANTS + EXTRA_VARIANTS
+    asked = [v for v in args.variants.split(",") if v]
+    if unknown := [v for v in asked if v not in known]:
+        p.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+    variants = ["fused"] + [v for v in known[1:] if v in asked]
+    shown = list(VARIANTS) + [v for v in EXTRA_VARIANTS if v in variants]  # "-" where not timed
+    ratios = [v for v in shown if v not in ("fused", "reference f64")]
 
     bw = copy_bandwidth(args.device, budget_s=2 * args.budget)
     header = (f"Machine: {machine_description(args.device)}\n"
               f"Copy bandwidth (device {args.device}, 256 MiB, read + write): {bw / 1e9:.1f} GB/s\n"
               + ("Timed with CUDA events\n" if args.device.startswith("cuda") else ""))
-    lines = ["| op | B | C | dtype | fused | eager | compiled | reference f64 | eager / fused "
-             "| compiled / fused | fused GB/s | fused / copy floor |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| op | B | C | dtype | " + " | ".join(shown) + " | "
+             + " | ".join(f"{v} / fused" for v in ratios) + " | fused GB/s | fused / copy floor |",
+             "|---|---:|---:|---|" + "---:|" * (len(shown) + len(ratios) + 2)]
     print(header)
     print(lines[0])
     start = time.perf_counter()
     for row in rows(args.device, dtypes, sizes, args.ops.split(",")):
         t = time_alternating({v: row["fns"][v] for v in variants}, args.device, args.budget)
-        t = {v: t.get(v) for v in VARIANTS}
         floor = row["bytes"] / bw
-        line = (f"| {row['op']} | {row['B']} | {row['C']} | {str(row['dtype']).removeprefix('torch.')} "
-                f"| {fmt_ms(t['fused'])} | {fmt_ms(t['eager'])} | {fmt_ms(t['compiled'])} "
-                f"| {fmt_ms(t['reference f64'])} "
-                f"| {fmt_ratio(t['eager'], t['fused'])} | {fmt_ratio(t['compiled'], t['fused'])} "
-                f"| {row['bytes'] / t['fused'] / 1e9:.1f} | {t['fused'] / floor:.1f}x |")
+        line = (f"| {row['op']} | {row['B']} | {row['C']} | {str(row['dtype']).removeprefix('torch.')} | "
+                + " | ".join(fmt_ms(t.get(v)) for v in shown) + " | "
+                + " | ".join(fmt_ratio(t.get(v), t["fused"]) for v in ratios)
+                + f" | {row['bytes'] / t['fused'] / 1e9:.1f} | {t['fused'] / floor:.1f}x |")
         lines.append(line)
         print(line, flush=True)
     print(f"({time.perf_counter() - start:.0f} s)")
