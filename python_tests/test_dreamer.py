@@ -1098,15 +1098,17 @@ def test_evaluate_returns_each_episode_and_draws_the_first(drawn_frames):
 
 
 class _RecordingPolicy:
-    """An agent for evaluate(): a fixed action, and every observation it was shown."""
+    """An agent for evaluate(): a fixed action; every observation it was shown, and the
+    recurrent state it was given (its state counts its decisions in the episode)."""
     device = torch.device("cpu")
 
     def __init__(self, action):
-        self.action, self.seen = np.asarray(action, np.float32), []
+        self.action, self.seen, self.states = np.asarray(action, np.float32), [], []
 
     def act(self, obs, state, explore=False):
         self.seen.append(obs)
-        return self.action, state
+        self.states.append(state)
+        return self.action, (state or 0) + 1
 
 
 def test_evaluate_steps_its_own_seeded_environment_and_sums_each_episodes_rewards():
@@ -1120,6 +1122,7 @@ def test_evaluate_steps_its_own_seeded_environment_and_sums_each_episodes_reward
     policy = _RecordingPolicy([0.4])
     returns, frames = evaluate(policy, cfg, seed=7, episodes=2)
     assert frames == [] and len(policy.seen) == 2 * 30 // 3
+    assert policy.states == 2 * [None, *range(1, 10)]  # carried within an episode only
     expected = []
     with make_env(cfg.task, "state", 3, seed=7, episode_length=30) as env:
         for episode in range(2):
