@@ -145,3 +145,25 @@ def test_under_mutation_a_test_past_its_time_limit_fails(tmp_path, monkeypatch):
     hook = conftest.pytest_runtest_call(item)
     next(hook)
     assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
+
+
+def test_the_report_states_the_limits_conftest_applies(tmp_path, monkeypatch):
+    """The header's test limits are read from conftest.py's source, so they are the values
+    the run used: the real ones, and a changed conftest's."""
+    import functools
+
+    import conftest
+    mod = load(tmp_path, monkeypatch)
+    assert mod.conftest_limits() == {
+        "MUTATION_TEST_LIMIT_S": conftest.MUTATION_TEST_LIMIT_S,
+        "MUTATION_TIMEOUT_FACTOR": conftest.MUTATION_TIMEOUT_FACTOR,
+        "MUTATION_TIMEOUT_FLOOR_S": conftest.MUTATION_TIMEOUT_FLOOR_S}
+    changed = tmp_path / "conftest.py"
+    changed.write_text("import os\nMUTATION_TEST_LIMIT_S = 2.5\nOTHER = 1\n"
+                       "MUTATION_TIMEOUT_FACTOR, MUTATION_TIMEOUT_FLOOR_S = 4, 30.0\n")
+    monkeypatch.setattr(mod, "conftest_limits", functools.partial(mod.conftest_limits, changed))
+    (tmp_path / "mutants").mkdir()
+    mod.write_report(None, "make mutation")
+    text = (tmp_path / "MUTATION.md").read_text()
+    assert ("without those slower than 2.5 s except for train.py's mutants, and a test that "
+            "runs 4 times its recorded duration in CPU time (at least 30 s) fails") in text

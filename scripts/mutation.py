@@ -24,6 +24,7 @@ behaviour score also leaves out the rewording survivors.
 """
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -39,6 +40,22 @@ KILLED, SURVIVED, NO_TESTS = {1, 3}, {0}, {5, 33}
 TIMEOUT = {36, -24, 24, 152, 255}
 STATUS = {None: "not checked", **dict.fromkeys(NO_TESTS, "no tests"), 34: "skipped", 37: "type check",
           -11: "crashed", -9: "crashed"}
+
+
+def conftest_limits(path=ROOT / "python_tests" / "conftest.py") -> dict:
+    """The mutation-testing limits python_tests/conftest.py defines (the MUTATION_* names),
+    read from its source so that the report states the values the run used."""
+    limits = {}
+    for node in ast.parse(Path(path).read_text()).body:
+        if not isinstance(node, ast.Assign):
+            continue
+        target = node.targets[0]
+        names = target.elts if isinstance(target, ast.Tuple) else [target]
+        values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+        for name, value in zip(names, values):
+            if isinstance(name, ast.Name) and name.id.startswith("MUTATION_"):
+                limits[name.id] = ast.literal_eval(value)
+    return limits
 
 
 def status(code) -> str:
@@ -167,6 +184,7 @@ def write_report(run_seconds, command: str) -> None:
         totals.update(c)
         totals["equivalent"] += eq
         totals["wording"] += msg
+    limits = conftest_limits()
     lines = [
         "# Mutation testing",
         "",
@@ -174,9 +192,10 @@ def write_report(run_seconds, command: str) -> None:
         + (f", {run_seconds / 60:.0f} min on this run" if run_seconds else "") + ").",
         "Scope and test selection: `[tool.mutmut]` in pyproject.toml; each mutant runs the "
         "selected tests that execute its function, fastest first, without those slower than "
-        "5 s except for train.py's mutants, and a test that runs 10 times its recorded "
-        "duration in CPU time (at least 60 s) fails, so an endless loop is killed (python_tests/"
-        "conftest.py). score = killed / "
+        f"{limits['MUTATION_TEST_LIMIT_S']:g} s except for train.py's mutants, and a test that "
+        f"runs {limits['MUTATION_TIMEOUT_FACTOR']:g} times its recorded duration in CPU time (at "
+        f"least {limits['MUTATION_TIMEOUT_FLOOR_S']:g} s) fails, so an endless loop is killed "
+        "(python_tests/conftest.py). score = killed / "
         "(checked - equivalent - no tests); a timeout counts as not killed. `wording` counts "
         "survivors that only wrap an error message's text in XX or change its case (listed "
         "below); they count as not killed in `score` and are left out of `behaviour score`.",
