@@ -878,3 +878,18 @@ def test_lambda_return_terms_trailing_dims_message_names_the_fix():
         tpx_ext.lambda_return_terms(torch.zeros(3, 2, 1), torch.zeros(4, 2, 1), 0.9, 0.9, torch.ones(3))
     assert str(info.value) == ("lambda_return_terms: rewards must be [H, B], got (3, 2, 1) "
                                "(graph.lambda_return takes trailing dims of size 1)")
+
+
+def test_an_estimators_repr_names_its_mode_and_the_knobs_that_differ_from_their_defaults():
+    """repr() is the call that builds the same estimator: the mode, a required knob (mix's
+    rho) always, the others only where they differ from their defaults."""
+    from tpx_ext import Estimator
+    cases = {Estimator("tpx"): "Estimator('tpx')",
+             Estimator("tpx", ucb=1.0, weights="coordinate"):
+                 "Estimator('tpx', weights='coordinate', ucb=1.0)",
+             Estimator("tpx", ucb=2.0, momentum=0.5): "Estimator('tpx', momentum=0.5)",
+             Estimator("mix", rho=0.3): "Estimator('mix', rho=0.3)",
+             Estimator("rp"): "Estimator('rp')"}
+    for estimator, text in cases.items():
+        assert repr(estimator) == text
+        assert eval(text, {"Estimator": Estimator}).knobs == estimator.knobs

@@ -195,6 +195,26 @@ def test_the_default_seed_is_0():
     np.testing.assert_array_equal(a.sample(32, 3)["obs"], b.sample(32, 3)["obs"])
 
 
+def test_reseed_and_rng_state_replay_the_sampling_stream():
+    """reseed(s) restarts sampling as a buffer made with seed s; set_rng_state(rng_state())
+    makes the next draws repeat (what gradvar, evaluate and the frozen-model experiment rely
+    on); another seed draws other sequences."""
+    a, b = state_buffer(seed=5), state_buffer(seed=0)
+    for buf in (a, b):
+        fill(buf, [10, 10, 10])
+    b.sample(8, 3)
+    b.reseed(5)
+    first = a.sample(16, 3)["obs"]
+    np.testing.assert_array_equal(b.sample(16, 3)["obs"], first)
+    saved = a.rng_state()
+    second = a.sample(16, 3)["obs"]
+    assert not np.array_equal(second, first)
+    a.set_rng_state(saved)
+    np.testing.assert_array_equal(a.sample(16, 3)["obs"], second)
+    b.reseed(6)
+    assert not np.array_equal(b.sample(16, 3)["obs"], second)
+
+
 def test_legacy_single_file_replay_loads(tmp_path):
     """A state_dict() saved with np.savez restores the episodes, the unfinished one and the
     RNG: the restored buffer holds as many steps and samples the same sequences."""

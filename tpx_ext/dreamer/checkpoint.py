@@ -75,10 +75,6 @@ def to_tensors(obj):
     return obj
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def replay_dir(run_dir: str) -> str:
     return os.path.join(run_dir, REPLAY_DIR)
 
