@@ -25,7 +25,10 @@ def test_report_counts_statuses_and_scores_without_equivalents(tmp_path, monkeyp
     meta.parent.mkdir(parents=True)
     codes = {"m.f__mutmut_1": 1, "m.f__mutmut_2": 3, "m.f__mutmut_3": 0, "m.f__mutmut_4": 0,
              "m.f__mutmut_5": 36, "m.f__mutmut_6": None, "m.f__mutmut_7": 33}
-    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    # durations of 3 mutants with a verdict (3600 s in all) and of the unchecked one (not counted)
+    durations = {"m.f__mutmut_1": 1000.0, "m.f__mutmut_2": 2000.0, "m.f__mutmut_3": 600.0,
+                 "m.f__mutmut_6": 5000.0}
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": durations}))
     (tmp_path / "equivalent.json").write_text(json.dumps({"m.f__mutmut_3": "same value"}))
     monkeypatch.setattr(mod, "full_diff", lambda name: f"--- f\n+++ f\n-a\n+b ({name})")
     mod.write_report(120.0, "make mutation")
@@ -36,6 +39,7 @@ def test_report_counts_statuses_and_scores_without_equivalents(tmp_path, monkeyp
     assert "- `m.f__mutmut_3`: same value" in text
     assert "+b (m.f__mutmut_4)" in text and "m.f__mutmut_3`\n\n```diff" not in text
     assert "2 min on this run" in text
+    assert "Mutant time: 1.0 h, the sum of the durations mutmut recorded for the 3 mutants" in text
     assert "**Partial report**: 1 mutants are not checked yet" in text
     codes["m.f__mutmut_6"] = 1
     meta.write_text(json.dumps({"exit_code_by_key": codes}))

@@ -82,6 +82,19 @@ def results() -> dict:
     return out
 
 
+def mutant_seconds() -> tuple:
+    """(seconds, mutants): the sum of the durations mutmut recorded for the mutants that
+    have a verdict, over every run that gave them one."""
+    total, count = 0.0, 0
+    for meta in (ROOT / "mutants").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        durations = data.get("durations_by_key", {})
+        for name, code in data["exit_code_by_key"].items():
+            if code is not None and name in durations:
+                total, count = total + durations[name], count + 1
+    return total, count
+
+
 def reset_survivors(prefixes, names=()) -> int:
     """Mark as not checked the survivors and the mutants that had no tests (those whose
     names start with one of `prefixes`; all for [], none for None) and the mutants named in
@@ -187,6 +200,7 @@ def write_report(run_seconds, command: str) -> None:
         totals["equivalent"] += eq
         totals["wording"] += msg
     limits = conftest_limits()
+    seconds, timed = mutant_seconds()
     lines = [
         "# Mutation testing",
         "",
@@ -214,6 +228,11 @@ def write_report(run_seconds, command: str) -> None:
         f"{totals['survived'] - totals['equivalent'] - totals['wording']} survived, "
         f"{totals['wording']} message wording, {totals['equivalent']} equivalent, "
         f"{totals['timeout']} timed out, {totals['not checked']} not checked.",
+        "",
+        f"Mutant time: {seconds / 3600:.1f} h, the sum of the durations mutmut recorded for the "
+        f"{timed} mutants with a verdict (each one's pytest run; two at a time on a 2-core "
+        "machine), over all the runs that gave them; each run (or resume) also starts with "
+        "mutmut's clean-test and coverage passes.",
         *([] if not totals["not checked"] else [
             "",
             f"**Partial report**: {totals['not checked']} mutants are not checked yet, so each "
