@@ -1296,6 +1296,18 @@ def test_the_trainers_help_shows_its_docstring_presets_and_every_option(capsys, 
             "  --quiet               no progress bar\n\n" + epilog) in out
 
 
+def test_closing_a_trainer_closes_its_environments_and_its_logs(debug_trainer, monkeypatch):
+    """close() releases what a run holds open: its environments, the metrics file and the
+    TensorBoard writer (whose background thread otherwise outlives the run)."""
+    trainer = debug_trainer(tensorboard="true")
+    closed = []
+    env_close = trainer.env.close
+    monkeypatch.setattr(trainer.env, "close", lambda: (closed.append("env"), env_close()))
+    trainer.close()
+    assert closed == ["env"]
+    assert trainer.logger._file.closed and trainer.logger._tb.all_writers is None
+
+
 def test_a_knob_takes_its_value_after_an_equals_sign_or_as_the_next_word(capsys):
     """--estimator_args.<knob>=VALUE and --estimator_args.<knob> VALUE each set one knob,
     as the last word too; a knob without its value, and --estimator_args without a knob
