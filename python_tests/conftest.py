@@ -128,9 +128,6 @@ def pytest_collection_modifyitems(config, items):
 # Under mutation testing a test may run this many times its recorded duration, and at least
 # MUTATION_TIMEOUT_FLOOR_S, before it fails (below).
 MUTATION_TIMEOUT_FACTOR, MUTATION_TIMEOUT_FLOOR_S = 10, 60.0
-# ... and a test still running this much wall time past that limit is ended by SIGALRM: a
-# deadlocked mutant (a thread waiting on a lock forever) spends no CPU time.
-MUTATION_HANG_S = 900.0
 
 
 class MutantTimeout(Exception):
@@ -142,9 +139,7 @@ def pytest_runtest_call(item):
     """Under mutation testing, a test that runs ten times its recorded duration (at least a
     minute of CPU time) fails: a mutant that makes the trainer loop forever is caught in a
     minute, as PIT and Stryker count timeouts, instead of at mutmut's CPU limit ten minutes
-    later. A test that hangs without using CPU time ends its process by SIGALRM after
-    MUTATION_HANG_S more of wall time (the kernel's default action, which a thread blocked
-    in C code cannot delay); scripts/mutation.py counts that as killed."""
+    later."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if "__mutmut_" not in mutant or not hasattr(signal, "setitimer"):
         yield
@@ -158,13 +153,9 @@ def pytest_runtest_call(item):
     # The process's CPU time, not the wall clock: a worker paused (SIGSTOP) or starved by
     # other processes is not looping, and a wall-clock timer would count it as killed.
     previous = signal.signal(signal.SIGPROF, timeout)
-    previous_alarm = signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.setitimer(signal.ITIMER_PROF, limit)
-    signal.setitimer(signal.ITIMER_REAL, limit + MUTATION_HANG_S)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.signal(signal.SIGALRM, previous_alarm)
         signal.signal(signal.SIGPROF, previous)

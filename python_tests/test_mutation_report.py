@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import os
-import time
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mutation.py"
@@ -138,18 +136,15 @@ def test_under_mutation_a_test_past_its_time_limit_fails(tmp_path, monkeypatch):
     item = SimpleNamespace(nodeid="t::loop", config=SimpleNamespace(rootpath=tmp_path))
     monkeypatch.setattr(conftest, "MUTATION_TIMEOUT_FLOOR_S", 0.2)
     monkeypatch.setenv("MUTANT_UNDER_TEST", "m.f__mutmut_1")
-    alarm_handler = signal.getsignal(signal.SIGALRM)
     hook = conftest.pytest_runtest_call(item)
     next(hook)
-    assert signal.getitimer(signal.ITIMER_REAL)[0] > conftest.MUTATION_HANG_S  # the backstop
     time.sleep(0.5)  # 0.5 s of wall time, almost no CPU time
     with pytest.raises(conftest.MutantTimeout, match=r"^t::loop ran over 0.2 s under m.f__mutmut_1$"):
         while True:
             sum(range(1000))
     with pytest.raises(StopIteration):
         hook.send(None)
-    assert signal.getitimer(signal.ITIMER_PROF) == signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    assert signal.getsignal(signal.SIGALRM) is alarm_handler
+    assert signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0)
     monkeypatch.setenv("MUTANT_UNDER_TEST", "")
     hook = conftest.pytest_runtest_call(item)
     next(hook)
@@ -166,49 +161,13 @@ def test_the_report_states_the_limits_conftest_applies(tmp_path, monkeypatch):
     assert mod.conftest_limits() == {
         "MUTATION_TEST_LIMIT_S": conftest.MUTATION_TEST_LIMIT_S,
         "MUTATION_TIMEOUT_FACTOR": conftest.MUTATION_TIMEOUT_FACTOR,
-        "MUTATION_TIMEOUT_FLOOR_S": conftest.MUTATION_TIMEOUT_FLOOR_S,
-        "MUTATION_HANG_S": conftest.MUTATION_HANG_S}
+        "MUTATION_TIMEOUT_FLOOR_S": conftest.MUTATION_TIMEOUT_FLOOR_S}
     changed = tmp_path / "conftest.py"
     changed.write_text("import os\nMUTATION_TEST_LIMIT_S = 2.5\nOTHER = 1\n"
-                       "MUTATION_TIMEOUT_FACTOR, MUTATION_TIMEOUT_FLOOR_S = 4, 30.0\n"
-                       "MUTATION_HANG_S = 100.0\n")
+                       "MUTATION_TIMEOUT_FACTOR, MUTATION_TIMEOUT_FLOOR_S = 4, 30.0\n")
     monkeypatch.setattr(mod, "conftest_limits", functools.partial(mod.conftest_limits, changed))
     (tmp_path / "mutants").mkdir()
     mod.write_report(None, "make mutation")
     text = (tmp_path / "MUTATION.md").read_text()
     assert ("without those slower than 2.5 s except for train.py's mutants, and a test that "
-            "runs 4 times its recorded duration in CPU time (at least 30 s) fails, so an endless "
-            "loop is killed; one still running 100 s of wall time later (a deadlock) ends its "
-            "process by SIGALRM, also counted as killed") in text
-
-
-def test_under_mutation_a_test_that_hangs_ends_its_process_by_sigalrm(tmp_path):
-    """conftest.py's wall-clock backstop: a test blocked forever (a deadlock: no CPU time,
-    so the CPU timer never fires) under a mutant ends its process by SIGALRM once its limit
-    plus MUTATION_HANG_S of wall time have passed; scripts/mutation.py counts that exit
-    status as killed."""
-    import signal
-    import subprocess
-    import sys
-    (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {}}))
-    script = f"""
-import sys, threading, time
-from types import SimpleNamespace
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-import conftest
-conftest.MUTATION_TIMEOUT_FLOOR_S, conftest.MUTATION_HANG_S = 0.2, 0.3
-item = SimpleNamespace(nodeid="t::hang", config=SimpleNamespace(rootpath={str(tmp_path)!r}))
-hook = conftest.pytest_runtest_call(item)
-next(hook)
-lock = threading.Lock()
-lock.acquire()
-lock.acquire()  # waits forever without CPU time
-"""
-    env = {**os.environ, "MUTANT_UNDER_TEST": "m.f__mutmut_1"}
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=60)
-    assert done.returncode == -signal.SIGALRM and time.monotonic() - start < 30
-    spec = importlib.util.spec_from_file_location("mutation_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.status(done.returncode) == "killed"
+            "runs 4 times its recorded duration in CPU time (at least 30 s) fails") in text

@@ -11,8 +11,7 @@ files into mutants/ and runs, for each, only the tests that execute the mutated 
 python_tests/conftest.py orders them fastest first and leaves out those slower than
 MUTATION_TEST_LIMIT_S (except for the trainer's mutants, which only whole runs reach), and
 fails a test that runs ten times its recorded duration in CPU time (at least a minute): a
-mutant that loops forever is killed, as PIT and Stryker count timeouts as detected. A test
-that hangs (no CPU time) is ended by SIGALRM MUTATION_HANG_S of wall time later, also killed.
+mutant that loops forever is killed, as PIT and Stryker count timeouts as detected.
 Its results are kept in mutants/**/*.meta, so an interrupted run resumes where it stopped.
 A changed test selection or pytest arguments in [tool.mutmut] makes mutmut discard every
 verdict (a full rerun); a changed test file does not, so after adding tests use
@@ -37,8 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "MUTATION.md"
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.json"
-# -14: SIGALRM, conftest.py's end of a test that hung (a deadlock) under the mutant
-KILLED, SURVIVED, NO_TESTS = {1, 3, -14}, {0}, {5, 33}
+KILLED, SURVIVED, NO_TESTS = {1, 3}, {0}, {5, 33}
 TIMEOUT = {36, -24, 24, 152, 255}
 STATUS = {None: "not checked", **dict.fromkeys(NO_TESTS, "no tests"), 34: "skipped", 37: "type check",
           -11: "crashed", -9: "crashed"}
@@ -210,10 +208,8 @@ def write_report(run_seconds, command: str) -> None:
         "selected tests that execute its function, fastest first, without those slower than "
         f"{limits['MUTATION_TEST_LIMIT_S']:g} s except for train.py's mutants, and a test that "
         f"runs {limits['MUTATION_TIMEOUT_FACTOR']:g} times its recorded duration in CPU time (at "
-        f"least {limits['MUTATION_TIMEOUT_FLOOR_S']:g} s) fails, so an endless loop is killed; "
-        f"one still running {limits['MUTATION_HANG_S']:g} s of wall time later (a deadlock) "
-        "ends its process by SIGALRM, also counted as killed (python_tests/conftest.py). "
-        "score = killed / "
+        f"least {limits['MUTATION_TIMEOUT_FLOOR_S']:g} s) fails, so an endless loop is killed "
+        "(python_tests/conftest.py). score = killed / "
         "(checked - equivalent - no tests); a timeout counts as not killed. `wording` counts "
         "survivors that only wrap an error message's text in XX or change its case (listed "
         "below); they count as not killed in `score` and are left out of `behaviour score`.",
