@@ -485,3 +485,31 @@ def test_returns_are_the_plain_recursion_and_the_terms_sum_to_the_objective(conv
 def test_lambda_return_terms_refuses_trailing_dims_instead_of_broadcasting():
     with pytest.raises(ValueError, match=r"rewards must be \[H, B\], got \(3, 16, 1\)"):
         tpx_ext.lambda_return_terms(R_, V_, GAMMA, LAM, torch.ones(3))
+
+
+def test_lambda_return_takes_a_discount_as_a_number_a_0d_tensor_one_per_step_or_per_sample():
+    """A discount given as a float, a 0-d tensor, [T] or [T, N] (+ a trailing 1) gives the
+    same returns, computed in the rewards' dtype: a float32 discount tensor with float64
+    rewards is converted first (used as float32, even an exact 0.75 changes the returns by
+    1e-7). A bool or another type is refused."""
+    f64, T = torch.float64, 3
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.rand(T, N, 1, generator=gen, dtype=f64)
+    values = torch.rand(T + 1, N, 1, generator=gen, dtype=f64)
+
+    def returns(discount):
+        graph, _ = _graph_with_nodes(T)
+        return graph.lambda_return(rewards, values, discount, LAM, convention="dreamerv1")
+
+    expected = returns(0.75)  # exact in float32 too
+    assert expected.dtype == f64
+    for form in (torch.tensor(0.75, dtype=torch.float32), torch.full((T,), 0.75),
+                 torch.full((T, N), 0.75), torch.full((T, N, 1), 0.75)):
+        got = returns(form)
+        assert got.dtype == f64 and got.shape == expected.shape and torch.equal(got, expected)
+    steps = torch.tensor([0.5, 0.75, 1.0])  # one per step, the same for every sample
+    torch.testing.assert_close(returns(steps), returns(steps[:, None].expand(T, N)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^lambda_return: discount must be a number or a tensor, got a bool$"):
+        returns(True)
+    with pytest.raises(ValueError, match=r"^lambda_return: discount must be a number or a tensor, got str$"):
+        returns("0.9")

@@ -582,7 +582,7 @@ def _discounts(discount, T: int, N: int, like: Tensor) -> Tensor:
     if d.shape != (T, N):
         raise ValueError(f"lambda_return: discount must be a number, [{T}] or [{T}, {N}] "
                          f"(one per reward), got {tuple(discount.shape)}")
-    return d
+    return d.to(like)
 
 
 class _GraphLoss(torch.autograd.Function):
