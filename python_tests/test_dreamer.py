@@ -414,10 +414,13 @@ def test_the_slow_critic_is_a_copy_without_gradients():
             assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
 
 
-def test_imagination_trains_the_actor_only():
+@pytest.mark.parametrize("slow_critic_every", [100, 0])  # 0: the values are the critic's own
+def test_imagination_trains_the_actor_only(slow_critic_every):
     """actor_gradient leaves gradients in the actor alone: the world model and the critic
-    are frozen during it and trainable again after it."""
-    agent = Dreamer((5,), A, small_cfg(estimator="tpx"))
+    are frozen during it and trainable again after it, also where the critic itself gives
+    the imagined values."""
+    agent = Dreamer((5,), A, small_cfg(estimator="tpx", slow_critic_every=slow_critic_every))
+    assert (agent.behavior.target_critic is agent.behavior.critic) == (slow_critic_every == 0)
     beh = agent.behavior
     data = {k: torch.as_tensor(v) for k, v in batch((5,)).items()}
     post = agent.world_model.loss(data)[1].map(lambda x: x.detach().reshape(-1, x.shape[-1]))

@@ -116,3 +116,22 @@ def test_bf16_learns_like_float32(tmp_path):
     torch.set_num_threads(threads)
     assert len(curves["bf16"]) == len(curves["32"]) >= 4
     np.testing.assert_allclose(curves["bf16"], curves["32"], rtol=0.05)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("16", torch.float16)])
+def test_imagined_latent_samples_are_in_the_autocast_dtype(precision, dtype):
+    """Each imagined stoch = mean + std * eps is formed in the prior's autocast dtype (eps
+    drawn in float32, then cast), so every imagined sample is a number of that dtype, as
+    the mean and std it is made of; a float32 sample would carry precision they do not."""
+    torch.manual_seed(0)
+    agent = Dreamer((5,), A, cfg(precision=precision, estimator="rp"))
+    with agent.precision.autocast():
+        _, post, _ = agent.world_model.loss(data())
+    start = post.map(lambda x: x.detach().float().reshape(-1, x.shape[-1]))
+    im = agent.behavior.actor_gradient(agent.world_model, start, agent.behavior.estimator, 4)
+    S = agent.cfg.stoch
+    imagined = im.feats[1:, :, :S]  # the stoch of s_1 .. s_H, stacked in float32
+    assert imagined.dtype == torch.float32
+    assert torch.equal(imagined.to(dtype).float(), imagined)
+    drawn = torch.randn(imagined.shape)  # float32 numbers are not, so the check can fail
+    assert not torch.equal(drawn.to(dtype).float(), drawn)
