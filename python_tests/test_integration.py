@@ -513,3 +513,52 @@ def test_lambda_return_takes_a_discount_as_a_number_a_0d_tensor_one_per_step_or_
         returns(True)
     with pytest.raises(ValueError, match=r"^lambda_return: discount must be a number or a tensor, got str$"):
         returns("0.9")
+
+
+def test_lambda_return_edges_lam_0_and_1_a_first_batch_and_refusals_in_full():
+    """lam = 0 gives one-step targets r_t + d v_{t+1}, lam = 1 the discounted rewards plus
+    the bootstrap value; a graph without nodes takes its batch size from the returns, so a
+    node of another batch is refused; non-floating rewards, malformed values, another batch
+    and a closed graph are refused naming the argument."""
+    f64, T, d = torch.float64, 3, 0.5
+    rewards = torch.tensor([[1.0], [2.0], [4.0]], dtype=f64)
+    values = torch.tensor([[8.0], [16.0], [32.0], [64.0]], dtype=f64)
+
+    def returns(lam):
+        graph = Estimator("tpx").graph()
+        return graph.lambda_return(rewards, values, d, lam, convention="next_reward")
+
+    torch.testing.assert_close(returns(0.0), rewards + d * values[1:], rtol=0, atol=0)
+    monte_carlo = torch.tensor([[1 + d * 2 + d * d * 4 + d ** 3 * 64], [2 + d * 4 + d * d * 64],
+                                [4 + d * 64]], dtype=f64)
+    torch.testing.assert_close(returns(1.0), monte_carlo, rtol=0, atol=0)
+
+    graph = Estimator("tpx").graph()
+    graph.lambda_return(torch.zeros(T, 5), torch.zeros(T + 1, 5), d, 0.5, convention="next_reward")
+    with pytest.raises(ValueError, match=r"^mu has batch size 4, but the graph's batch size is 5$"):
+        graph.sampler("action")(torch.zeros(4, 1), torch.ones(4, 1))
+
+    cases = [
+        (lambda g: g.lambda_return(torch.zeros(T, N, dtype=torch.int64), V_, GAMMA, LAM,
+                                   convention="next_reward"),
+         "lambda_return: rewards must be a floating tensor"),
+        (lambda g: g.lambda_return([[0.0] * N] * T, V_, GAMMA, LAM, convention="next_reward"),
+         "lambda_return: rewards must be a floating tensor"),
+        (lambda g: g.lambda_return(R_, torch.zeros(T + 1, N, 2), GAMMA, LAM, convention="next_reward"),
+         "lambda_return: values must be [T, N] (optionally with trailing dims of size 1), "
+         "got (4, 16, 2)"),
+        (lambda g: g.lambda_return(torch.zeros(T, N + 1), torch.zeros(T + 1, N + 1), GAMMA, LAM,
+                                   convention="next_reward"),
+         f"lambda_return rewards has batch size {N + 1}, but the graph's batch size is {N}"),
+    ]
+    for call, message in cases:
+        graph, _ = _graph_with_nodes(T)
+        with pytest.raises(ValueError) as info:
+            call(graph)
+        assert str(info.value) == message
+    graph, mu = _graph_with_nodes(T)
+    graph.loss(-mu.sum() * graph._batch).backward()
+    with pytest.raises(RuntimeError) as info:
+        graph.lambda_return(R_, V_, GAMMA, LAM, convention="next_reward")
+    assert str(info.value) == ("lambda_return: backward already ran on this graph; build a new "
+                               "graph (Estimator.graph()) for every gradient")
