@@ -562,3 +562,19 @@ def test_lambda_return_edges_lam_0_and_1_a_first_batch_and_refusals_in_full():
         graph.lambda_return(R_, V_, GAMMA, LAM, convention="next_reward")
     assert str(info.value) == ("lambda_return: backward already ran on this graph; build a new "
                                "graph (Estimator.graph()) for every gradient")
+
+
+def test_graph_loss_refusals_name_what_it_got():
+    """graph.loss refuses what is not a floating scalar (saying its shape, or its type when
+    it is not a tensor) and a graph without nodes, with these messages in full."""
+    cases = [(torch.ones(2), "loss: expected a floating scalar tensor, got (2,)"),
+             (torch.ones((), dtype=torch.int64), "loss: expected a floating scalar tensor, got ()"),
+             (1.0, "loss: expected a floating scalar tensor, got <class 'float'>")]
+    for value, message in cases:
+        graph, _ = _graph_with_nodes()
+        with pytest.raises(ValueError) as info:
+            graph.loss(value)
+        assert str(info.value) == message
+    with pytest.raises(ValueError) as info:
+        Estimator("tpx").graph().loss(torch.ones((), requires_grad=True))
+    assert str(info.value) == "loss: the graph has no nodes (draw samples first)"
