@@ -940,44 +940,43 @@ def test_resolve_device(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
-def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path):
+def test_a_new_trainer_starts_from_zero_with_its_config_and_settings(tmp_path, monkeypatch):
     """Trainer(cfg, run_dir) starts a run (not a resume, progress shown): config.json, an
     eval/ directory, zero counters, a new metrics file (over one left by a run that
     stopped before its first checkpoint); the environment gets the config's action repeat and
     seed, the torch thread count is set when `threads` > 0, pixel observations are stored as
-    uint8, and --tensorboard writes TensorBoard events."""
+    uint8, and --tensorboard writes TensorBoard events. The thread counts set are recorded,
+    not applied: more than one thread in a process forked from one that used OpenMP (as
+    mutation testing runs this) deadlocks."""
     import json
     from tpx_ext.dreamer.train import Trainer
-    threads = torch.get_num_threads()
+    thread_counts = []
+    monkeypatch.setattr(torch, "set_num_threads", thread_counts.append)
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "metrics.jsonl").write_text('{"step": 0, "eval_return": 1.0}\n')
-    try:
-        trainer = Trainer(small_cfg(action_repeat=4, seed=3, threads=1), str(tmp_path / "a"))
-        assert not trainer.quiet and set(trainer.counters.values()) == {0}
-        trainer.logger.write(0, {"eval_return": 2.0})
-        assert (tmp_path / "a" / "metrics.jsonl").read_text() == '{"step": 0, "eval_return": 2.0}\n'
-        assert ((tmp_path / "a" / "config.json").read_text()
-                == json.dumps(dataclasses.asdict(trainer.cfg), indent=2))  # for people to read
-        assert (tmp_path / "a" / "eval").is_dir() and torch.get_num_threads() == 1
-        steps, first = 0, trainer.env.reset()[0]
-        while not trainer.env.step(np.zeros((1, trainer.env.action_dim)))[0][2]:
-            steps += 1
-        assert steps + 1 == 200 // 4  # episode_length 200 physics steps, 4 per action
-        trainer.close()
-        torch.set_num_threads(2)
-        other = Trainer(small_cfg(seed=4, threads=0), str(tmp_path / "b"))
-        assert torch.get_num_threads() == 2  # threads 0 keeps torch's setting
-        assert not np.array_equal(other.env.reset()[0], first)
-        other.close()
-        again = Trainer(small_cfg(seed=3), str(tmp_path / "c"))
-        np.testing.assert_array_equal(again.env.reset()[0], first)
-        again.close()
-        pixels = Trainer(small_cfg(obs="pixels", tensorboard=True), str(tmp_path / "p"))
-        assert pixels.replay.state_dict()["pending_obs"].dtype == np.uint8
-        pixels.close()
-        assert any(f.startswith("events") for f in os.listdir(tmp_path / "p" / "tb"))
-    finally:
-        torch.set_num_threads(threads)
+    trainer = Trainer(small_cfg(action_repeat=4, seed=3, threads=1), str(tmp_path / "a"))
+    assert not trainer.quiet and set(trainer.counters.values()) == {0}
+    trainer.logger.write(0, {"eval_return": 2.0})
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == '{"step": 0, "eval_return": 2.0}\n'
+    assert ((tmp_path / "a" / "config.json").read_text()
+            == json.dumps(dataclasses.asdict(trainer.cfg), indent=2))  # for people to read
+    assert (tmp_path / "a" / "eval").is_dir() and thread_counts == [1]
+    steps, first = 0, trainer.env.reset()[0]
+    while not trainer.env.step(np.zeros((1, trainer.env.action_dim)))[0][2]:
+        steps += 1
+    assert steps + 1 == 200 // 4  # episode_length 200 physics steps, 4 per action
+    trainer.close()
+    other = Trainer(small_cfg(seed=4, threads=0), str(tmp_path / "b"))
+    assert thread_counts == [1]  # threads 0 keeps torch's setting
+    assert not np.array_equal(other.env.reset()[0], first)
+    other.close()
+    again = Trainer(small_cfg(seed=3), str(tmp_path / "c"))
+    np.testing.assert_array_equal(again.env.reset()[0], first)
+    again.close()
+    pixels = Trainer(small_cfg(obs="pixels", tensorboard=True), str(tmp_path / "p"))
+    assert pixels.replay.state_dict()["pending_obs"].dtype == np.uint8
+    pixels.close()
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "p" / "tb"))
 
 
 def test_a_run_logs_every_episode_and_evaluates_and_saves_at_its_cadence(tmp_path, capsys):
