@@ -143,12 +143,12 @@ VARIANTS = ("fused", "eager", "compiled", "reference f64")
 EXTRA_VARIANTS = ("eager-f64",)
 
 
-def _f64(tensors):
-    return tuple(t.double() for t in tensors)
+def rows(device, dtypes, sizes, ops, f64=False):
+    """One dict per table row: the op's inputs bound into one callable per variant (with
+    `f64`, also "eager-f64" on float64 copies of the inputs, made here, outside the timing)."""
+    def double(tensors):
+        return tuple(t.double() for t in tensors) if f64 else None
 
-
-def rows(device, dtypes, sizes, ops):
-    """One dict per table row: the op's inputs bound into one callable per variant."""
     for dtype in dtypes:
         for B, C in sizes:
             gen = torch.Generator().manual_seed(0)
@@ -159,7 +159,7 @@ def rows(device, dtypes, sizes, ops):
             ivw = dict(op="ivw_combine", B=B, C=C, dtype=dtype, bytes=3 * B * C * item + 24 * C,
                        fns={"fused": lambda a=pair: tpx_ext.ivw_combine(*a, ucb=0.0),
                             "eager": lambda a=pair: eager_ivw(*a),
-                            "eager-f64": lambda a=_f64(pair): eager_ivw(*a),
+                            "eager-f64": lambda a=double(pair): eager_ivw(*a),
                             "compiled": lambda a=pair: compiled_ivw(*a),
                             "reference f64": lambda a=pair: reference.ivw_combine(*a, ucb=0.0)})
             D = max(1, C // 2)  # a Gaussian node over D dims has C = 2D coordinates
@@ -171,7 +171,7 @@ def rows(device, dtypes, sizes, ops):
                          bytes=5 * B * D * item + 4 * B + 48 * D,
                          fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_backward(*a, ucb=0.0),
                               "eager": lambda a=node: eager_gaussian(*a),
-                              "eager-f64": lambda a=_f64(node): eager_gaussian(*a),
+                              "eager-f64": lambda a=double(node): eager_gaussian(*a),
                               "compiled": lambda a=node: compiled_gaussian(*a),
                               "reference f64": lambda a=node: reference.gaussian_tpx_backward(*a, ucb=0.0)})
             K = 4 * D  # the co-moments' columns: [g_LR, g_RP] over mu and sigma
@@ -179,7 +179,7 @@ def rows(device, dtypes, sizes, ops):
                              bytes=3 * B * D * item + 4 * B + 8 * K * K + 9 * K,
                              fns={"fused": lambda a=node: tpx_ext.gaussian_tpx_comoments(*a, ucb=0.0),
                                   "eager": lambda a=node: eager_comoments(*a),
-                                  "eager-f64": lambda a=_f64(node): eager_comoments(*a),
+                                  "eager-f64": lambda a=double(node): eager_comoments(*a),
                                   "compiled": lambda a=node: compiled_comoments(*a),
                                   "reference f64": lambda a=node: reference.gaussian_comoments(*a, ucb=0.0)})
             yield from (row for row in (ivw, gauss, comoments) if row["op"] in ops)
@@ -237,7 +237,7 @@ def main(argv=None):
     print(header)
     print(lines[0])
     start = time.perf_counter()
-    for row in rows(args.device, dtypes, sizes, args.ops.split(",")):
+    for row in rows(args.device, dtypes, sizes, args.ops.split(","), f64="eager-f64" in variants):
         t = time_alternating({v: row["fns"][v] for v in variants}, args.device, args.budget)
         floor = row["bytes"] / bw
         line = (f"| {row['op']} | {row['B']} | {row['C']} | {str(row['dtype']).removeprefix('torch.')} | "
