@@ -509,6 +509,17 @@ def test_lambda_return_takes_a_discount_as_a_number_a_0d_tensor_one_per_step_or_
         assert got.dtype == f64 and got.shape == expected.shape and torch.equal(got, expected)
     steps = torch.tensor([0.5, 0.75, 1.0])  # one per step, the same for every sample
     torch.testing.assert_close(returns(steps), returns(steps[:, None].expand(T, N)), rtol=0, atol=0)
+    few = Estimator("tpx").graph()  # fewer samples than steps: a 0-d discount still fills [T, N]
+    torch.testing.assert_close(
+        few.lambda_return(rewards[:, :2], values[:, :2], torch.tensor(0.75), LAM,
+                          convention="dreamerv1"), expected[:, :2], rtol=0, atol=0)
+    for discount, message in [
+            (torch.zeros(T, N, 2), "lambda_return: discount must be [T, N] (optionally with "
+                                   "trailing dims of size 1), got (3, 16, 2)"),
+            (torch.ones(T, N, dtype=torch.int64), "lambda_return: discount must be a floating tensor")]:
+        with pytest.raises(ValueError) as info:
+            returns(discount)
+        assert str(info.value) == message
     with pytest.raises(ValueError, match=r"^lambda_return: discount must be a number or a tensor, got a bool$"):
         returns(True)
     with pytest.raises(ValueError, match=r"^lambda_return: discount must be a number or a tensor, got str$"):
