@@ -84,7 +84,7 @@ def main(argv=None):
             "coordinate": lambda: nodes["coordinate"].combine(d, eps, sigma),
             "comoments": lambda: tpx_ext.gaussian_tpx_comoments(d, eps, sigma, adv, 2),
             "solve": lambda: matrix_weight(r.cov, r.bound, r.finite),
-            "combine": lambda: apply_matrix_weight(*per_sample_gradients(d, eps, sigma, adv), KL, True),
+            "combine": lambda: apply_matrix_weight(*per_sample_gradients(d, eps, sigma, adv, 2), KL, True),
         }, args.device, args.rounds, args.budget)
         line = (f"| {B} | {D} | {2 * D} | {t['matrix'] * 1e3:.3f} ms | {t['coordinate'] * 1e3:.3f} ms "
                 f"| {t['matrix'] / t['coordinate']:.1f}x | {t['comoments'] * 1e3:.3f} ms "

@@ -381,16 +381,20 @@ def tpx_ext_estimator(*args, **kw):
     return Estimator(*args, **kw)
 
 
-def test_loo_node_matches_the_reference():
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+def test_loo_node_matches_the_reference(dtype):
     """A tpx node with weights="matrix-loo" (fused co-moments, Sherman-Morrison) against the
-    sample-by-sample reference on the node's per-sample gradients (float64, 1e-9)."""
+    sample-by-sample reference on the node's per-sample gradients (float64: 1e-9; float32
+    inputs: the float64 result rounded once, returned in float32)."""
     B, D = 60, 2
-    d, eps, sigma, adv = node_inputs(B, D, torch.float64, "cpu", seed=3)
+    d, eps, sigma, adv = node_inputs(B, D, dtype, "cpu", seed=3)
     node = Node(NodeStats("n", 0), None, None, WeightRule(weights="matrix-loo"), True, None, adv=adv)
     g_mu, g_sigma = node.combine(d, eps, sigma, True)
-    g_lr, g_rp = reference.gaussian_per_sample(d, eps, sigma, adv)
+    assert g_mu.dtype == g_sigma.dtype == dtype
+    g_lr, g_rp = reference.gaussian_per_sample(*(t.double() for t in (d, eps, sigma, adv)))
     ref = reference.loo_matrix_combine(g_lr, g_rp, 2.0)
-    torch.testing.assert_close(torch.cat([g_mu, g_sigma], 1), ref, rtol=1e-9, atol=1e-12)
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([g_mu, g_sigma], 1).double(), ref, **tol)
 
 
 @pytest.mark.parametrize("scale", (2.0, 2.0 ** 14))

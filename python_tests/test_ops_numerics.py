@@ -478,3 +478,19 @@ def test_bfloat16_sigma_beyond_float_range_falls_back_to_double():
     got = tpx_ext.gaussian_tpx_backward(d, eps, sigma, adv, fixed_weight=1.0)
     assert (got.grad_mu[100:110] != 0).all()
     _check_against_rounded_reference(d, eps, sigma, adv, torch.bfloat16, fixed_weight=1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_constant_column_has_exactly_zero_variance(device):
+    """Both the op and the float64 reference shift the data by their first row before the
+    two-pass variance, so a constant column has variance exactly 0 even where its mean
+    rounds (three 0.2s sum to 0.6000000000000001): without the shift it would be ~1e-33,
+    and the coordinate's weight would follow rounding noise instead of being 0.5."""
+    x = torch.full((3, 2), 0.2, dtype=torch.float64)
+    x[:, 1] = torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64)
+    var = reference.batch_variance(x)
+    assert var[0].item() == 0.0 and var[1].item() > 0
+    centred = x - x.mean(0)  # the unshifted formula does not give 0 here
+    assert (centred[:, 0] ** 2).sum().item() > 0
+    out = tpx_ext.ivw_combine(x.to(device), x.to(device), ucb=0.0)
+    assert out.var_lr[0].item() == 0.0 and out.k[0].item() == 0.5

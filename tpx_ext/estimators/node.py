@@ -20,7 +20,7 @@ from .tp import tp_weight
 from .weights import WeightRule, apply_matrix_weight, loo_matrix_combine, matrix_weight
 
 
-def per_sample_gradients(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, groups: int = 2):
+def per_sample_gradients(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor, groups: int):
     """float64 per-sample (LR, RP) gradients [B, groups * D] of a Gaussian node (TPX.md sec. 1):
     the mu coordinates, then (groups 2) the sigma coordinates."""
     d, eps, sigma = d.double(), eps.double(), sigma.double()
