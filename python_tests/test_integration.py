@@ -589,3 +589,45 @@ def test_graph_loss_refusals_name_what_it_got():
     with pytest.raises(ValueError) as info:
         Estimator("tpx").graph().loss(torch.ones((), requires_grad=True))
     assert str(info.value) == "loss: the graph has no nodes (draw samples first)"
+
+
+def test_the_placement_check_follows_five_steps_with_its_own_random_weights(monkeypatch):
+    """The check probes each followed row with random weights from its own generator (the
+    caller's torch RNG is untouched) and follows the rows of the first three and the last
+    two steps only, since each probe is a backward pass through the rollout. With
+    next_reward's arrays over 8 steps the row steps are -1 (values[0]) .. 7; of steps -1, 0,
+    1, 6, 7 the rows that reach a later node are values[0 .. 2], values[7], rewards[0],
+    rewards[1] and rewards[6]: 7 more backward passes than without the check (4 where the
+    rewards need no gradient)."""
+    import tpx_ext.estimators.graph as graph_module
+    agent, T = Agent(), 8
+    real_grad = torch.autograd.grad
+
+    def backward_passes(check, constant_rewards=False):
+        calls = []
+        monkeypatch.setattr(graph_module.torch.autograd, "grad",
+                            lambda *a, **kw: calls.append(1) or real_grad(*a, **kw))
+        graph = Estimator("lr", check=check).graph(torch.Generator().manual_seed(0))
+        act = graph.sampler("action")
+        state = torch.randn(N, S, generator=torch.Generator().manual_seed(0))
+        states = [state]
+        for _ in range(T):
+            action = act(agent.policy(state))
+            state = torch.tanh(agent.transition(torch.cat([state, action], -1))[:, :S])
+            states.append(state)
+        states = torch.stack(states)
+        rewards = agent.reward(states[1:])
+        R = graph.lambda_return(rewards.detach() if constant_rewards else rewards,
+                                agent.value(states), GAMMA, LAM, convention="next_reward")
+        graph.loss(-R.mean()).backward()
+        monkeypatch.undo()
+        return len(calls)
+
+    unchecked = backward_passes("off")
+    torch.manual_seed(11)
+    expected_next = torch.rand(4)
+    torch.manual_seed(11)
+    assert backward_passes("every") - unchecked == 7
+    assert torch.equal(torch.rand(4), expected_next)
+    # rewards that need no gradient (a known reward function) are skipped, the values not
+    assert backward_passes("every", constant_rewards=True) - unchecked == 4
