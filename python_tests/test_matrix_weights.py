@@ -448,3 +448,32 @@ def test_reference_matrix_backward_defaults_and_knobs():
     with_default = reference.matrix_tpx_backward(*second, runs[0])
     assert torch.equal(with_default[0], reference.matrix_tpx_backward(*second, runs[1], 0.0)[0])
     assert torch.equal(with_default[0], reference.matrix_tpx_backward(*second)[0])
+
+
+def test_running_statistics_default_to_the_latest_batch_and_skip_left_out_coordinates():
+    """With a running buffer and the default momentum 0 the buffer holds the latest batch's
+    statistics (no averaging). A coordinate left out (its LR not finite) keeps its entries
+    in the buffer untouched (NaN: no data yet) while the others are updated with momentum,
+    and it gets k = 0."""
+    B, C = 200, 2
+    first, second = (joint(*correlated_pair(B, C, seed=s), ucb=2.0) for s in (1, 2))
+    running = torch.full((3, C, C), float("nan"), dtype=torch.float64)
+    matrix_weight(*first, running)
+    K2 = matrix_weight(*second, running)[0]
+    torch.testing.assert_close(K2, matrix_weight(*second)[0], rtol=0, atol=0)
+    cov, bound, finite = second
+    excess = torch.diag(bound - cov.diagonal())
+    want = torch.stack([(cov + excess)[:C, :C], (cov + excess)[C:, C:], (cov + excess)[:C, C:]])
+    torch.testing.assert_close(running, want, rtol=1e-15, atol=0)
+
+    partial = finite.clone()
+    partial[1] = False  # the LR of coordinate 1
+    running = torch.full((3, C, C), float("nan"), dtype=torch.float64)
+    matrix_weight(cov, bound, partial, running, 0.5)
+    assert torch.isnan(running[:, 1, :]).all() and torch.isnan(running[:, :, 1]).all()
+    torch.testing.assert_close(running[:, 0, 0], want[:, 0, 0], rtol=1e-15, atol=0)
+    K = matrix_weight(*first[:2], partial, running, 0.5)[0]
+    mixed = 0.5 * want[:, 0, 0] + 0.5 * torch.stack(
+        [(first[0] + torch.diag(first[1] - first[0].diagonal()))[i, j] for i, j in ((0, 0), (2, 2), (0, 2))])
+    torch.testing.assert_close(running[:, 0, 0], mixed, rtol=1e-12, atol=0)
+    assert K[1, 1].item() == 0.0 and K[0, 1].item() == 0.0 and K[1, 0].item() == 0.0
