@@ -893,3 +893,21 @@ def test_an_estimators_repr_names_its_mode_and_the_knobs_that_differ_from_their_
     for estimator, text in cases.items():
         assert repr(estimator) == text
         assert eval(text, {"Estimator": Estimator}).knobs == estimator.knobs
+
+
+def test_running_statistics_are_kept_only_with_momentum_in_float64_per_node():
+    """A tpx estimator keeps per-node running buffers only when momentum > 0 (with 0 the
+    weights are the batch's and nothing is stored); they are float64, (LR, RP, cross) C x C
+    over the node's 2D coordinates, also for a batch of one sample."""
+    from tpx_ext import Estimator
+    for momentum, kept in ((0.0, False), (0.5, True)):
+        est = Estimator("tpx", momentum=momentum)
+        graph = est.graph(torch.Generator().manual_seed(0))
+        mu = torch.zeros(1, 3, requires_grad=True)
+        x = graph.sampler("action")(mu, torch.ones(1, 3))
+        graph.add_objective(x.sum(-1), 0)
+        graph.backward()
+        assert sorted(est.running_stats) == ([("action", 0)] if kept else [])
+        if kept:
+            buffers = est.running_stats[("action", 0)]
+            assert buffers.dtype == torch.float64 and buffers.shape == (3, 6, 6)
