@@ -68,13 +68,17 @@ def status(code) -> str:
     return STATUS.get(code, "suspicious")
 
 
+def metas():
+    """(path, source file, parsed content) of each of mutmut's .meta files, in order."""
+    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
+        source = str(meta.relative_to(ROOT / "mutants"))[: -len(".meta")]
+        yield meta, source, json.loads(meta.read_text())
+
+
 def results() -> dict:
     """{source file: {mutant name: status}} from mutmut's .meta files."""
     out = defaultdict(dict)
-    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
-        source = str(meta.relative_to(ROOT / "mutants"))[: -len(".meta")]
-        with open(meta) as f:
-            data = json.load(f)
+    for _, source, data in metas():
         for name, code in data["exit_code_by_key"].items():
             out[source][name] = status(code)
     return out
@@ -84,8 +88,7 @@ def mutant_seconds() -> tuple:
     """(seconds, mutants): the sum of the durations mutmut recorded for the mutants that
     have a verdict, over every run that gave them one."""
     total, count = 0.0, 0
-    for meta in (ROOT / "mutants").rglob("*.py.meta"):
-        data = json.loads(meta.read_text())
+    for _, _, data in metas():
         durations = data.get("durations_by_key", {})
         for name, code in data["exit_code_by_key"].items():
             if code is not None and name in durations:
@@ -99,8 +102,7 @@ def reset_survivors(prefixes, names=()) -> int:
     `names` whatever their verdict, so the next run tries them again: mutmut reruns a mutant
     only when its function changed, not when a test was added that may reach or kill it."""
     count, names = 0, set(names)
-    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
-        data = json.loads(meta.read_text())
+    for meta, _, data in metas():
         codes = data["exit_code_by_key"]
         reset = [name for name, code in codes.items() if name in names or (
             prefixes is not None and code in SURVIVED | NO_TESTS
