@@ -433,7 +433,7 @@ R_, V_ = torch.zeros(3, N, 1), torch.zeros(4, N, 1)
      r"call graph\.loss\(your_loss\)\.backward\(\)$"),
     (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"),
                 g.loss(g._batch * torch.ones((), requires_grad=True)).backward()],
-     "does not use the returns of graph.lambda_return"),
+     r"^loss: it does not use the returns of graph\.lambda_return$"),
     (lambda g: g.loss(torch.ones(2)), "expected a floating scalar tensor"),
     (lambda g: g.sampler("action")(torch.distributions.Bernoulli(0.5)),
      "cannot draw a node from Bernoulli: pass a torch.distributions.Normal"),

@@ -477,3 +477,156 @@ def test_running_statistics_default_to_the_latest_batch_and_skip_left_out_coordi
         [(first[0] + torch.diag(first[1] - first[0].diagonal()))[i, j] for i, j in ((0, 0), (2, 2), (0, 2))])
     torch.testing.assert_close(running[:, 0, 0], mixed, rtol=1e-12, atol=0)
     assert K[1, 1].item() == 0.0 and K[0, 1].item() == 0.0 and K[1, 0].item() == 0.0
+
+
+# ------------------------------------------------------------------ rows fit at z (jacobian)
+def jacobian_inputs(B, D, dtype, device, seed=0):
+    """node_inputs and a sigmoid's derivative f'(z) per sample and coordinate, spanning four
+    orders of magnitude between samples, with one sample at exactly 0 (a saturated unit)."""
+    d, eps, sigma, adv = node_inputs(B, D, dtype, device, seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    z = 4 * torch.randn(B, D, generator=gen, dtype=torch.float64)
+    jac = torch.sigmoid(z) * torch.sigmoid(-z)
+    jac[0] = 0.0
+    return d, eps, sigma, adv, jac.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("needs_sigma", (True, False))
+def test_jacobian_node_matches_the_reference(needs_sigma, dtype, device):
+    """A node given f'(z) against reference.matrix_tpx_backward(jacobian=...) over three
+    calls with running averages (momentum 0.5, one block per mu row and one for the sigma
+    rows, as the graph allocates them) and ucb 2: as test_node_matches_the_reference; the
+    weights and running statistics of float32 inputs within 1e-5 (f'(z) d is formed in
+    float32 by the node, in float64 by the reference)."""
+    B, D = 300, 3
+    C = (2 if needs_sigma else 1) * D
+    rule = WeightRule(momentum=0.5, ucb=2.0, weights="matrix")
+    running = torch.full((D + 1, 3, 2 * D, 2 * D), float("nan"), dtype=torch.float64, device=device)
+    ref_running = torch.full((D + 1, 3, C, C), float("nan"), dtype=torch.float64)
+    for call in range(3):
+        d, eps, sigma, adv, jac = jacobian_inputs(B, D, dtype, device, seed=call)
+        node = Node(NodeStats("n", 0), None, running, rule, True, None, jacobian=jac, adv=adv)
+        g_mu, g_sigma = node.combine(d, eps, sigma, needs_sigma)
+        r_mu, r_sigma, K, _ = reference.matrix_tpx_backward(
+            *(t.cpu() for t in (d, eps, sigma, adv)), ref_running, 0.5, 2.0,
+            2 if needs_sigma else 1, jac.cpu())
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_mu.cpu().double(), r_mu, **tol)
+        if needs_sigma:
+            torch.testing.assert_close(g_sigma.cpu().double(), r_sigma, **tol)
+        # float32: the node scales d by f'(z) in float32 (6e-8 relative per sample)
+        stats_tol = dict(rtol=1e-5, atol=1e-9) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(node.stats.k.cpu(), K.diagonal(), **stats_tol)
+        torch.testing.assert_close(running[:, :, :C, :C].cpu(), ref_running, equal_nan=True, **stats_tol)
+    assert not torch.isnan(ref_running[:D]).any()
+    assert torch.isnan(ref_running[D]).all() != needs_sigma  # the sigma block only with sigma rows
+
+
+def test_jacobian_rows_are_the_regression_at_z():
+    """Without bounds, row c of the node's gradient is g_RP,c + (g_LR - g_RP) k_c with k_c
+    the least-squares regression of f'(z_c) g_RP,c on -f'(z_c) (g_LR - g_RP) (float64, to
+    1e-9): the gradient at z_c, f'(z_c) g_c, has the least batch variance of every row of
+    that form (random perturbations of k_c only raise it), and it differs from the plain
+    rule's, which minimises the variance at mu."""
+    B, D = 400, 3
+    d, eps, sigma, adv, jac = jacobian_inputs(B, D, torch.float64, "cpu")
+    rule = WeightRule(weights="matrix", ucb=0.0)
+    g_mu, g_sigma = Node(NodeStats("n", 0), None, None, rule, True, None, jacobian=jac,
+                         adv=adv).combine(d, eps, sigma, False)
+    plain, _ = Node(NodeStats("n", 0), None, None, rule, True, None, adv=adv).combine(d, eps, sigma, False)
+    assert g_sigma is None
+    g_lr, g_rp = adv[:, None] * eps / sigma, d
+    a = g_lr - g_rp
+    gen = torch.Generator().manual_seed(7)
+    for c in range(D):
+        w, y = jac[:, c:c + 1] * a, (jac[:, c] * g_rp[:, c])[:, None]
+        k = -torch.linalg.pinv(reference.covariance(w, w)) @ reference.covariance(w, y)
+        torch.testing.assert_close(g_mu[:, c], g_rp[:, c] + (a @ k)[:, 0], rtol=1e-9, atol=1e-12)
+        best = (jac[:, c] * g_mu[:, c]).var()
+        for _ in range(5):
+            other = g_rp[:, c] + (a @ (k + 0.05 * torch.randn(D, 1, generator=gen, dtype=torch.float64)))[:, 0]
+            assert (jac[:, c] * other).var() > best
+        assert (g_mu[:, c] - plain[:, c]).abs().max() > 1e-3 * plain[:, c].abs().max()
+
+
+def small_graph(estimator, jacobian=None, seed=0, B=64, D=3):
+    """One node [B, D] with a tanh-shaped objective; returns mu.grad."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(B, D, generator=gen, dtype=torch.float64).requires_grad_()
+    sigma = torch.full((B, D), 0.3, dtype=torch.float64)
+    graph = estimator.graph(torch.Generator().manual_seed(seed + 1))
+    x = graph.sample(mu, sigma, step=0, jacobian=jacobian)
+    graph.add_objective(torch.tanh(3 * x).sum(1) * torch.linspace(-1, 2, B, dtype=torch.float64), step=0)
+    graph.backward()
+    return mu.grad
+
+
+def test_a_unit_jacobian_is_the_plain_rule_and_other_rules_ignore_it():
+    """jacobian = 1 is the plain matrix rule exactly (f = identity); a sample-dependent one
+    changes tpx's gradient but not the modes and weight rules that do not use it (lr, mix,
+    coordinate and leave-one-out weights), which get the gradient they get without it."""
+    from tpx_ext import Estimator
+
+    B, D = 64, 3
+    jac = torch.rand(B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64) ** 4
+    tpx = Estimator("tpx")
+    plain = small_graph(tpx)
+    torch.testing.assert_close(small_graph(tpx, torch.ones(B, D, dtype=torch.float64)), plain,
+                               rtol=1e-12, atol=1e-15)
+    assert (small_graph(tpx, jac) - plain).abs().max() > 1e-3 * plain.abs().max()
+    for name in ("lr", "tpx-coord", "tpx-loo"):
+        est = Estimator.from_name(name)
+        assert torch.equal(small_graph(est, jac), small_graph(est)), name
+    est = Estimator("mix", rho=0.3)
+    assert torch.equal(small_graph(est, jac), small_graph(est))
+
+
+def test_sample_checks_the_jacobian():
+    """A jacobian of another shape, not a tensor, or with inf or NaN is refused with the
+    reason; a jacobian that requires grad is used detached (it gets no gradient)."""
+    from tpx_ext import Estimator
+
+    B, D = 8, 2
+    mu, sigma = torch.zeros(B, D), torch.ones(B, D)
+    graph = Estimator("tpx").graph()
+    with pytest.raises(ValueError, match=r"jacobian must be a tensor of mu's shape \(8, 2\), got \(8,\)$"):
+        graph.sample(mu, sigma, 0, jacobian=torch.ones(B))
+    with pytest.raises(ValueError, match=r"jacobian must be a tensor of mu's shape \(8, 2\), got list$"):
+        graph.sample(mu, sigma, 0, jacobian=[[1.0, 1.0]] * B)
+    for bad in (float("inf"), float("nan")):
+        jac = torch.ones(B, D)
+        jac[3, 1] = bad
+        with pytest.raises(ValueError, match=r"^sample: jacobian must be finite everywhere \(found inf or NaN\)$"):
+            graph.sample(mu, sigma, 0, jacobian=jac)
+    jac = torch.full((B, D), 0.5, dtype=torch.float64, requires_grad=True)
+    small_graph(Estimator("tpx"), jac, B=B, D=D)
+    assert jac.grad is None
+
+
+def test_jacobian_rows_keep_their_own_running_statistics():
+    """With momentum, a node given a jacobian keeps [D + 1, 3, 2D, 2D] float64 running
+    blocks (one per mu row, one for the sigma rows), made at its first graph; the same node
+    without a jacobian in a later graph, or with another event size, is refused (its
+    statistics would not match), naming both shapes."""
+    from tpx_ext import Estimator
+
+    B, D = 64, 3
+    jac = torch.rand(B, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    est = Estimator("tpx", momentum=0.5)
+    small_graph(est, jac, B=B, D=D)
+    running = est.running_stats[("node0", 0)]
+    assert running.shape == (D + 1, 3, 2 * D, 2 * D) and running.dtype == torch.float64
+    assert not torch.isnan(running[:D, :, :D, :D]).any()
+    with pytest.raises(ValueError, match=r"node 'node0' at step 0 needs running statistics of "
+                       r"shape \(3, 6, 6\) on cpu, but has \(4, 3, 6, 6\) on cpu"):
+        small_graph(est, B=B, D=D)
+    with pytest.raises(ValueError, match=r"needs running statistics of shape \(5, 3, 8, 8\) on "
+                       r"cpu, but has \(4, 3, 6, 6\) on cpu \(a different event shape"):
+        small_graph(est, torch.ones(B, 4, dtype=torch.float64), B=B, D=4)
+    coord = Estimator("tpx", weights="coordinate", momentum=0.5)
+    small_graph(coord, B=B, D=D)
+    with pytest.raises(ValueError, match=r"needs running statistics of shape \(8,\) on cpu, "
+                       r"but has \(6,\) on cpu"):
+        small_graph(coord, B=B, D=4)

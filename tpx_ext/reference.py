@@ -175,16 +175,30 @@ def joint_covariance(g_lr: Tensor, g_rp: Tensor, ucb: float = DEFAULT_UCB):
 
 def matrix_tpx_backward(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor,
                         running: Optional[Tensor] = None, momentum: float = 0.0,
-                        ucb: float = DEFAULT_UCB, groups: int = 2):
+                        ucb: float = DEFAULT_UCB, groups: int = 2,
+                        jacobian: Optional[Tensor] = None):
     """Reference of a tpx node's backward with matrix weights (Estimator("tpx")): the joint
     covariance of `gaussian_comoments`, K from `tpx_ext.estimators.weights.matrix_weight`
     (the float64 PyTorch solve the node itself runs), and g = K g_LR + (I - K) g_RP.
-    Returns (grad_mu [B, D], grad_sigma [B, D] or None for groups 1, K [C, C], cov)."""
+    jacobian [B, D] (`StochasticGraph.sample`'s): row c of (K, L) from the co-moments of
+    jacobian[:, c] z_i instead, running [D + 1, 3, C, C] (block D: the sigma rows' plain
+    statistics). Returns (grad_mu [B, D], grad_sigma [B, D] or None for groups 1, K [C, C],
+    cov), cov the plain co-moments."""
     from .estimators.weights import apply_matrix_weight, matrix_weight
 
     D = d.shape[1]
     cov, bound, finite = gaussian_comoments(d, eps, sigma, adv, groups, ucb)
-    KL = matrix_weight(cov, bound, finite, running, momentum)
+    if jacobian is None:
+        KL = matrix_weight(cov, bound, finite, running, momentum)
+    else:
+        rows = []
+        for c in range(D + (groups == 2)):  # the mu rows, then one block for the sigma rows
+            s = jacobian[:, c].double() if c < D else torch.ones_like(adv, dtype=torch.float64)
+            stats = gaussian_comoments(d.double() * s[:, None], eps, sigma, adv.double() * s,
+                                       groups, ucb)
+            KL_c = matrix_weight(*stats, None if running is None else running[c], momentum)
+            rows.append(KL_c[:, c:c + 1] if c < D else KL_c[:, D:])
+        KL = torch.cat(rows, dim=1)
     g_lr, g_rp = gaussian_per_sample(d.double(), eps.double(), sigma.double(), adv.double())
     g = apply_matrix_weight(g_lr[:, :groups * D], g_rp[:, :groups * D], KL)
     return g[:, :D], (g[:, D:] if groups == 2 else None), KL[0], cov

@@ -133,7 +133,7 @@ class StochasticGraph:
     def sample(self, mu: Tensor, sigma: Tensor, step: int, *,
                baseline: Union[Tensor, str, None] = None,
                name: Optional[str] = None, eps: Optional[Tensor] = None,
-               source: Optional[Source] = None) -> Tensor:
+               source: Optional[Source] = None, jacobian: Optional[Tensor] = None) -> Tensor:
         """Draw x = mu + sigma * eps, eps ~ N(0, I), as a node of step `step`.
 
         mu, sigma: [B, *event], same shape, dtype and device (expand a shared sigma).
@@ -147,6 +147,13 @@ class StochasticGraph:
         eps: the standard-normal noise to use instead of a fresh draw.
         source: (module, inputs) with module(*inputs) == (mu, sigma); required in tp mode
             (its per-sample parameter gradients), ignored otherwise.
+        jacobian: [B, *event], mu's shape: f'(z), where mu = f(z) with f elementwise (a
+            sigmoid or tanh state, a squashed mean; detached). tpx's matrix weights then fit
+            row c to the variance of the gradient at z_c, f'(z_c) g_c, which is what reaches
+            the parameters and the inputs, instead of at mu_c: where f' differs by orders of
+            magnitude between samples (saturating units), the samples whose gradient moves
+            z count, not those that f flattens. One more pass over the batch and one more
+            solve per mu coordinate. Used by weights="matrix" (the default) only.
         Returns x; in lr mode detached (REINFORCE does not backprop through the model).
         """
         self._check_open("sample")
@@ -182,6 +189,7 @@ class StochasticGraph:
         else:
             eps = eps.to(dtype=mu.dtype, device=mu.device)
         source = self._check_source(source)
+        jacobian = _check_jacobian(jacobian, mu)
         name = self._check_name(name, step)
 
         est = self.estimator
@@ -189,10 +197,13 @@ class StochasticGraph:
         self.stats.append(stats)
         if est.spec.weight == "none":  # plain reparameterisation: nothing to estimate
             return mu + sigma * eps
+        if est.rule is None or est.rule.weights != "matrix":
+            jacobian = None
         node = Node(stats, fixed_weight=est.spec.fixed_weight(est.knobs),
-                    running=self._running(name, step, mu),
+                    running=self._running(name, step, mu, jacobian is not None),
                     rule=est.rule,
-                    check_sigma=est.check_sigma, source=source)
+                    check_sigma=est.check_sigma, source=source,
+                    jacobian=None if jacobian is None else jacobian.reshape(B, -1))
         self._nodes.append((node, baseline))
         x = GaussianNode.apply(mu, sigma, eps, node)
         if x.requires_grad:
@@ -522,23 +533,46 @@ class StochasticGraph:
         module, inputs = source
         return module, (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 
-    def _running(self, name: str, step: int, mu: Tensor):
+    def _running(self, name: str, step: int, mu: Tensor, rows: bool = False):
+        """The node's running statistics, made at its first graph: (var_lr, var_rp) [2D]
+        for coordinate weights; (LR, RP, cross) [3, 2D, 2D] for matrix weights, one such
+        block per mu coordinate and one for the sigma rows (leading dim D + 1) where the
+        rows have their own statistics (`jacobian`)."""
         est = self.estimator
         if est.rule is None or est.momentum == 0.0:
             return None
         coords = 2 * mu[0].numel()
+        if est.rule.weights == "coordinate":
+            shape = (coords,)
+        else:
+            shape = (mu[0].numel() + 1, 3, coords, coords) if rows else (3, coords, coords)
         buffers = est.running_stats.get((name, step))
-        if buffers is None and est.rule.weights != "coordinate":  # (LR, RP, cross) C x C
-            buffers = est.running_stats[(name, step)] = torch.full(
-                (3, coords, coords), float("nan"), dtype=torch.float64, device=mu.device)
-            return buffers
         if buffers is None:
-            buffers = est.running_stats[(name, step)] = new_running_stats(coords, mu.device)
-        elif buffers[0].shape[0] != coords or buffers[0].device != mu.device:
-            raise ValueError(f"sample: node {name!r} at step {step} has {coords} coordinates on "
-                             f"{mu.device}, but its running statistics have {buffers[0].shape[0]} "
-                             f"on {buffers[0].device}")
+            if est.rule.weights == "coordinate":
+                buffers = new_running_stats(coords, mu.device)
+            else:
+                buffers = torch.full(shape, float("nan"), dtype=torch.float64, device=mu.device)
+            est.running_stats[(name, step)] = buffers
+            return buffers
+        have = buffers[0] if est.rule.weights == "coordinate" else buffers
+        if tuple(have.shape) != shape or have.device != mu.device:
+            raise ValueError(f"sample: node {name!r} at step {step} needs running statistics of "
+                             f"shape {shape} on {mu.device}, but has {tuple(have.shape)} on "
+                             f"{have.device} (a different event shape, device or jacobian use)")
         return buffers
+
+
+def _check_jacobian(jacobian: Optional[Tensor], mu: Tensor) -> Optional[Tensor]:
+    if jacobian is None:
+        return None
+    if not isinstance(jacobian, Tensor) or jacobian.shape != mu.shape:
+        shape = tuple(jacobian.shape) if isinstance(jacobian, Tensor) else type(jacobian).__name__
+        raise ValueError(f"sample: jacobian must be a tensor of mu's shape {tuple(mu.shape)}, "
+                         f"got {shape}")
+    jacobian = jacobian.detach().to(dtype=mu.dtype, device=mu.device)
+    if not bool(torch.isfinite(jacobian).all()):
+        raise ValueError("sample: jacobian must be finite everywhere (found inf or NaN)")
+    return jacobian
 
 
 def _detach_tree(state):

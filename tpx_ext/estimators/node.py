@@ -66,6 +66,7 @@ class Node:
     rule: Optional[WeightRule]  # tpx: how the weight is computed
     check_sigma: bool
     source: Optional[Tuple[nn.Module, Tuple[Tensor, ...]]]  # tp mode: module(*inputs) = (mu, sigma)
+    jacobian: Optional[Tensor] = None  # [B, D] f'(z) of mu = f(z): matrix rows fit at z
     adv: Optional[Tensor] = None  # [B] kernel advantages, set by StochasticGraph.backward
     # d root / d J of the pass that runs the node (-g for a loss seeded with g): the node
     # works in units of J, so its statistics do not see a loss's sign or AMP's grad scale.
@@ -123,8 +124,11 @@ class Node:
         D, groups = d.shape[1], 2 if needs_sigma else 1
         C = groups * D
         r = gaussian_tpx_comoments(d, eps, sigma, adv, groups, self.rule.ucb)
-        running = self.running[:, :C, :C] if self.running is not None else None  # a view
-        KL = matrix_weight(r.cov, r.bound, r.finite, running, self.rule.momentum)
+        if self.jacobian is None:
+            running = self.running[:, :C, :C] if self.running is not None else None  # a view
+            KL = matrix_weight(r.cov, r.bound, r.finite, running, self.rule.momentum)
+        else:
+            KL = self._row_weights(r, d, eps, sigma, adv, groups)
         g_lr, g_rp = per_sample_gradients(d, eps, sigma, adv, groups)
         if self.rule.weights == "matrix-loo" and bool(r.finite.all()):
             g = loo_matrix_combine(g_lr, g_rp, r.cov, r.bound).to(d.dtype)
@@ -134,6 +138,29 @@ class Node:
         self._record(k, var[:C], var[C:], torch.isnan(k).sum())
         grad_sigma = g[:, D:].reshape(shape) if needs_sigma else None
         return g[:, :D].reshape(shape), grad_sigma
+
+    def _row_weights(self, plain, d, eps, sigma, adv, groups: int) -> Tensor:
+        """(K, L) [2, C, C] whose row c, for mu coordinate c, minimises the variance of the
+        gradient at z_c, f'(z_c) g_c with mu = f(z): row c of the matrix rule on the
+        co-moments of f'(z_c) [g_LR, g_RP] (the fused op on d and adv scaled by f'(z_c): one
+        pass per coordinate). The sigma rows are the plain rule's (`plain`: the unscaled
+        co-moments). Running buffers: [D + 1, 3, C', C'], block D the plain one."""
+        D, C = d.shape[1], groups * d.shape[1]
+        rule, running = self.rule, self.running
+
+        def weights(r, block):
+            return matrix_weight(r.cov, r.bound, r.finite,
+                                 None if running is None else running[block, :, :C, :C],
+                                 rule.momentum)
+
+        KL = (weights(plain, D) if groups == 2
+              else torch.empty((2, C, C), dtype=torch.float64, device=d.device))
+        for c in range(D):
+            scale = self.jacobian[:, c]
+            r = gaussian_tpx_comoments(d * scale[:, None], eps, sigma, adv * scale, groups,
+                                       rule.ucb)
+            KL[:, c] = weights(r, c)[:, c]
+        return KL
 
     def _record(self, k, var_lr, var_rp, nonfinite):
         s = self.stats

@@ -84,6 +84,11 @@ class ToySystem:
     def make_policy(self, hidden: int, dtype=torch.float32) -> nn.Module:
         return GaussianPolicy(self.features_dim, hidden, dtype=dtype, out_features=self.action_dim)
 
+    def jacobian(self, policy: nn.Module, x: Tensor) -> Optional[Tensor]:
+        """The node's `jacobian` (f'(z) of mu = f(z), f elementwise), None where mu has no
+        elementwise output map (a linear layer's output)."""
+        return None
+
 
 class LinearGaussian(ToySystem):
     """s' = a s + b u, u ~ N(w s + c, sigma^2), s_0 = s0, reward -q s'^2 (uses no tanh)."""
@@ -140,6 +145,14 @@ class ChaoticRotor(ToySystem):
         return torch.cos(s[:, 0])
 
 
+# name -> (f, f'): the RNNs' elementwise units
+ACTIVATIONS = {
+    "sin": (torch.sin, torch.cos),
+    "tanh": (torch.tanh, lambda z: 1 - torch.tanh(z) ** 2),
+    "sigmoid": (torch.sigmoid, lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z))),
+}
+
+
 class RNNCell(nn.Module):
     """(mu, sigma) = (act(gain W x + b), noise): the next state's distribution.
 
@@ -151,11 +164,19 @@ class RNNCell(nn.Module):
         self.register_buffer("b", torch.tensor(bias, dtype=dtype))
         self.gain = nn.Parameter(torch.tensor(gain, dtype=dtype))
         self.noise = noise
-        self.act = {"sin": torch.sin, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[activation]
+        self.act, self.act_derivative = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor):
-        mu = self.act(self.gain * (x @ self.W.T) + self.b)
+        mu = self.act(self._pre(x))
         return mu, torch.full_like(mu, self.noise)
+
+    def _pre(self, x: Tensor) -> Tensor:
+        return self.gain * (x @ self.W.T) + self.b
+
+    def derivative(self, x: Tensor) -> Tensor:
+        """act'(z) at z = gain W x + b, detached: d mu / d z, elementwise."""
+        with torch.no_grad():
+            return self.act_derivative(self._pre(x))
 
 
 def _rotation(angle: float):
@@ -195,6 +216,9 @@ class NoisyRNN(ToySystem):
 
     def make_policy(self, hidden: int = 0, dtype=torch.float32) -> nn.Module:
         return RNNCell(self.W, self.bias, self.gain, self.noise, self.activation, dtype)
+
+    def jacobian(self, policy: nn.Module, x: Tensor) -> Optional[Tensor]:
+        return policy.derivative(x)
 
 
 class TanhRNN(NoisyRNN):
@@ -555,7 +579,8 @@ def policy_gradient(estimator: Estimator, policy: nn.Module, system, horizon: in
     for t in range(horizon):
         x = graph.cut(system.features(s))
         mu, sigma = policy(x)
-        a = draw(mu, sigma, step=t, source=(policy, x), baseline=system.baseline)
+        a = draw(mu, sigma, step=t, source=(policy, x), baseline=system.baseline,
+                 jacobian=system.jacobian(policy, x))
         s = system.step(s, a, graph, t)
         if not system.terminal or t == horizon - 1:
             graph.add_objective(system.reward(s), step=t)
