@@ -9,7 +9,9 @@ beta = 2.4, s_0 = (0.35, 0.55) for every sample, loss 0.5 |1 - s_H|^2 summed ove
 coordinates and averaged over the batch. proppo's methods (RPProp, LRProp, TotalProp) run the
 demo's loop as written there; tpx_ext's estimators (names from
 `tpx_ext.experiments.gradvar.ESTIMATORS`) run the same system,
-`tpx_ext.experiments.systems.SigmoidRNN` ("rnn-sigmoid"), through `policy_gradient`. Both in
+`tpx_ext.experiments.systems.SigmoidRNN` ("rnn-sigmoid"), through `policy_gradient`, whose
+nodes get the sigmoid's derivative as `jacobian` (proppo's demo gives TP the per-sample
+parameter, `ivw_target=expanded_beta`, in the same spirit). Both in
 this one process, on the CPU, with --threads torch threads. The defaults take about a
 minute on one core (most of it proppo's TP and everything at H = 100).
 
