@@ -630,3 +630,29 @@ def test_jacobian_rows_keep_their_own_running_statistics():
     with pytest.raises(ValueError, match=r"needs running statistics of shape \(8,\) on cpu, "
                        r"but has \(6,\) on cpu"):
         small_graph(coord, B=B, D=4)
+
+
+@pytest.mark.parametrize("case", ["zero column", "1e30 and 1e-30", "non-finite sample", "B <= C"])
+def test_jacobian_rows_stay_finite_at_the_edges(case):
+    """Rows fit at z against the reference where their covariances are zero (a unit
+    saturated in every sample), span 1e30 to 1e-30, have a non-finite coordinate (left out:
+    the other estimator's gradient), or are singular (fewer samples than coordinates):
+    finite wherever one estimator is finite, and equal to the reference to 1e-9."""
+    B, D = (4, 3) if case == "B <= C" else (200, 3)
+    d, eps, sigma, adv, jac = jacobian_inputs(B, D, torch.float64, "cpu")
+    if case == "zero column":
+        jac[:, 1] = 0.0
+    elif case == "1e30 and 1e-30":
+        jac[:, 0] *= 1e30
+        jac[:, 2] *= 1e-30
+    elif case == "non-finite sample":
+        d[5, 2] = float("inf")
+    rule = WeightRule(weights="matrix", ucb=2.0)
+    node = Node(NodeStats("n", 0), None, None, rule, True, None, jacobian=jac, adv=adv)
+    g_mu, g_sigma = node.combine(d, eps, sigma, True)
+    r_mu, r_sigma, _, _ = reference.matrix_tpx_backward(d, eps, sigma, adv, None, 0.0, 2.0, 2, jac)
+    assert bool(torch.isfinite(g_mu).all()) and bool(torch.isfinite(g_sigma).all())
+    torch.testing.assert_close(g_mu, r_mu, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_sigma, r_sigma, rtol=1e-9, atol=1e-12)
+    if case == "non-finite sample":  # coordinate 2's RP is out: its LR gradient alone
+        torch.testing.assert_close(g_mu[:, 2], adv * eps[:, 2] / sigma[:, 2], rtol=1e-12, atol=0)
