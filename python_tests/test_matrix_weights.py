@@ -549,6 +549,8 @@ def test_jacobian_rows_are_the_regression_at_z():
             other = g_rp[:, c] + (a @ (k + 0.05 * torch.randn(D, 1, generator=gen, dtype=torch.float64)))[:, 0]
             assert (jac[:, c] * other).var() > best
         assert (g_mu[:, c] - plain[:, c]).abs().max() > 1e-3 * plain[:, c].abs().max()
+    r_mu, _, _, _ = reference.matrix_tpx_backward(d, eps, sigma, adv, None, 0.0, 0.0, 1, jac)
+    torch.testing.assert_close(g_mu, r_mu, rtol=1e-12, atol=1e-15)
 
 
 def small_graph(estimator, jacobian=None, seed=0, B=64, D=3):
@@ -603,6 +605,25 @@ def test_sample_checks_the_jacobian():
     jac = torch.full((B, D), 0.5, dtype=torch.float64, requires_grad=True)
     small_graph(Estimator("tpx"), jac, B=B, D=D)
     assert jac.grad is None
+
+
+def test_a_jacobian_takes_mus_dtype():
+    """A float64 jacobian for a float32 node is used in float32, as mu: the same gradient,
+    bit for bit, as the jacobian given in float32."""
+    from tpx_ext import Estimator
+
+    B, D = 32, 2
+    mu = torch.randn(B, D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    jac = torch.rand(B, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for j in (jac, jac.float()):
+        graph = Estimator("tpx").graph(torch.Generator().manual_seed(2))
+        x = graph.sample(mu, torch.full((B, D), 0.3), 0, jacobian=j)
+        graph.add_objective(torch.tanh(3 * x).sum(1), 0)
+        graph.backward()
+        grads.append(mu.grad.clone())
+        mu.grad = None
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0], grads[1])
 
 
 def test_jacobian_rows_keep_their_own_running_statistics():
