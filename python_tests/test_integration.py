@@ -418,7 +418,9 @@ R_, V_ = torch.zeros(3, N, 1), torch.zeros(4, N, 1)
 @pytest.mark.parametrize("call, match", [
     (lambda g: g.lambda_return(R_, R_, GAMMA, LAM, convention="dreamerv1"),
      r"need values of shape \(4, 16\) \(the last row is the bootstrap"),
-    (lambda g: g.lambda_return(R_, V_, GAMMA, LAM, convention=None), "convention must be one of"),
+    (lambda g: g.lambda_return(R_, V_, GAMMA, LAM, convention=None),
+     r"^lambda_return: convention must be one of next_reward, dreamerv1, dreamerv2, got None "
+     r"\(see its docstring for the index alignment\)$"),
     (lambda g: g.lambda_return(R_, V_, torch.ones(4, N), LAM, convention="dreamerv1"),
      r"discount must be a number, \[3\] or \[3, 16\]"),
     (lambda g: g.lambda_return(R_, V_, GAMMA, torch.tensor(0.9), convention="dreamerv1"),
@@ -427,7 +429,8 @@ R_, V_ = torch.zeros(3, N, 1), torch.zeros(4, N, 1)
     (lambda g: g.lambda_return(torch.zeros(3, N, 2), V_, GAMMA, LAM, convention="dreamerv1"),
      r"rewards must be \[T, N\]"),
     (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"),
-                g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1")], "takes one call"),
+                g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1")],
+     r"^lambda_return: a graph takes one call \(concatenate the returns\)$"),
     (lambda g: [g.lambda_return(R_, V_, GAMMA, LAM, convention="dreamerv1"), g.backward()],
      r"^backward: the returns of graph\.lambda_return are weighted by the loss that uses them; "
      r"call graph\.loss\(your_loss\)\.backward\(\)$"),

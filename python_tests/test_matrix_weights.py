@@ -227,7 +227,9 @@ def test_node_refuses_a_bad_sigma():
     d, eps, sigma, adv = node_inputs(8, 2, torch.float64, "cpu")
     sigma[1, 1] = 0.0
     node = Node(NodeStats("n", 0), None, None, WeightRule(weights="matrix"), True, None, adv=adv)
-    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+    with pytest.raises(ValueError, match=r"^tpx node: sigma must be finite and > 0 everywhere "
+                       r"\(found an entry <= 0, inf or NaN\); pass check_sigma=False to skip "
+                       r"this check$"):
         node.combine(d, eps, sigma)
 
 

@@ -88,7 +88,7 @@ def test_unfinished_episode_is_not_sampled_until_finished():
 
 def test_add_errors():
     buf = state_buffer()
-    with pytest.raises(ValueError, match="first=True"):
+    with pytest.raises(ValueError, match=r"^the first step of an episode must be added with first=True$"):
         buf.add(np.zeros(2), np.zeros(3), 0.0, 1.0)
     with pytest.raises(ValueError, match="obs must have shape"):
         buf.add(np.zeros(3), np.zeros(3), 0.0, 1.0, first=True)
