@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mutation.py"
 
 
@@ -27,7 +29,8 @@ def test_report_counts_statuses_and_scores_without_equivalents(tmp_path, monkeyp
     durations = {"m.f__mutmut_1": 1000.0, "m.f__mutmut_2": 2000.0, "m.f__mutmut_3": 600.0,
                  "m.f__mutmut_6": 5000.0}
     meta.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": durations}))
-    (tmp_path / "equivalent.json").write_text(json.dumps({"m.f__mutmut_3": "same value"}))
+    (tmp_path / "equivalent.json").write_text(json.dumps(
+        {"m.f__mutmut_3": {"reason": "same value", "mutation": "b (m.f__mutmut_3)"}}))
     monkeypatch.setattr(mod, "full_diff", lambda name: f"--- f\n+++ f\n-a\n+b ({name})")
     mod.write_report(120.0, "make mutation")
     text = (tmp_path / "MUTATION.md").read_text()
@@ -43,6 +46,42 @@ def test_report_counts_statuses_and_scores_without_equivalents(tmp_path, monkeyp
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
     mod.write_report(120.0, "make mutation")
     assert "Partial report" not in (tmp_path / "MUTATION.md").read_text()
+
+
+def test_an_entry_explains_only_the_mutation_it_recorded(tmp_path, monkeypatch):
+    """An edit renumbers a function's mutants: an entry whose survivor now makes another
+    change explains nothing (the survivor is listed with its diff) and is reported as stale,
+    as is an entry whose mutant was killed; a malformed entry stops the report; --explain
+    records a survivor with its lines and refuses a mutant that is not one."""
+    mod = load(tmp_path, monkeypatch)
+    meta = tmp_path / "mutants" / "tpx_ext" / "m.py.meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": {"m.f__mutmut_1": 0, "m.f__mutmut_2": 1,
+                                                     "m.f__mutmut_3": 0}}))
+    monkeypatch.setattr(mod, "full_diff", lambda name: f"--- f\n+++ f\n-a\n+    b ({name})")
+    entries = {"m.f__mutmut_1": {"reason": "r1", "mutation": "c (m.f__mutmut_1)"},
+               "m.f__mutmut_2": {"reason": "r2", "mutation": "b (m.f__mutmut_2)"}}
+    (tmp_path / "equivalent.json").write_text(json.dumps(entries))
+    mod.write_report(None, "make mutation")
+    text = (tmp_path / "MUTATION.md").read_text()
+    assert "| `tpx_ext/m.py` | 3 | 1 | 2 | 0 | 0 | 0 | 0 | 0 | 33% | 33% |" in text
+    assert "+    b (m.f__mutmut_1)" in text and "r1" not in text
+    stale = text.split("## Stale equivalence entries")[1]
+    assert "- `m.f__mutmut_1` (survived; recorded: `c (m.f__mutmut_1)`)" in stale
+    assert "- `m.f__mutmut_2` (killed; recorded: `b (m.f__mutmut_2)`)" in stale
+
+    mod.explain("m.f__mutmut_1", "same value")
+    entries = json.loads((tmp_path / "equivalent.json").read_text())
+    assert entries["m.f__mutmut_1"] == {"reason": "same value", "mutation": "b (m.f__mutmut_1)"}
+    mod.write_report(None, "make mutation")
+    assert "- `m.f__mutmut_1`: same value" in (tmp_path / "MUTATION.md").read_text()
+    with pytest.raises(SystemExit, match="m.f__mutmut_2 is killed, not a survivor"):
+        mod.explain("m.f__mutmut_2", "why")
+    with pytest.raises(SystemExit, match="m.f__mutmut_9 is not a mutant of the scope"):
+        mod.explain("m.f__mutmut_9", "why")
+    (tmp_path / "equivalent.json").write_text(json.dumps({"m.f__mutmut_1": "a bare reason"}))
+    with pytest.raises(SystemExit, match=r"each entry must be .* not so: m.f__mutmut_1"):
+        mod.write_report(None, "make mutation")
 
 
 def test_message_wording_is_told_apart_from_behaviour(tmp_path, monkeypatch):
@@ -131,7 +170,6 @@ def test_under_mutation_a_test_past_its_time_limit_fails(tmp_path, monkeypatch):
     import time
     from types import SimpleNamespace
     import conftest
-    import pytest
     (tmp_path / "mutmut-stats.json").write_text(json.dumps({"duration_by_test": {"t::loop": 0.01}}))
     item = SimpleNamespace(nodeid="t::loop", config=SimpleNamespace(rootpath=tmp_path))
     monkeypatch.setattr(conftest, "MUTATION_TIMEOUT_FLOOR_S", 0.2)

@@ -5,6 +5,7 @@
     python scripts/mutation.py --files tpx_ext/estimators/modes.py   # a part of the scope
     python scripts/mutation.py --recheck-survivors   # after adding tests: survivors again
     python scripts/mutation.py --recheck NAME...     # these mutants again, whatever their verdict
+    python scripts/mutation.py --explain NAME "why"  # record a survivor as equivalent
 
 mutmut (configured in pyproject.toml's [tool.mutmut]) writes every mutant of the scoped
 files into mutants/ and runs, for each, only the tests that execute the mutated function;
@@ -17,10 +18,14 @@ A changed test selection or pytest arguments in [tool.mutmut] makes mutmut disca
 verdict (a full rerun); a changed test file does not, so after adding tests use
 --recheck-survivors.
 The report counts killed, survived, timed-out and untested mutants per file. A survivor is
-explained in scripts/mutation_equivalent.json (mutant name -> why no test can tell it from
-the original), or only rewords an error message (reported apart), or is listed as
-unexplained with its diff. score = killed / (checked - equivalent - no tests); the
-behaviour score also leaves out the rewording survivors.
+explained in scripts/mutation_equivalent.json (mutant name -> {"reason": why no test can
+tell it from the original, "mutation": the mutant's own lines}), or only rewords an error
+message (reported apart), or is listed as unexplained with its diff. An edit of a function
+renumbers its mutants, so an entry explains its survivor only while the survivor's lines
+are still the recorded ones; otherwise the survivor is unexplained and the entry is
+reported as stale, as is an entry whose mutant no longer survives.
+score = killed / (checked - equivalent - no tests); the behaviour score also leaves out the
+rewording survivors.
 """
 
 import argparse
@@ -72,7 +77,15 @@ def metas():
     """(path, source file, parsed content) of each of mutmut's .meta files, in order."""
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         source = str(meta.relative_to(ROOT / "mutants"))[: -len(".meta")]
-        yield meta, source, json.loads(meta.read_text())
+        for attempt in range(20):
+            try:
+                data = json.loads(meta.read_text())
+                break
+            except json.JSONDecodeError:  # being rewritten by a running mutmut
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
+        yield meta, source, data
 
 
 def results() -> dict:
@@ -122,9 +135,47 @@ def full_diff(name: str) -> str:
     cwd = os.getcwd()
     os.chdir(ROOT)  # mutmut reads mutants/ relative to the working directory
     try:
-        return get_diff_for_mutant(name)
+        for attempt in range(20):
+            try:
+                return get_diff_for_mutant(name)
+            except json.JSONDecodeError:  # a .meta file that a running mutmut is rewriting
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
     finally:
         os.chdir(cwd)
+
+
+def mutation_of(diff_text: str) -> str:
+    """The mutant's own lines (the + side of its diff, stripped of indentation): what an
+    equivalence entry records next to its reason."""
+    return "\n".join(ln[1:].strip() for ln in diff_text.splitlines()
+                     if ln.startswith("+") and not ln.startswith("+++"))
+
+
+def load_equivalent() -> dict:
+    """{mutant name: {"reason", "mutation"}} from EQUIVALENT ({} if there is none)."""
+    if not EQUIVALENT.exists():
+        return {}
+    entries = json.loads(EQUIVALENT.read_text())
+    bad = [n for n, e in entries.items()
+           if not (isinstance(e, dict) and set(e) == {"reason", "mutation"})]
+    if bad:
+        sys.exit(f"{EQUIVALENT}: each entry must be {{\"reason\": ..., \"mutation\": ...}} "
+                 f"(record one with --explain NAME REASON); not so: {', '.join(bad[:5])}")
+    return entries
+
+
+def explain(name: str, reason: str) -> None:
+    """Record survivor `name` as equivalent, with its current lines."""
+    status = results()
+    found = [s for d in status.values() for n, s in d.items() if n == name]
+    if found != ["survived"]:
+        sys.exit(f"--explain: {name} is {found[0] if found else 'not a mutant of the scope'}, "
+                 "not a survivor")
+    entries = load_equivalent()
+    entries[name] = {"reason": reason, "mutation": mutation_of(full_diff(name))}
+    EQUIVALENT.write_text(json.dumps(entries, indent=4, ensure_ascii=False) + "\n")
 
 
 def changed_lines(diff_text: str) -> str:
@@ -168,9 +219,9 @@ def write_report(run_seconds, command: str) -> None:
         tool = f"mutmut {version('mutmut')}"
     except PackageNotFoundError:
         tool = "mutmut not installed here"
-    equivalent = json.loads(EQUIVALENT.read_text()) if EQUIVALENT.exists() else {}
+    equivalent = load_equivalent()
     by_file = results()
-    rows, unexplained, explained, wording = [], [], [], []
+    rows, unexplained, explained, wording, stale = [], [], [], [], []
     diffs = {}
     totals = Counter()
     for source, mutants in sorted(by_file.items()):
@@ -179,11 +230,13 @@ def write_report(run_seconds, command: str) -> None:
         for n, s in sorted(mutants.items()):
             if s != "survived":
                 continue
-            if n in equivalent:
-                explained.append(n)
-                eq += 1
-                continue
             diffs[n] = full_diff(n)
+            if n in equivalent:
+                if mutation_of(diffs[n]) == equivalent[n]["mutation"]:
+                    explained.append(n)
+                    eq += 1
+                    continue
+                stale.append(n)  # its function was edited: the entry is for another mutant
             if message_wording_only(diffs[n]):
                 wording.append(n)
                 msg += 1
@@ -199,6 +252,8 @@ def write_report(run_seconds, command: str) -> None:
         totals.update(c)
         totals["equivalent"] += eq
         totals["wording"] += msg
+    status = {n: s for d in by_file.values() for n, s in d.items()}
+    stale += [n for n in equivalent if status.get(n, "gone") not in ("survived", "not checked")]
     limits = conftest_limits()
     seconds, timed = mutant_seconds()
     lines = [
@@ -244,16 +299,24 @@ def write_report(run_seconds, command: str) -> None:
         "",
     ]
     for n in explained:
-        lines += [f"- `{n}`: {equivalent[n]}"]
+        lines += [f"- `{n}`: {equivalent[n]['reason']}"]
     lines += ["", "## Message wording survivors", "",
               "The tests match each message's key phrase, not its every letter.", ""]
     lines += [f"- `{n}`: `{changed_lines(diffs[n]).splitlines()[-1][1:].strip()}`" for n in wording]
     lines += ["", "## Unexplained survivors", ""]
     for n in unexplained:
         lines += [f"- `{n}`", "", "```diff", changed_lines(diffs[n]), "```", ""]
+    if stale:
+        lines += ["", "## Stale equivalence entries", "",
+                  "Entries of scripts/mutation_equivalent.json whose mutant no longer survives "
+                  "or no longer makes the recorded change (its function was edited since): "
+                  "remove them, or record the survivor again with --explain.", ""]
+        lines += [f"- `{n}` ({status.get(n, 'gone')}; recorded: "
+                  f"`{equivalent[n]['mutation']}`)" for n in stale]
     REPORT.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {REPORT}: {totals['killed']} killed, "
-          f"{len(unexplained)} unexplained survivors, {len(wording)} message wording")
+          f"{len(unexplained)} unexplained survivors, {len(wording)} message wording"
+          + (f", {len(stale)} stale equivalence entries" if stale else ""))
 
 
 def main(argv=None):
@@ -265,11 +328,16 @@ def main(argv=None):
                         "tests), not only unchecked mutants")
     p.add_argument("--recheck", nargs="+", default=[], metavar="MUTANT",
                    help="run these mutants again whatever their verdict (as mutmut names them)")
+    p.add_argument("--explain", nargs=2, metavar=("MUTANT", "REASON"),
+                   help="record a survivor as equivalent (with its current lines) and rewrite "
+                        "the report")
     p.add_argument("--files", nargs="*", default=[],
                    help="only the mutants of these source files (default: the whole scope)")
     a = p.parse_args(argv)
     seconds = None
-    if not a.report_only:
+    if a.explain:
+        explain(*a.explain)
+    elif not a.report_only:
         names = [f"{f.removesuffix('.py').replace('/', '.')}*" for f in a.files]
         if a.recheck_survivors or a.recheck:
             prefixes = [n[:-1] for n in names] if a.recheck_survivors else None
