@@ -911,3 +911,54 @@ def test_running_statistics_are_kept_only_with_momentum_in_float64_per_node():
         if kept:
             buffers = est.running_stats[("action", 0)]
             assert buffers.dtype == torch.float64 and buffers.shape == (3, 6, 6)
+
+
+# ------------------------------------------------------------------ sample's contract, in full
+def test_sample_refusals_say_what_is_wrong_in_full():
+    """Every refusal of `sample` and of a closed graph, message checked in full."""
+    mu, sigma = torch.zeros(4, 2), torch.ones(4, 2)
+    graph = tpx_ext.Estimator("tpx").graph()
+    for args in ((mu, 0.5), (0.5, sigma)):
+        with pytest.raises(TypeError, match=r"^sample: mu and sigma must be tensors$"):
+            graph.sample(*args, 0)
+    with pytest.raises(ValueError, match=r"^sample: mu and sigma must have the same shape "
+                       r"\[B, \*event\], got \(\) and \(\) \(expand a shared sigma explicitly\)$"):
+        graph.sample(torch.zeros(()), torch.ones(()), 0)
+    with pytest.raises(ValueError, match=r"^sample: mu and sigma must be floating tensors of one "
+                       r"dtype and device, got torch.int64/cpu and torch.int64/cpu$"):
+        graph.sample(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match=r"^sample: baseline must have shape \(4,\), got \(3,\)$"):
+        graph.sample(mu, sigma, 0, baseline=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^sample: baseline must have shape \(4,\), got "
+                       r"<class 'list'>$"):
+        graph.sample(mu, sigma, 0, baseline=[0.0] * 4)
+    with pytest.raises(ValueError, match=r"^sample: baseline must be a \[B\] tensor or "
+                       r"'leave-one-out' \(batch >= 2\), got 'leave-one-out' with batch 1$"):
+        tpx_ext.Estimator("tpx").graph().sample(mu[:1], sigma[:1], 0, baseline="leave-one-out")
+    tp = tpx_ext.Estimator("tp").graph()
+    for source in (None, (nn.Linear(2, 4), mu, mu), (lambda x: x, mu)):
+        with pytest.raises(ValueError, match=r"^sample: tp mode needs source=\(module, inputs\), "
+                           r"where module\(\*inputs\) returns this node's \(mu, sigma\)$"):
+            tp.sample(mu, sigma, 0, source=source)
+    graph = tpx_ext.Estimator("tpx").graph()
+    x = graph.sample(mu.requires_grad_(), sigma, 0)
+    graph.add_objective(x.sum(1), 0)
+    graph.backward()
+    with pytest.raises(RuntimeError, match=r"^sample: backward already ran on this graph; build "
+                       r"a new graph \(Estimator.graph\(\)\) for every gradient$"):
+        graph.sample(mu, sigma, 1)
+
+
+def test_sample_takes_a_vector_node_and_leave_one_out_from_two_samples():
+    """A node without event dimensions ([B]) and the leave-one-out baseline of a batch of
+    two are valid; default names count the nodes of each step: node0, node1 at step 0 and
+    node0 again at step 1."""
+    mu = torch.tensor([0.5, -0.5], dtype=torch.float64, requires_grad=True)
+    graph = tpx_ext.Estimator("tpx").graph(torch.Generator().manual_seed(0))
+    a = graph.sample(mu, torch.full((2,), 0.3, dtype=torch.float64), 0, baseline="leave-one-out")
+    b = graph.sample(mu * 2, torch.full((2,), 0.3, dtype=torch.float64), 0)
+    c = graph.sample(a + b, torch.full((2,), 0.3, dtype=torch.float64), 1)
+    graph.add_objective(-(c - 1) ** 2, 1)
+    stats = graph.backward()
+    assert [(s.name, s.step) for s in stats] == [("node0", 0), ("node1", 0), ("node0", 1)]
+    assert a.shape == (2,) and mu.grad.shape == (2,) and bool(torch.isfinite(mu.grad).all())

@@ -638,3 +638,36 @@ def test_the_placement_check_follows_five_steps_with_its_own_random_weights(monk
     assert torch.equal(torch.rand(4), expected_next)
     # rewards that need no gradient (a known reward function) are skipped, the values not
     assert backward_passes("every", constant_rewards=True) - unchecked == 4
+
+
+def test_a_misplaced_reward_of_step_0_is_named_as_a_term_of_step_0():
+    """DreamerV1's arrays declared as dreamerv2's: reward[1] of s_2 is taken for a term of
+    step 0; the message names that role in full (a row of step 0 is a term, not s_0's
+    value)."""
+    with pytest.raises(ValueError) as info:
+        v1_arrays_declared("dreamerv2", Estimator("lr"))
+    assert str(info.value) == (
+        "misplaced term: rewards[1] (convention 'dreamerv2': a term of step 0) depends on node "
+        "'action' of step 1, a later step, so that node's LR gradient misses it. Place each "
+        "term at the step of the last node it depends on (with lambda_return: check the "
+        "convention against your arrays' index alignment, docs/DREAMER_INTEGRATION.md)")
+
+
+def test_terms_beside_the_returns_are_checked_and_constant_ones_pass():
+    """The placement check follows add_objective's terms as well as lambda_return's rows: a
+    term of step 0 that depends on the node of step 2 is caught next to correctly placed
+    returns (their shares are added to it inside loss().backward(), where grad mode is
+    off); a term that depends on no node (a constant, no gradient) is no error."""
+    graph, mu = _graph_with_nodes()
+    x2 = graph._outputs[2]
+    R = graph.lambda_return(torch.zeros(3, N, 1), torch.zeros(4, N, 1), GAMMA, LAM,
+                            convention="dreamerv1")
+    graph.add_objective(x2.sum(1), step=0)
+    with pytest.raises(ValueError, match=r"^misplaced term: the objective term of step 0 depends "
+                                         r"on node 'action' of step 2, a later step"):
+        graph.loss(-R.mean()).backward()
+    graph, mu = _graph_with_nodes()
+    graph.add_objective(torch.ones(N), step=0)
+    graph.add_objective(graph._outputs[2].sum(1), step=2)
+    graph.backward()
+    assert mu.grad is not None and bool(torch.isfinite(mu.grad).all())

@@ -551,6 +551,14 @@ def test_jacobian_rows_are_the_regression_at_z():
             other = g_rp[:, c] + (a @ (k + 0.05 * torch.randn(D, 1, generator=gen, dtype=torch.float64)))[:, 0]
             assert (jac[:, c] * other).var() > best
         assert (g_mu[:, c] - plain[:, c]).abs().max() > 1e-3 * plain[:, c].abs().max()
+
+
+def test_jacobian_reference_without_bounds():
+    """The reference's rows at z take its ucb (0 here: no bounds), as the node does."""
+    d, eps, sigma, adv, jac = jacobian_inputs(400, 3, torch.float64, "cpu")
+    node = Node(NodeStats("n", 0), None, None, WeightRule(weights="matrix", ucb=0.0), True,
+                None, jacobian=jac, adv=adv)
+    g_mu, _ = node.combine(d, eps, sigma, False)
     r_mu, _, _, _ = reference.matrix_tpx_backward(d, eps, sigma, adv, None, 0.0, 0.0, 1, jac)
     torch.testing.assert_close(g_mu, r_mu, rtol=1e-12, atol=1e-15)
 
@@ -648,6 +656,9 @@ def test_jacobian_rows_keep_their_own_running_statistics():
     with pytest.raises(ValueError, match=r"needs running statistics of shape \(5, 3, 8, 8\) on "
                        r"cpu, but has \(4, 3, 6, 6\) on cpu \(a different event shape"):
         small_graph(est, torch.ones(B, 4, dtype=torch.float64), B=B, D=4)
+    one = Estimator("tpx", momentum=0.5)  # a batch of one: the rows' blocks from mu's event
+    small_graph(one, torch.ones(1, D, dtype=torch.float64), B=1, D=D)
+    assert one.running_stats[("node0", 0)].shape == (D + 1, 3, 2 * D, 2 * D)
     coord = Estimator("tpx", weights="coordinate", momentum=0.5)
     small_graph(coord, B=B, D=D)
     with pytest.raises(ValueError, match=r"needs running statistics of shape \(8,\) on cpu, "

@@ -404,7 +404,10 @@ class StochasticGraph:
         unit: Dict[int, Tensor] = {}
         for step, share, share_unit in shares:
             dtype = ret["rewards"].dtype
-            self._terms[step] = self._terms.get(step, 0) + share.to(dtype)
+            # grad on (this runs inside loss().backward()): a term given to add_objective
+            # keeps its graph, so the placement check still follows it
+            with torch.enable_grad():
+                self._terms[step] = self._terms.get(step, 0) + share.to(dtype)
             unit[step] = unit.get(step, 0) + share_unit
         steps = sorted(unit)
         G_unit = returns_to_go(torch.stack([unit[k] for k in steps]))
@@ -533,7 +536,7 @@ class StochasticGraph:
         module, inputs = source
         return module, (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
 
-    def _running(self, name: str, step: int, mu: Tensor, rows: bool = False):
+    def _running(self, name: str, step: int, mu: Tensor, rows: bool):
         """The node's running statistics, made at its first graph: (var_lr, var_rp) [2D]
         for coordinate weights; (LR, RP, cross) [3, 2D, 2D] for matrix weights, one such
         block per mu coordinate and one for the sigma rows (leading dim D + 1) where the
