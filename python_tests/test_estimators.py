@@ -962,3 +962,49 @@ def test_sample_takes_a_vector_node_and_leave_one_out_from_two_samples():
     stats = graph.backward()
     assert [(s.name, s.step) for s in stats] == [("node0", 0), ("node1", 0), ("node0", 1)]
     assert a.shape == (2,) and mu.grad.shape == (2,) and bool(torch.isfinite(mu.grad).all())
+
+
+def test_steps_are_ints_and_the_noise_follows_the_generator_in_float32_at_least():
+    """A step that is a bool, a float or negative is refused in full. The noise is drawn from
+    the graph's generator in mu's dtype, float32 at least: a float64 node gets float64
+    draws, a float16 node the float32 draws rounded; a given eps is cast to mu's dtype."""
+    graph = tpx_ext.Estimator("tpx").graph()
+    mu, sigma = torch.zeros(4, 2, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64)
+    for bad in (True, 1.5, -1):
+        with pytest.raises(ValueError, match=rf"^step must be an int >= 0, got {re.escape(repr(bad))}$"):
+            graph.sample(mu, sigma, bad)
+    for dtype, draw in ((torch.float64, torch.float64), (torch.float16, torch.float32),
+                        (torch.float32, torch.float32)):
+        graph = tpx_ext.Estimator("tpx").graph(torch.Generator().manual_seed(5))
+        x = graph.sample(mu.to(dtype), sigma.to(dtype), 0)
+        want = torch.randn((4, 2), generator=torch.Generator().manual_seed(5), dtype=draw).to(dtype)
+        assert x.dtype == dtype and torch.equal(x, want), dtype
+    x = tpx_ext.Estimator("tpx").graph().sample(mu.float(), sigma.float(), 0,
+                                                eps=torch.full((4, 2), 0.5, dtype=torch.float64))
+    assert x.dtype == torch.float32 and bool((x == 0.5).all())
+
+
+def test_a_node_run_outside_the_graph_says_how_to_run_it():
+    """Backpropagating a node's sample directly (not through graph.loss or graph.backward)
+    finds no advantage; the error says what to call."""
+    graph = tpx_ext.Estimator("tpx").graph()
+    mu = torch.zeros(4, 2, requires_grad=True)
+    x = graph.sample(mu, torch.ones(4, 2), 0, name="act")
+    with pytest.raises(RuntimeError, match=r"^node 'act' \(step 0\): its backward ran before its "
+                       r"advantage was set\. Wrap the loss: graph\.loss\(loss\)\.backward\(\), or "
+                       r"call graph\.backward\(\)\.$"):
+        x.sum().backward()
+
+
+def test_the_placement_check_follows_a_sigma_that_depends_on_a_later_node():
+    """A term of step 0 that reaches the node of step 1 only through the sigma of a node of
+    step 0 is misplaced too: the check's pass through the nodes carries sigma's gradient."""
+    graph = tpx_ext.Estimator("tpx").graph()
+    mu = torch.zeros(4, 2, requires_grad=True)
+    later = graph.sample(mu, torch.ones(4, 2), 1)
+    x0 = graph.sample(mu, nn.functional.softplus(later), 0)
+    graph.add_objective(x0.sum(1), 0)
+    graph.add_objective(later.sum(1), 1)
+    with pytest.raises(ValueError, match=r"^misplaced term: the objective term of step 0 depends "
+                                         r"on node 'node0' of step 1"):
+        graph.backward()
