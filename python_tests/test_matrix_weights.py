@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from tpx_ext import reference
+from tpx_ext import Estimator, reference
 from tpx_ext.estimators.weights import (apply_matrix_weight, loo_matrix_combine, matrix_weight,
-                                        pinv_weights)
+                                        pinv_and_null, pinv_weights)
 
 
 def joint(g_lr, g_rp, ucb=0.0):
@@ -690,3 +690,33 @@ def test_jacobian_rows_stay_finite_at_the_edges(case):
     torch.testing.assert_close(g_sigma, r_sigma, rtol=1e-9, atol=1e-12)
     if case == "non-finite sample":  # coordinate 2's RP is out: its LR gradient alone
         torch.testing.assert_close(g_mu[:, 2], adv * eps[:, 2] / sigma[:, 2], rtol=1e-12, atol=0)
+
+
+def test_the_rank_cut_scales_with_the_largest_eigenvalue():
+    """pinv_and_null counts an eigenvalue of the unit-diagonal S as zero below C * 1e-12 of
+    the largest: S = [[1, 1 - e], [1 - e, 1]] has eigenvalues 2 - e and e; with e = 1.5e-12
+    (below 2 * 1e-12 * 2) S is singular to the rule, S^+ is the pseudo-inverse of its rank-one
+    part (entries 1/4) and the null space is the difference direction."""
+    e = 1.5e-12
+    S = torch.tensor([[1.0, 1.0 - e], [1.0 - e, 1.0]], dtype=torch.float64)
+    S_pinv, null = pinv_and_null(S)
+    torch.testing.assert_close(S_pinv, torch.full((2, 2), 0.25, dtype=torch.float64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(null, torch.tensor([[0.5, -0.5], [-0.5, 0.5]], dtype=torch.float64),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_the_estimator_checks_sigma_by_default():
+    """Estimator's check_sigma defaults to on: a sigma of 0 in a tpx graph is refused in
+    backward; check_sigma=False lets it through."""
+    for check, raises in ((None, True), (False, False)):
+        est = Estimator("tpx") if check is None else Estimator("tpx", check_sigma=check)
+        graph = est.graph()
+        sigma = torch.ones(8, 2)
+        sigma[3, 1] = 0.0
+        x = graph.sample(torch.zeros(8, 2, requires_grad=True), sigma, 0)
+        graph.add_objective(x.sum(1), 0)
+        if raises:
+            with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+                graph.backward()
+        else:
+            graph.backward()
