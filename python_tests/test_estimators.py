@@ -1008,3 +1008,14 @@ def test_the_placement_check_follows_a_sigma_that_depends_on_a_later_node():
     with pytest.raises(ValueError, match=r"^misplaced term: the objective term of step 0 depends "
                                          r"on node 'node0' of step 1"):
         graph.backward()
+
+
+def test_the_estimator_exposes_its_knobs():
+    """rho, momentum and ucb as attributes: the given or default values of the mode's knobs,
+    None (rho, ucb) or 0 (momentum) where the mode has no such knob."""
+    mix, tpx = tpx_ext.Estimator("mix", rho=0.3), tpx_ext.Estimator("tpx", momentum=0.5)
+    assert (mix.rho, mix.momentum, mix.ucb) == (0.3, 0.0, None)
+    assert (tpx.rho, tpx.momentum, tpx.ucb) == (None, 0.5, 2.0)
+    rp = tpx_ext.Estimator("rp")
+    assert (rp.rho, rp.momentum, rp.ucb) == (None, 0.0, None)
+    assert isinstance(rp.momentum, float) and tpx_ext.Estimator("tpx").momentum == 0.0

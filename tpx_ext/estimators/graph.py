@@ -82,7 +82,8 @@ class Estimator:
         self.rule = (WeightRule(self.momentum, self.ucb, self.knobs["weights"])
                      if self.spec.weight == "fused" else None)
         # (name, step) -> float64 EMA buffers of the node's 2D coordinates: matrix weights
-        # [3, 2D, 2D] (LR, RP, LR-RP cross covariances), coordinate weights (var_lr, var_rp).
+        # [3, 2D, 2D] (LR, RP, LR-RP cross covariances; [D + 1, 3, 2D, 2D] for rows fit at z),
+        # coordinate weights (var_lr, var_rp).
         self.running_stats: Dict[Tuple[str, int], object] = {}
         self.check, self.graphs = check, 0
 
