@@ -254,18 +254,24 @@ def test_wrong_convention_is_caught_as_a_misplaced_term(mode, wrong):
     v1_arrays_declared("dreamerv1", Estimator(mode, rho=0.5) if mode == "mix" else Estimator(mode))
 
 
-def test_a_misplaced_value_of_s0_is_named_as_the_baseline_of_step_0():
-    """DreamerV1's values (of s_1 .. s_H) declared as next_reward's (of s_0 .. s_H): the
-    first row the check meets is values[0], taken for the value of s_0, which depends on
-    the first action; the message says which role the row had."""
+@pytest.mark.parametrize("convention, row", [
+    ("next_reward", "values[0] (convention 'next_reward': the value of s_0, a baseline of step "
+                    "0) depends on node 'action' of step 0"),
+    ("dreamerv2", "rewards[1] (convention 'dreamerv2': a term of step 0) depends on node "
+                  "'action' of step 1"),
+])
+def test_a_misplaced_row_is_named_by_its_role(convention, row):
+    """DreamerV1's arrays (states s_1 .. s_H) declared in another convention: the message
+    names the role the first misplaced row had. As next_reward's, values[0] is taken for
+    the value of s_0 (a baseline of step 0) and depends on the first action; as
+    dreamerv2's, rewards[1] (of s_2) is taken for a term of step 0 and depends on the
+    action of step 1."""
     with pytest.raises(ValueError) as info:
-        v1_arrays_declared("next_reward", Estimator("lr"))
+        v1_arrays_declared(convention, Estimator("lr"))
     assert str(info.value) == (
-        "misplaced term: values[0] (convention 'next_reward': the value of s_0, a baseline of "
-        "step 0) depends on node 'action' of step 0, a later step, so that node's LR gradient "
-        "misses it. Place each term at the step of the last node it depends on (with "
-        "lambda_return: check the convention against your arrays' index alignment, "
-        "docs/DREAMER_INTEGRATION.md)")
+        f"misplaced term: {row}, a later step, so that node's LR gradient misses it. Place "
+        "each term at the step of the last node it depends on (with lambda_return: check the "
+        "convention against your arrays' index alignment, docs/DREAMER_INTEGRATION.md)")
 
 
 def test_misplaced_rewards_are_caught_where_the_values_are_right():
@@ -638,19 +644,6 @@ def test_the_placement_check_follows_five_steps_with_its_own_random_weights(monk
     assert torch.equal(torch.rand(4), expected_next)
     # rewards that need no gradient (a known reward function) are skipped, the values not
     assert backward_passes("every", constant_rewards=True) - unchecked == 4
-
-
-def test_a_misplaced_reward_of_step_0_is_named_as_a_term_of_step_0():
-    """DreamerV1's arrays declared as dreamerv2's: reward[1] of s_2 is taken for a term of
-    step 0; the message names that role in full (a row of step 0 is a term, not s_0's
-    value)."""
-    with pytest.raises(ValueError) as info:
-        v1_arrays_declared("dreamerv2", Estimator("lr"))
-    assert str(info.value) == (
-        "misplaced term: rewards[1] (convention 'dreamerv2': a term of step 0) depends on node "
-        "'action' of step 1, a later step, so that node's LR gradient misses it. Place each "
-        "term at the step of the last node it depends on (with lambda_return: check the "
-        "convention against your arrays' index alignment, docs/DREAMER_INTEGRATION.md)")
 
 
 def test_terms_beside_the_returns_are_checked_and_constant_ones_pass():
