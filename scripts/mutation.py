@@ -73,19 +73,23 @@ def status(code) -> str:
     return STATUS.get(code, "suspicious")
 
 
+def retrying(read):
+    """read() (which parses .meta files), tried for up to 10 s: a running mutmut rewrites
+    them in place, so a read can meet a half-written file."""
+    for attempt in range(20):
+        try:
+            return read()
+        except json.JSONDecodeError:
+            if attempt == 19:
+                raise
+            time.sleep(0.5)
+
+
 def metas():
     """(path, source file, parsed content) of each of mutmut's .meta files, in order."""
     for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
         source = str(meta.relative_to(ROOT / "mutants"))[: -len(".meta")]
-        for attempt in range(20):
-            try:
-                data = json.loads(meta.read_text())
-                break
-            except json.JSONDecodeError:  # being rewritten by a running mutmut
-                if attempt == 19:
-                    raise
-                time.sleep(0.5)
-        yield meta, source, data
+        yield meta, source, retrying(lambda: json.loads(meta.read_text()))
 
 
 def results() -> dict:
@@ -135,13 +139,7 @@ def full_diff(name: str) -> str:
     cwd = os.getcwd()
     os.chdir(ROOT)  # mutmut reads mutants/ relative to the working directory
     try:
-        for attempt in range(20):
-            try:
-                return get_diff_for_mutant(name)
-            except json.JSONDecodeError:  # a .meta file that a running mutmut is rewriting
-                if attempt == 19:
-                    raise
-                time.sleep(0.5)
+        return retrying(lambda: get_diff_for_mutant(name))
     finally:
         os.chdir(cwd)
 
