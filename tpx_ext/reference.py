@@ -193,9 +193,12 @@ def matrix_tpx_backward(d: Tensor, eps: Tensor, sigma: Tensor, adv: Tensor,
     else:
         rows = []
         for c in range(D + (groups == 2)):  # the mu rows, then one block for the sigma rows
-            s = jacobian[:, c].double() if c < D else torch.ones_like(adv, dtype=torch.float64)
-            stats = gaussian_comoments(d.double() * s[:, None], eps, sigma, adv.double() * s,
-                                       groups, ucb)
+            if c < D:
+                s = jacobian[:, c].double()
+                stats = gaussian_comoments(d.double() * s[:, None], eps, sigma,
+                                           adv.double() * s, groups, ucb)
+            else:  # the sigma rows: the plain co-moments above
+                stats = cov, bound, finite
             KL_c = matrix_weight(*stats, None if running is None else running[c], momentum)
             rows.append(KL_c[:, c:c + 1] if c < D else KL_c[:, D:])
         KL = torch.cat(rows, dim=1)
